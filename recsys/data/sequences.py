@@ -1,0 +1,124 @@
+"""Per-shopper purchase sequences: items in time order with basket boundaries kept.
+
+Sequences are stored flat (CSR-like): shopper ``i`` owns ``items[offsets[i]:offsets[i + 1]]``. Baskets
+are ordered by timestamp then basket id; inside a basket, items are ordered by product id, an order
+that carries no information, which is why training shuffles within baskets (see ``basket``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
+from recsys.data.vocabulary import PAD, UNK, Vocabulary
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """Time-ordered purchase histories of many shoppers."""
+
+    shopper_ids: np.ndarray  # [S] int64, ascending
+    offsets: np.ndarray  # [S + 1] int64
+    items: np.ndarray  # [N] int64 vocabulary indices
+    basket: np.ndarray  # [N] int64 basket ordinal within the shopper's history (0, 1, ...)
+    timestamps: np.ndarray  # [N] int64 microseconds since the epoch (UTC)
+
+    def __len__(self) -> int:
+        return len(self.shopper_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def history(self, i: int) -> np.ndarray:
+        """Vocabulary indices bought by shopper ``i``, oldest first."""
+        return self.items[self.offsets[i] : self.offsets[i + 1]]
+
+    def select(self, shopper_ids: np.ndarray) -> Sequences:
+        """The sequences of ``shopper_ids`` in that order; shoppers without history get empty rows."""
+        shopper_ids = np.asarray(shopper_ids, dtype=np.int64)
+        pos = np.searchsorted(self.shopper_ids, shopper_ids)
+        pos_c = np.minimum(pos, len(self.shopper_ids) - 1) if len(self.shopper_ids) else pos
+        found = (
+            (pos < len(self.shopper_ids)) & (self.shopper_ids[pos_c] == shopper_ids) if len(self) else pos < 0
+        )
+        starts = np.where(found, self.offsets[pos_c] if len(self) else 0, 0)
+        lengths = np.where(found, self.lengths[pos_c] if len(self) else 0, 0)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        take = concat_ranges(starts, lengths)
+        return Sequences(shopper_ids, offsets, self.items[take], self.basket[take], self.timestamps[take])
+
+    def last(self, max_len: int) -> np.ndarray:
+        """[S, max_len] int64 matrix of each shopper's most recent items, left-padded with ``PAD``."""
+        lengths = np.minimum(self.lengths, max_len)
+        out = np.full((len(self), max_len), PAD, dtype=np.int64)
+        rows = np.repeat(np.arange(len(self)), lengths)
+        cols = max_len - lengths[rows] + concat_ranges(np.zeros_like(lengths), lengths)
+        out[rows, cols] = self.items[concat_ranges(self.offsets[1:] - lengths, lengths)]
+        return out
+
+
+def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + n)`` for every (s, n), without a Python loop."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    step = np.ones(total, dtype=np.int64)
+    step[0] = starts[lengths > 0][0] if len(starts) else 0
+    nonempty = np.flatnonzero(lengths > 0)
+    # at each range's first element jump from the previous range's end to this range's start
+    jumps = ends[nonempty[:-1]]
+    step[jumps] = np.asarray(starts)[nonempty[1:]] - (
+        np.asarray(starts)[nonempty[:-1]] + lengths[nonempty[:-1]] - 1
+    )
+    return np.cumsum(step)
+
+
+def build_sequences(receipts: pa.Table, vocab: Vocabulary, drop_unknown: bool = False) -> Sequences:
+    """Sequences of every shopper in ``receipts``; unknown products become ``UNK`` (or are dropped)."""
+    table = receipts.select([SHOPPER, TIMESTAMP, BASKET, PRODUCT]).sort_by(
+        [(SHOPPER, "ascending"), (TIMESTAMP, "ascending"), (BASKET, "ascending"), (PRODUCT, "ascending")]
+    )
+    items = vocab.encode(table.column(PRODUCT))
+    if drop_unknown:
+        table = table.filter(pa.array(items != UNK))
+        items = items[items != UNK]
+    shoppers = table.column(SHOPPER).to_numpy()
+    baskets = table.column(BASKET).to_numpy()
+    timestamps = pc.cast(table.column(TIMESTAMP), pa.int64()).to_numpy()
+    n = len(shoppers)
+    new_shopper = np.ones(n, dtype=bool)
+    new_shopper[1:] = shoppers[1:] != shoppers[:-1]
+    new_basket = new_shopper.copy()
+    new_basket[1:] |= baskets[1:] != baskets[:-1]
+    starts = np.flatnonzero(new_shopper)
+    offsets = np.append(starts, n).astype(np.int64)
+    # basket ordinal = baskets opened so far, minus those opened before this shopper's first row
+    opened = np.cumsum(new_basket) - 1
+    basket = opened - np.repeat(opened[starts], np.diff(offsets))
+    return Sequences(shoppers[starts].astype(np.int64), offsets, items, basket.astype(np.int64), timestamps)
+
+
+def training_windows(
+    sequences: Sequences, max_len: int, min_length: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) of every window of at most ``max_len + 1`` items (inputs + next-item targets).
+
+    Windows tile each history from its most recent item backwards with stride ``max_len``, so every
+    item is a target once and the whole history is used (not only its last window). Windows shorter
+    than ``min_length`` (nothing to predict) are skipped.
+    """
+    lengths = sequences.lengths
+    count = np.maximum(0, -(-(lengths - 1) // max_len))  # ceil((n - 1) / max_len) windows per shopper
+    shopper = np.repeat(np.arange(len(sequences)), count)
+    k = concat_ranges(np.zeros_like(count), count)  # window number counted from the end
+    ends = sequences.offsets[shopper + 1] - k * max_len
+    starts = np.maximum(sequences.offsets[shopper], ends - max_len - 1)
+    keep = ends - starts >= min_length
+    return starts[keep], ends[keep]

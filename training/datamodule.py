@@ -1,0 +1,140 @@
+"""Receipts -> training windows and evaluation inputs, following the evaluation protocol.
+
+The test split is EVALUATION.md's (cutoff, vocabulary, next-basket targets). Model selection never
+sees it: with ``val_days > 0`` the model trains on data before ``cutoff - val_days`` and is validated
+on the next basket after that earlier cutoff; the test inputs are then histories up to the real cutoff.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from recsys.data.sequences import Sequences, build_sequences, concat_ranges, training_windows
+from recsys.data.split import next_basket_targets, parse_cutoff, temporal_split
+from recsys.data.vocabulary import Vocabulary
+from recsys.evaluation.protocol import EvaluationData, evaluate, prepare
+
+
+class WindowBatches:
+    """Collates windows of item sequences into left-padded ``[B, max_len + 1]`` token matrices.
+
+    Receipts list a basket's items in product-id order, an artefact a sequence model would learn; with
+    ``shuffle_baskets`` the items of each basket are put in a fresh random order in every batch.
+    """
+
+    def __init__(self, sequences: Sequences, max_len: int, shuffle_baskets: bool, seed: int) -> None:
+        self.sequences, self.max_len, self.shuffle_baskets = sequences, max_len, shuffle_baskets
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, windows: list[tuple[int, int]]) -> torch.Tensor:
+        starts, ends = np.asarray(windows, dtype=np.int64).T
+        lengths = ends - starts
+        flat = concat_ranges(starts, lengths)  # positions into the flat sequence arrays
+        row = np.repeat(np.arange(len(windows)), lengths)
+        if self.shuffle_baskets:
+            # sort by (row, basket, random key): basket order kept, items inside a basket permuted
+            flat = flat[np.lexsort((self.rng.random(len(flat)), self.sequences.basket[flat], row))]
+        width = self.max_len + 1
+        tokens = np.zeros((len(windows), width), dtype=np.int64)
+        col = width - lengths[row] + concat_ranges(np.zeros_like(lengths), lengths)
+        tokens[row, col] = self.sequences.items[flat]
+        return torch.from_numpy(tokens)
+
+
+class ReceiptsDataModule(pl.LightningDataModule):
+    """Temporal split, vocabulary, training windows and validation/test inputs for next-item models."""
+
+    def __init__(
+        self,
+        receipts: Callable[[], pa.Table],
+        cutoff: str,
+        timezone: str,
+        min_baskets: int = 5,
+        val_days: int = 28,
+        max_len: int = 50,
+        batch_size: int = 128,
+        eval_batch_size: int = 1024,
+        shuffle_baskets: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.load_receipts = receipts
+        self.cutoff = parse_cutoff(cutoff, timezone)
+        self.timezone, self.min_baskets, self.val_days = timezone, min_baskets, val_days
+        self.max_len, self.batch_size, self.eval_batch_size = max_len, batch_size, eval_batch_size
+        self.shuffle_baskets, self.num_workers, self.seed = shuffle_baskets, num_workers, seed
+        self.test_data: EvaluationData | None = None
+        self.val_data: EvaluationData | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.test_data is not None:
+            return
+        self.test_data = prepare(self.load_receipts(), self.cutoff, self.min_baskets)
+        fit_rows = self.test_data.train
+        if self.val_days > 0:
+            val_cutoff = self.cutoff - timedelta(days=self.val_days)
+            fit_rows, val_rows = temporal_split(fit_rows, val_cutoff)
+            targets = next_basket_targets(fit_rows, val_rows, self.vocab)
+            self.val_data = EvaluationData(val_cutoff, fit_rows, self.vocab, targets)
+        self.train_sequences = build_sequences(fit_rows, self.vocab)
+        starts, ends = training_windows(self.train_sequences, self.max_len)
+        self.windows = list(zip(starts.tolist(), ends.tolist(), strict=True))
+
+    @property
+    def vocab(self) -> Vocabulary:
+        if self.test_data is None:
+            raise RuntimeError("call setup() first")
+        return self.test_data.vocab
+
+    def describe(self) -> dict[str, Any]:
+        """Plain description of the data protocol, stored in checkpoints."""
+        return {
+            "cutoff": self.cutoff.isoformat(),
+            "timezone": self.timezone,
+            "min_baskets": self.min_baskets,
+            "val_days": self.val_days,
+            "max_len": self.max_len,
+            "train_windows": len(self.windows),
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        collate = WindowBatches(self.train_sequences, self.max_len, self.shuffle_baskets, self.seed)
+        return DataLoader(
+            self.windows,
+            batch_size=self.batch_size,
+            shuffle=True,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            drop_last=len(self.windows) > self.batch_size,
+        )
+
+    def inputs(self, data: EvaluationData) -> torch.Tensor:
+        """[n, max_len] most recent training items of each evaluated shopper, left-padded."""
+        sequences = build_sequences(data.train, self.vocab).select(data.targets.shopper_ids)
+        return torch.from_numpy(sequences.last(self.max_len))
+
+    def _eval_loader(self, data: EvaluationData) -> DataLoader:
+        return DataLoader(self.inputs(data), batch_size=self.eval_batch_size, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        # no validation split (val_days=0): Lightning skips validation given no loaders
+        return [] if self.val_data is None else self._eval_loader(self.val_data)
+
+    def test_dataloader(self) -> DataLoader:
+        assert self.test_data is not None
+        return self._eval_loader(self.test_data)
+
+    def evaluate(self, stage: str, ranked_indices: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
+        """Protocol metrics of ranked vocabulary indices for the ``"val"`` or ``"test"`` shoppers."""
+        data = self.val_data if stage == "val" else self.test_data
+        assert data is not None
+        return evaluate(self.vocab.decode(ranked_indices), data, ks)

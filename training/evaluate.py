@@ -1,0 +1,88 @@
+"""Compare baselines and trained checkpoints on the evaluation protocol; print one table.
+
+    python -m training.evaluate                                   # baselines on Complete Journey
+    python -m training.evaluate 'checkpoints=[outputs/.../best.ckpt]' data.cutoff=2017-11-01
+
+Writes ``results.json`` and ``results.csv`` to the run's output directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from recsys.evaluation.protocol import baseline_rankings, evaluate
+from training.datamodule import ReceiptsDataModule
+from training.module import load_module, recommend
+from training.train import write_json
+
+log = logging.getLogger(__name__)
+
+COLUMNS = (
+    "recall@10",
+    "ndcg@10",
+    "hr@10",
+    "recall@10_repeat",
+    "recall@10_explore",
+    "recall@20",
+    "mrr@10",
+    "coverage@10",
+    "all_items/recall@10",
+)
+
+
+def format_table(results: dict[str, dict[str, float]], columns: tuple[str, ...] = COLUMNS) -> str:
+    """A Markdown table, one row per method."""
+    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, metrics in results.items():
+        cells = [f"{metrics[c]:.4f}" if c in metrics else "" for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, results: dict[str, dict[str, float]]) -> None:
+    keys = sorted({key for metrics in results.values() for key in metrics})
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", *keys])
+        for name, metrics in results.items():
+            writer.writerow([name, *(metrics.get(key, "") for key in keys)])
+    os.replace(tmp, path)
+
+
+def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    """Metrics of every baseline and checkpoint on the test split of ``cfg.data``."""
+    datamodule: ReceiptsDataModule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup("test")
+    data = datamodule.test_data
+    assert data is not None
+    ks = tuple(cfg.ks)
+    rankings = baseline_rankings(data, max(ks), cfg.half_life_days, cfg.knn_neighbours)
+    for path in cfg.checkpoints:
+        module = load_module(path)
+        rankings[f"{module.model.__class__.__name__.lower()} ({Path(path).parent.parent.name})"] = recommend(
+            module, data.train, data.targets.shopper_ids, max(ks)
+        )
+    return {name: evaluate(ranked, data, ks) for name, ranked in rankings.items()}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    results = run(cfg)
+    out = Path(cfg.paths.output_dir)
+    write_json(out / "results.json", results)
+    write_csv(out / "results.csv", results)
+    shoppers = int(next(iter(results.values()))["num_shoppers"])
+    print(f"\nNext-basket evaluation, {shoppers} shoppers, cutoff {cfg.data.cutoff}:\n")
+    print(format_table(results))
+    print(f"\nwritten: {out / 'results.json'}, {out / 'results.csv'}")
+
+
+if __name__ == "__main__":
+    main()
