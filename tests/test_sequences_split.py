@@ -128,3 +128,13 @@ def test_cutoff_parsing_uses_the_receipts_zone() -> None:
     assert cutoff.utcoffset() == timedelta(hours=-5)
     with pytest.raises(ValueError, match="timezone-aware"):
         temporal_split(receipts(ROWS), datetime(2017, 1, 5))
+
+
+def test_unknown_products_are_dropped_by_default_or_kept_as_unk() -> None:
+    train, _ = temporal_split(receipts(ROWS), T0 + 10 * DAY)
+    vocab = Vocabulary.build(train, min_baskets=2)  # only 100 is in >= 2 baskets
+    dropped = build_sequences(train, vocab)
+    kept = build_sequences(train, vocab, drop_unknown=False)
+    assert UNK not in dropped.items
+    assert len(kept.items) == train.num_rows and (kept.items == UNK).sum() == train.num_rows - 4
+    assert dropped.lengths.sum() == 4

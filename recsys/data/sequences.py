@@ -80,8 +80,13 @@ def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.cumsum(step)
 
 
-def build_sequences(receipts: pa.Table, vocab: Vocabulary, drop_unknown: bool = False) -> Sequences:
-    """Sequences of every shopper in ``receipts``; unknown products become ``UNK`` (or are dropped)."""
+def build_sequences(receipts: pa.Table, vocab: Vocabulary, drop_unknown: bool = True) -> Sequences:
+    """Sequences of every shopper in ``receipts``.
+
+    Products outside the vocabulary are dropped by default, as the serving library drops them, so a
+    model never trains on inputs it will not see in production; ``drop_unknown=False`` keeps them as
+    ``UNK``.
+    """
     table = receipts.select([SHOPPER, TIMESTAMP, BASKET, PRODUCT]).sort_by(
         [(SHOPPER, "ascending"), (TIMESTAMP, "ascending"), (BASKET, "ascending"), (PRODUCT, "ascending")]
     )

@@ -1,0 +1,175 @@
+"""In-process serving latency and throughput of ``serving.recommender.Recommender`` on CPU.
+
+    .venv/bin/python benchmarks/serve_latency.py                     # SASRec d=64, L=50, 30k items, Flat
+    .venv/bin/python benchmarks/serve_latency.py --requests 5000 --batches 50 --threads 2
+
+The bundle is a real SASRec (2 blocks, 2 heads, random weights: latency does not depend on training)
+exported by ``export.onnx.export_encoder`` (parity-checked against torch), its item table in a flat
+inner-product FAISS index. It is built once under ``--bundle`` by a child process, so torch never loads
+in the measuring process, as in production. Histories: log-normal lengths (median 20, some above
+max_len, so truncated), Zipf-distributed products. Reports single-request p50/p90/p99 (end to end, then
+the ONNX encode and the FAISS search alone) and batched requests/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import faiss
+import numpy as np
+import onnxruntime as ort
+
+from recsys.bundle import read_bundle
+from recsys.data.vocabulary import NUM_RESERVED
+from serving.recommender import Recommender
+
+T = TypeVar("T")
+
+
+def build_bundle(path: Path, num_items: int, dim: int, max_len: int, seed: int) -> None:
+    """Export a random SASRec with the project's exporter and write it as a bundle (needs torch)."""
+    import pyarrow as pa
+    import torch
+
+    from export.index import flat
+    from export.onnx import PARITY_TOLERANCE, export_encoder, parity
+    from recsys.bundle import write_bundle
+    from recsys.models.sasrec import SASRecConfig
+
+    torch.manual_seed(seed)
+    config = SASRecConfig(num_items=num_items + NUM_RESERVED, dim=dim, max_len=max_len)
+    model = config.build().eval()
+    model_onnx = export_encoder(model)
+    error = parity(model, model_onnx, batch_sizes=(1, 8))
+    print(f"exported SASRec: onnx vs torch max abs diff {error:.2e} (tolerance {PARITY_TOLERANCE:.0e})")
+    with torch.no_grad():
+        vectors = model.item_embeddings()[NUM_RESERVED:].numpy()
+
+    rng = np.random.default_rng(seed)
+    items = pa.table(
+        {
+            "product_id": rng.choice(10**9, size=num_items, replace=False).astype(np.int64),
+            "popularity": (1e5 / np.arange(1, num_items + 1)).astype(np.int64),  # Zipf, in row order
+        }
+    )
+    manifest = {
+        "model": {"name": "sasrec", "config": dataclasses.asdict(config)},
+        "max_len": max_len,
+        "embedding_dim": dim,
+    }
+    write_bundle(path, model_onnx, items, flat(np.ascontiguousarray(vectors)), manifest, overwrite=True)
+
+
+def ensure_bundle(args: argparse.Namespace) -> None:
+    """Build the bundle in a child process unless one of the requested shape is already there."""
+    if args.bundle.exists() and not args.rebuild:
+        manifest = read_bundle(args.bundle, verify=False).manifest
+        if (manifest["num_items"], manifest["embedding_dim"], manifest["max_len"]) == (
+            args.items,
+            args.dim,
+            args.max_len,
+        ):
+            return
+    command = [sys.executable, __file__, "--build-only", "--bundle", str(args.bundle)]
+    command += ["--items", str(args.items), "--dim", str(args.dim), "--max-len", str(args.max_len)]
+    subprocess.run(command, check=True)
+
+
+def sample_histories(product_ids: np.ndarray, count: int, seed: int) -> list[list[int]]:
+    """Log-normal lengths (median 20, capped at 200), Zipf-popular products (rows are by popularity)."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(20), 0.9, size=count).astype(int), 1, 200)
+    rows = (rng.zipf(1.2, size=int(lengths.sum())) - 1) % len(product_ids)
+    return [h.tolist() for h in np.split(product_ids[rows], np.cumsum(lengths)[:-1])]
+
+
+def report(name: str, seconds: list[float], note: str = "") -> None:
+    """One line: percentiles of ``seconds`` in milliseconds."""
+    ms = np.array(seconds) * 1e3
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    print(
+        f"{name:<32} p50 {p50:7.3f} ms  p90 {p90:7.3f} ms  p99 {p99:7.3f} ms  mean {ms.mean():7.3f} ms{note}"
+    )
+
+
+def timed(call: Callable[[T], object], inputs: list[T]) -> list[float]:
+    """Seconds per ``call(item)``."""
+    out = []
+    for item in inputs:
+        start = time.perf_counter()
+        call(item)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--bundle", type=Path, default=Path("artifacts/bench/serve_sasrec_30k"))
+    parser.add_argument("--items", type=int, default=30_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--max-len", type=int, default=50)
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the bundle even if it exists")
+    parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--requests", type=int, default=2000, help="timed single requests")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=20, help="timed batches")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--faiss-threads", type=int, default=1, help="FAISS OpenMP threads")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.build_only:
+        build_bundle(args.bundle, args.items, args.dim, args.max_len, args.seed)
+        return
+
+    ensure_bundle(args)
+    faiss.omp_set_num_threads(args.faiss_threads)  # for the search-alone timing; the recommender sets its own
+    threads = {"intra_op_threads": args.threads, "search_threads": args.faiss_threads}
+    recommender = Recommender.load(args.bundle, **threads)
+    assert "torch" not in sys.modules
+    bundle = read_bundle(args.bundle, verify=False)
+    histories = sample_histories(bundle.product_ids, args.requests + args.batch * args.batches, args.seed)
+    singles, batched = histories[: args.requests], histories[args.requests :]
+    lengths = np.array([len(h) for h in singles])
+    print(f"bundle {args.bundle}: {recommender.num_items:,} items, d={recommender.dim}, ", end="")
+    print(f"max_len={recommender.max_len}, {type(bundle.index).__name__}")
+    print(f"threads: onnxruntime intra-op {args.threads}, faiss {args.faiss_threads}; ", end="")
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; history length ", end="")
+    print(f"median {np.median(lengths):.0f}, {np.mean(lengths > recommender.max_len):.0%} above max_len")
+
+    for history in singles[:100]:  # warm-up: allocator, caches, thread pools
+        recommender.recommend(history, k=args.k)
+    report(f"single k={args.k}", timed(lambda h: recommender.recommend(h, args.k), singles))
+    excluding = timed(lambda h: recommender.recommend(h, args.k, exclude_purchased=True), singles)
+    report(f"single k={args.k} exclude_purchased", excluding)
+
+    # Components alone, on the same histories (most recent max_len, unpadded).
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    session = ort.InferenceSession(str(bundle.model_path), options, providers=["CPUExecutionProvider"])
+    encoded = [
+        (recommender.rows_of(np.array(h))[-recommender.max_len :] + NUM_RESERVED)[None] for h in singles
+    ]
+    report("  onnx encode alone", timed(lambda x: session.run(None, {"item_ids": x}), encoded))
+    queries = [session.run(None, {"item_ids": x})[0] for x in encoded[:500]]
+    report(f"  faiss search alone k={args.k}", timed(lambda q: bundle.index.search(q, args.k), queries))
+
+    chunks = [batched[i : i + args.batch] for i in range(0, len(batched), args.batch)]
+    recommender.recommend_batch(chunks[0], k=args.k)
+    times = timed(lambda chunk: recommender.recommend_batch(chunk, k=args.k), chunks)
+    rate = args.batch * len(chunks) / sum(times)
+    report(f"batch {args.batch} k={args.k}", times, f"  -> {rate:,.0f} requests/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Online recommendations from a bundle: ONNX Runtime encodes histories, FAISS searches, one scorer selects.
+
+No torch anywhere on this path (a subprocess test checks ``sys.modules``): production installs carry
+numpy, pyarrow, faiss and onnxruntime only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import faiss
+import numpy as np
+import onnxruntime as ort
+
+from recsys.bundle import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, Bundle, BundleError, read_bundle
+from recsys.data.vocabulary import NUM_RESERVED, PAD
+from recsys.scoring import candidates_needed, select
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One shopper's recommendations, best first.
+
+    ``scores`` are model scores (inner products), or with ``fallback`` the products' popularity counts.
+    ``unknown`` counts history entries outside the catalogue (dropped); ``truncated`` says only the most
+    recent ``max_len`` known products were encoded.
+    """
+
+    product_ids: list[int]
+    scores: list[float]
+    fallback: bool
+    unknown: int
+    truncated: bool
+
+
+def _per_request(value: T | Sequence[T], count: int, name: str) -> list[T]:
+    """A scalar repeated ``count`` times, or a sequence checked to have ``count`` entries."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != count:
+            raise ValueError(f"{name} has {len(value)} entries for {count} histories")
+        return list(value)
+    return [value] * count  # type: ignore[list-item]
+
+
+class Recommender:
+    """A loaded, verified bundle ready to answer requests; immutable, so safe to share across threads."""
+
+    def __init__(self, bundle: Bundle, session: ort.InferenceSession, search_threads: int = 1) -> None:
+        self._bundle = bundle
+        self._session = session
+        self._search_threads = search_threads
+        self._input = bundle.manifest.get("input_name", INPUT_NAME)
+        self._output = bundle.manifest.get("output_name", OUTPUT_NAME)
+        self._product_ids = bundle.product_ids.astype(np.int64)
+        popularity = bundle.items.column("popularity").to_numpy()
+        self._popularity = popularity.astype(np.float64)
+        # Vectorised product id -> row lookup: binary search over the sorted ids.
+        self._sort = np.argsort(self._product_ids, kind="stable")
+        self._sorted_ids = self._product_ids[self._sort]
+        if np.any(self._sorted_ids[1:] == self._sorted_ids[:-1]):
+            raise BundleError("items.parquet has duplicate product_id values")
+        self._popular = np.lexsort((self._product_ids, -self._popularity))
+        self._bundle_id = hashlib.sha256(
+            json.dumps(bundle.manifest["files"], sort_keys=True).encode()
+        ).hexdigest()[:16]
+
+    @classmethod
+    def load(cls, path: str | Path, intra_op_threads: int = 1, search_threads: int = 1) -> Recommender:
+        """Read and verify the bundle at ``path`` (format, checksums), load the model and probe it once.
+
+        ``intra_op_threads`` are ONNX Runtime's threads per encode, ``search_threads`` FAISS's OpenMP
+        threads per search (one of each suits single requests; batches gain from more). Anything wrong
+        raises :class:`BundleError` naming the file, so a hot reload can refuse the bundle before it
+        replaces a working one.
+        """
+        bundle = read_bundle(path)
+        if bundle.index.ntotal < 1:
+            raise BundleError(f"{path} has no items")
+        max_len = bundle.manifest.get("max_len")
+        if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
+            raise BundleError(f"bundle.json has max_len {max_len!r}; expected a positive integer")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Spinning intra-op workers would burn cores between requests that FAISS and the server need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(
+                bundle.model_bytes, sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as error:  # onnxruntime raises several unrelated pybind exception types
+            raise BundleError(f"{MODEL_FILE} cannot be loaded by onnxruntime: {error}") from error
+        recommender = cls(bundle, session, search_threads)
+        recommender.check()
+        return recommender
+
+    def check(self) -> None:
+        """Recommend for a one-item history end to end (at load, and for readiness probes).
+
+        Raises :class:`BundleError` if the model's inputs, output shape or values do not fit the bundle.
+        """
+        names = [i.name for i in self._session.get_inputs()]
+        if self._input not in names:
+            raise BundleError(f"{MODEL_FILE} has inputs {names}, the manifest names {self._input!r}")
+        try:
+            (out,) = self._session.run([self._output], {self._input: np.full((1, 1), NUM_RESERVED, np.int64)})
+        except Exception as error:  # as above: onnxruntime's exception types are not one hierarchy
+            raise BundleError(f"{MODEL_FILE} failed a probe run: {error}") from error
+        if out.shape != (1, self.dim) or not np.isfinite(out).all():
+            raise BundleError(
+                f"{MODEL_FILE} returned {out.shape} embeddings, expected finite (1, {self.dim})"
+            )
+        self.recommend([int(self._product_ids[0])], k=1)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The bundle's manifest (format, model, sizes, metrics, library versions, checksums)."""
+        return json.loads(json.dumps(self._bundle.manifest))  # a deep copy callers may not mutate back
+
+    @property
+    def bundle_id(self) -> str:
+        """Short content id of the bundle's files: equal bundles share it, a new model changes it."""
+        return self._bundle_id
+
+    @property
+    def path(self) -> Path:
+        return self._bundle.path
+
+    @property
+    def max_len(self) -> int:
+        return self._bundle.max_len
+
+    @property
+    def dim(self) -> int:
+        return self._bundle.dim
+
+    @property
+    def num_items(self) -> int:
+        return len(self._product_ids)
+
+    def rows_of(self, product_ids: np.ndarray) -> np.ndarray:
+        """Item rows of ``product_ids`` (int64), ``-1`` for products outside the catalogue."""
+        product_ids = np.asarray(product_ids, dtype=np.int64)
+        position = np.searchsorted(self._sorted_ids, product_ids).clip(max=len(self._sorted_ids) - 1)
+        found = self._sorted_ids[position] == product_ids
+        return np.where(found, self._sort[position], -1)
+
+    def recommend(
+        self,
+        history: Sequence[int],
+        k: int = 10,
+        exclude_purchased: bool = False,
+        min_score: float | None = None,
+    ) -> Recommendation:
+        """Top ``k`` products for a shopper whose purchases (product ids, oldest first) are ``history``.
+
+        Unknown products are dropped and counted; only the most recent ``max_len`` known ones are encoded.
+        An empty or all-unknown history gets the popularity fallback (flagged; ``min_score`` does not
+        apply to it). ``min_score`` otherwise drops lower-scoring items, so fewer (or zero) may come back;
+        ``exclude_purchased`` never recommends a product of the history.
+        """
+        return self.recommend_batch([history], k, exclude_purchased, min_score)[0]
+
+    def recommend_batch(
+        self,
+        histories: Sequence[Sequence[int]],
+        k: int | Sequence[int] = 10,
+        exclude_purchased: bool | Sequence[bool] = False,
+        min_score: float | Sequence[float | None] | None = None,
+    ) -> list[Recommendation]:
+        """:meth:`recommend` for many shoppers with one ONNX run and one FAISS search.
+
+        ``k``, ``exclude_purchased`` and ``min_score`` are either shared or given per history.
+        """
+        count = len(histories)
+        ks = _per_request(k, count, "k")
+        excludes = _per_request(exclude_purchased, count, "exclude_purchased")
+        floors = _per_request(min_score, count, "min_score")
+        if any(value < 1 for value in ks):
+            raise ValueError("k must be >= 1")
+
+        lengths = [len(h) for h in histories]
+        flat = np.fromiter(itertools.chain.from_iterable(histories), dtype=np.int64, count=sum(lengths))
+        found = np.split(self.rows_of(flat), np.cumsum(lengths)[:-1]) if count else []
+        known = [rows[rows >= 0] for rows in found]
+
+        results: list[Recommendation | None] = [None] * count
+        encoded = []
+        for i, rows in enumerate(known):
+            if len(rows):
+                encoded.append(i)
+            else:
+                top = self._popular[: ks[i]]
+                results[i] = Recommendation(
+                    self._product_ids[top].tolist(), self._popularity[top].tolist(), True, lengths[i], False
+                )
+        if encoded:
+            top_rows, top_scores = self._search(
+                [known[i] for i in encoded],
+                max(ks[i] for i in encoded),
+                [excludes[i] for i in encoded],
+                [floors[i] for i in encoded],
+            )
+            for j, i in enumerate(encoded):
+                rows, scores = top_rows[j, : ks[i]], top_scores[j, : ks[i]]
+                hit = rows >= 0
+                results[i] = Recommendation(
+                    self._product_ids[rows[hit]].tolist(),
+                    scores[hit].tolist(),
+                    False,
+                    lengths[i] - len(known[i]),
+                    len(known[i]) > self.max_len,
+                )
+        return results  # type: ignore[return-value]
+
+    def _search(
+        self, known: list[np.ndarray], k: int, excludes: list[bool], floors: list[float | None]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Encode non-empty row histories in one batch and select the top ``k`` rows of each."""
+        # Left-pad to the longest history kept; positions past max_len would make ONNX Runtime read the
+        # position table out of range (silently wrong), so only the most recent max_len rows go in.
+        kept = [rows[-self.max_len :] for rows in known]
+        item_ids = np.full((len(kept), max(len(rows) for rows in kept)), PAD, dtype=np.int64)
+        for j, rows in enumerate(kept):
+            item_ids[j, item_ids.shape[1] - len(rows) :] = rows + NUM_RESERVED
+        (shoppers,) = self._session.run([self._output], {self._input: item_ids})
+
+        exclude = [
+            np.unique(rows) if flag else np.empty(0, np.int64)
+            for rows, flag in zip(known, excludes, strict=True)
+        ]
+        wanted = min(self.num_items, candidates_needed(k, [len(e) for e in exclude]))
+        # OpenMP's thread count is per calling thread: server worker threads would otherwise start at one
+        # per core, and an OpenMP team per single-query search is slower, badly so on a loaded machine.
+        faiss.omp_set_num_threads(self._search_threads)
+        scores, rows = self._bundle.index.search(np.ascontiguousarray(shoppers, dtype=np.float32), wanted)
+        floor = None
+        if any(f is not None for f in floors):
+            floor = np.array([np.nan if f is None else f for f in floors], dtype=np.float64)
+        return select(rows, scores, k, exclude=exclude, min_score=floor)
