@@ -19,10 +19,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Train SASRec on Complete Journey (CPU-sized), then compare it with the baselines.
+# Train SASRec on Complete Journey (CPU-sized), compare it with the baselines, export the bundle
+# (ONNX + FAISS), print candidates for a few households through the torch-free serving library, and
+# write candidates for every household with the CPU batch job (ONNX + FAISS).
 demo: $(STAMP)
-	WANDB_SILENT=true $(PY) -m training.train experiment=demo hydra.run.dir=$(DEMO)/train
+	rm -rf $(DEMO)
+	$(PY) -m training.train experiment=demo hydra.run.dir=$(DEMO)/train
 	$(PY) -m training.evaluate 'checkpoints=[$(DEMO)/train/checkpoints/best.ckpt]' hydra.run.dir=$(DEMO)/evaluate
+	$(PY) -m export.export checkpoint=$(DEMO)/train/checkpoints/best.ckpt output=$(DEMO)/bundle \
+		hydra.run.dir=$(DEMO)/export
+	$(PY) -m export.preview --bundle $(DEMO)/bundle --households 3 --k 10
+	$(PY) -c "from recsys.data.completejourney import load_complete_journey as load; \
+		import pyarrow.parquet as pq; pq.write_table(load(), '$(DEMO)/receipts.parquet')"
+	$(PY) -m export.candidates receipts=$(DEMO)/receipts.parquet bundle=$(DEMO)/bundle \
+		output=$(DEMO)/candidates k=50 progress=false hydra.run.dir=$(DEMO)/candidates_run
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

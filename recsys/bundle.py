@@ -74,12 +74,18 @@ class Bundle:
         return int(self.manifest["embedding_dim"])
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def bundle_id(manifest: dict[str, Any]) -> str:
+    """Short content id of a bundle: equal files share it, any new file changes it."""
+    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def library_versions() -> dict[str, str]:
@@ -141,7 +147,8 @@ def write_bundle(
             "libraries": library_versions(),
             "created_at": datetime.now(timezone.utc).isoformat(),
             "files": {
-                name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in FILES
+                name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+                for name in FILES
             },
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))

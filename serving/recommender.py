@@ -6,7 +6,6 @@ numpy, pyarrow, faiss and onnxruntime only.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 from collections.abc import Sequence
@@ -17,8 +16,9 @@ from typing import Any, TypeVar
 import faiss
 import numpy as np
 import onnxruntime as ort
+import pyarrow as pa
 
-from recsys.bundle import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, Bundle, BundleError, read_bundle
+from recsys.bundle import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, Bundle, BundleError, bundle_id, read_bundle
 from recsys.data.vocabulary import NUM_RESERVED, PAD
 from recsys.scoring import candidates_needed, select
 
@@ -68,9 +68,7 @@ class Recommender:
         if np.any(self._sorted_ids[1:] == self._sorted_ids[:-1]):
             raise BundleError("items.parquet has duplicate product_id values")
         self._popular = np.lexsort((self._product_ids, -self._popularity))
-        self._bundle_id = hashlib.sha256(
-            json.dumps(bundle.manifest["files"], sort_keys=True).encode()
-        ).hexdigest()[:16]
+        self._bundle_id = bundle_id(bundle.manifest)
 
     @classmethod
     def load(cls, path: str | Path, intra_op_threads: int = 1, search_threads: int = 1) -> Recommender:
@@ -147,6 +145,11 @@ class Recommender:
     @property
     def num_items(self) -> int:
         return len(self._product_ids)
+
+    @property
+    def items(self) -> pa.Table:
+        """The catalogue: ``product_id``, ``popularity`` and whatever metadata the bundle carries."""
+        return self._bundle.items
 
     def rows_of(self, product_ids: np.ndarray) -> np.ndarray:
         """Item rows of ``product_ids`` (int64), ``-1`` for products outside the catalogue."""

@@ -17,9 +17,9 @@ import hydra
 from omegaconf import DictConfig
 
 from recsys.evaluation.protocol import baseline_rankings, evaluate
+from recsys.io import write_json
 from training.datamodule import ReceiptsDataModule
 from training.module import load_module, recommend
-from training.train import write_json
 
 log = logging.getLogger(__name__)
 

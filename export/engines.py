@@ -1,0 +1,193 @@
+"""Shopper encoders with exact top-K search over the catalogue, for batch candidate generation.
+
+Both engines keep one contract: :meth:`Engine.encode` maps left-padded vocabulary indices [B, L] to
+shopper embeddings, :meth:`Engine.top` maps those to each shopper's best ``wanted`` item rows
+(bundle rows: vocabulary index - ``NUM_RESERVED``) and scores, never an unavailable product. Unavailable
+products are removed inside the engine, so they cost no extra candidates downstream.
+
+- :class:`OnnxEngine`: a bundle's ``model.onnx`` under ONNX Runtime and its FAISS index, on CPU: the
+  numbers serving computes. Needs no torch.
+- :class:`TorchEngine`: a training checkpoint. On CUDA the encoder runs under bf16 autocast; scores are
+  fp32 matmuls against all products, chunked to bound memory, then ``torch.topk``. torch is imported
+  only when this engine is built, so the ONNX path runs on a serving install.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import faiss
+import numpy as np
+import onnxruntime as ort
+
+from recsys.bundle import INPUT_NAME, OUTPUT_NAME, BundleError, bundle_id, read_bundle, sha256_file
+from recsys.data.vocabulary import NUM_RESERVED, Vocabulary
+
+if TYPE_CHECKING:
+    import torch
+
+SCORE_CHUNK_ELEMENTS = 1 << 28  # scores materialised at once by the torch engine: 1 GiB of fp32
+
+
+class Engine(ABC):
+    """An encoder plus exact (or index) search over one catalogue, described by its vocabulary."""
+
+    def __init__(self, vocab: Vocabulary, max_len: int, unavailable: np.ndarray | None = None) -> None:
+        self.vocab = vocab
+        self.max_len = max_len
+        rows = vocab.encode(np.asarray(unavailable if unavailable is not None else [], np.int64))
+        self.blocked = np.zeros(vocab.num_products, dtype=bool)  # [N] rows never to return
+        self.blocked[rows[rows >= NUM_RESERVED] - NUM_RESERVED] = True
+
+    @property
+    def num_items(self) -> int:
+        return self.vocab.num_products
+
+    @property
+    @abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """What produced the scores (model files and their checksums, precision), for the manifest."""
+
+    @abstractmethod
+    def encode(self, item_ids: np.ndarray) -> Any:
+        """Shopper embeddings of ``item_ids`` [B, L] int64 (left-padded vocabulary indices, L <= max_len)."""
+
+    @abstractmethod
+    def top(self, shoppers: Any, wanted: int) -> tuple[np.ndarray, np.ndarray]:
+        """Best ``wanted`` rows per shopper: rows [B, w] int64 (-1 for none) and scores [B, w] float32."""
+
+
+class OnnxEngine(Engine):
+    """A verified bundle: ONNX Runtime encodes on ``threads`` cores, FAISS searches on as many."""
+
+    def __init__(
+        self, path: str | Path, threads: int | None = None, unavailable: np.ndarray | None = None
+    ) -> None:
+        bundle = read_bundle(path)
+        popularity = bundle.items.column("popularity").to_numpy().astype(np.int64)
+        super().__init__(
+            Vocabulary(bundle.product_ids.astype(np.int64), popularity), bundle.max_len, unavailable
+        )
+        self.threads = threads or os.cpu_count() or 1
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # spinning workers would take the cores the prefetch and write threads need between batches
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(
+                str(bundle.model_path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as error:  # onnxruntime raises several unrelated pybind exception types
+            raise BundleError(f"{bundle.model_path} cannot be loaded by onnxruntime: {error}") from error
+        self._input = bundle.manifest.get("input_name", INPUT_NAME)
+        self._output = bundle.manifest.get("output_name", OUTPUT_NAME)
+        self._index = bundle.index
+        self._identity = {
+            "engine": "onnx",
+            "bundle": str(bundle.path.resolve()),
+            "model": bundle.manifest["model"],
+            "index": bundle.manifest.get("index"),
+            "bundle_id": bundle_id(bundle.manifest),  # the id serving reports for the same bundle
+            "sha256": {name: entry["sha256"] for name, entry in sorted(bundle.manifest["files"].items())},
+        }
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return self._identity
+
+    def encode(self, item_ids: np.ndarray) -> np.ndarray:
+        (shoppers,) = self._session.run([self._output], {self._input: item_ids})
+        return shoppers
+
+    def top(self, shoppers: np.ndarray, wanted: int) -> tuple[np.ndarray, np.ndarray]:
+        blocked = int(self.blocked.sum())
+        # OpenMP's thread count is per calling thread: set it on the thread that searches
+        faiss.omp_set_num_threads(self.threads)
+        scores, rows = self._index.search(
+            np.ascontiguousarray(shoppers, dtype=np.float32), min(self.num_items, wanted + blocked)
+        )
+        if blocked:
+            rows = np.where(self.blocked[rows.clip(0)], -1, rows)
+        return rows, scores
+
+
+class TorchEngine(Engine):
+    """A checkpoint's model on ``device``: bf16-autocast encoder on CUDA (fp32 on CPU), fp32 scores."""
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        device: str = "cpu",
+        unavailable: np.ndarray | None = None,
+        threads: int | None = None,
+    ) -> None:
+        import torch
+
+        from training.module import load_module
+
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        self._device = torch.device(device)
+        if self._device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device={device} but torch sees no CUDA device; use device=cpu")
+        if self._device.type == "cpu" and threads:
+            torch.set_num_threads(threads)
+        module = load_module(str(path))
+        super().__init__(module.vocab, int(module.model.config.max_len), unavailable)
+        self._model = module.model.to(self._device).eval()
+        with torch.no_grad():
+            self._items = self._model.item_embeddings()[NUM_RESERVED:].float().contiguous()  # [N, d]
+        self._blocked = torch.from_numpy(self.blocked).to(self._device) if self.blocked.any() else None
+        self._autocast = self._device.type == "cuda"
+        self._identity = {
+            "engine": "torch",
+            "checkpoint": str(path.resolve()),
+            "sha256": sha256_file(path),
+            "model": module.hparams["net"],
+            "encoder_precision": "bf16-autocast" if self._autocast else "fp32",
+            "device": self._device.type,
+        }
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return self._identity
+
+    def encode(self, item_ids: np.ndarray) -> torch.Tensor:
+        import torch
+
+        x = torch.from_numpy(item_ids).to(self._device)
+        with (
+            torch.inference_mode(),
+            torch.autocast(self._device.type, dtype=torch.bfloat16, enabled=self._autocast),
+        ):
+            shoppers = self._model.encode(x).float()
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)  # so stage timings measure the work, not its launch
+        return shoppers
+
+    def top(self, shoppers: torch.Tensor, wanted: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        wanted = min(wanted, self.num_items)
+        chunk = max(1, SCORE_CHUNK_ELEMENTS // self.num_items)
+        values, indices = [], []
+        with torch.inference_mode():
+            for start in range(0, len(shoppers), chunk):
+                scores = shoppers[start : start + chunk] @ self._items.T  # [chunk, N] fp32
+                if self._blocked is not None:
+                    scores.masked_fill_(self._blocked, float("-inf"))
+                # unsorted: the scorer orders candidates itself, and sorting costs on the GPU
+                top = scores.topk(wanted, dim=1, sorted=False)
+                values.append(top.values)
+                indices.append(top.indices)
+            scores = torch.cat(values).cpu().numpy()
+            rows = torch.cat(indices).cpu().numpy()
+        missing = np.isneginf(scores)  # a blocked row, picked only when too few others remain
+        return np.where(missing, -1, rows), np.where(missing, np.float32(np.nan), scores)

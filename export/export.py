@@ -1,0 +1,202 @@
+"""Export a training checkpoint as a serving bundle (``recsys.bundle``).
+
+    python -m export.export checkpoint=artifacts/demo/train/checkpoints/best.ckpt output=artifacts/bundle
+    python -m export.export checkpoint=... output=... index=hnsw index.ef_search=256 overwrite=true
+    python -m export.export checkpoint=... output=... products=null      # no product metadata
+
+Nothing is written unless the export passes its checks: ONNX Runtime vs torch shopper embeddings within
+``PARITY_TOLERANCE``, and for an exact index, top-10 of the index on ONNX embeddings = torch's top-10.
+The index's recall@10 against exact search is measured and recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import faiss
+import hydra
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from omegaconf import DictConfig
+
+from export.index import describe_index, index_recall
+from export.onnx import (
+    PARITY_TOLERANCE,
+    ExportError,
+    export_encoder,
+    max_len,
+    onnx_encoder,
+    parity,
+    random_histories,
+)
+from recsys.bundle import BundleError, write_bundle
+from recsys.data.vocabulary import NUM_RESERVED, Vocabulary
+from training.module import NextItemModule, load_module
+
+log = logging.getLogger(__name__)
+
+K = 10
+NUM_QUERIES = 1000  # shopper embeddings the index's recall is measured on
+NUM_TOP_K_CHECKS = 64  # of those, histories whose top-K is compared with torch (scores are [n, V])
+TIE_TOLERANCE = 1e-5  # torch scores this close count as a tie, whose order the check ignores
+
+
+def item_vectors(module: NextItemModule) -> np.ndarray:
+    """[N, d] float32 product embeddings: row i = vocabulary index i + NUM_RESERVED."""
+    with torch.no_grad():
+        return np.ascontiguousarray(module.model.item_embeddings()[NUM_RESERVED:].float().numpy())
+
+
+def items_table(vocab: Vocabulary, products: pa.Table | None = None) -> pa.Table:
+    """Bundle rows in vocabulary order: product_id, popularity, then ``products``' other columns.
+
+    A left join on ``product_id``: products without metadata get nulls, and the row order is kept.
+    """
+    items = pa.table(
+        {
+            "product_id": pa.array(vocab.product_ids, pa.int64()),
+            "popularity": pa.array(vocab.popularity, pa.int64()),
+        }
+    )
+    if products is None:
+        return items
+    ids = products.column("product_id").cast(pa.int64())
+    if pc.count_distinct(ids).as_py() != len(ids):
+        raise ValueError("products: product_id must be unique (one metadata row per product)")
+    metadata = products.drop_columns(["product_id"])
+    clash = set(metadata.column_names) & set(items.column_names)
+    if clash:
+        raise ValueError(f"products: column(s) {sorted(clash)} clash with the bundle's own")
+    # Table.join does not keep row order; taking rows by position does (a null position -> a null row).
+    metadata = metadata.take(pc.index_in(items.column("product_id"), value_set=ids))
+    for name, column in zip(metadata.column_names, metadata.columns, strict=True):
+        items = items.append_column(name, column)
+    return items
+
+
+def check_top_k(
+    module: NextItemModule, index: faiss.Index, histories: np.ndarray, shoppers: np.ndarray
+) -> None:
+    """Top-K of ``index`` searched with the ONNX ``shoppers`` embeddings = torch's ranking of ``histories``.
+
+    Compared by torch score at each rank, so two items in an exact tie may come in either order.
+    """
+    k = min(K, index.ntotal)
+    _, rows = index.search(shoppers, k)
+    found = rows + NUM_RESERVED  # index row -> vocabulary index
+    item_ids = torch.from_numpy(histories)
+    expected = module.rank(item_ids, k).numpy()
+    with torch.no_grad():
+        scores = (module.model.encode(item_ids) @ module.model.item_embeddings().T).float().numpy()  # [n, V]
+    got = np.take_along_axis(scores, found.clip(0), 1)
+    want = np.take_along_axis(scores, expected, 1)
+    wrong = np.flatnonzero((rows < 0).any(axis=1) | (np.abs(got - want) > TIE_TOLERANCE).any(axis=1))
+    if len(wrong):
+        bad = wrong[0]
+        raise ExportError(
+            f"top-{k} of the index differs from torch for {len(wrong)} of {len(histories)} histories, e.g. "
+            f"{histories[bad].tolist()}: vocabulary indices {found[bad].tolist()} vs {expected[bad].tolist()}"
+        )
+
+
+def training_metrics(checkpoint: Path) -> dict[str, Any] | None:
+    """``metrics.json`` of the training run, beside the checkpoint or in its run dir (<run>/checkpoints/)."""
+    for directory in (checkpoint.parent, checkpoint.parent.parent):
+        path = directory / "metrics.json"
+        if path.exists():
+            return json.loads(path.read_text())
+    return None
+
+
+def export_bundle(
+    checkpoint: str | Path,
+    output: str | Path,
+    index_builder: Callable[[np.ndarray], faiss.Index],
+    products: Callable[[], pa.Table] | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Export ``checkpoint`` as a bundle at ``output`` and return its path.
+
+    ``index_builder`` maps item vectors [N, d] to a filled inner-product index (``export.index``);
+    ``products`` loads metadata joined onto the items by ``product_id``. Raises ``ExportError`` when a
+    check fails, ``BundleError`` when ``output`` exists and ``overwrite`` is false.
+    """
+    checkpoint, output = Path(checkpoint), Path(output)
+    # write_bundle refuses too, but only after all the work below
+    if output.exists() and not overwrite:
+        raise BundleError(f"{output} already exists; pass overwrite=True to replace it")
+    module = load_module(str(checkpoint))
+    model, vocab = module.model, module.vocab
+    items = items_table(vocab, products() if products is not None else None)
+
+    # The encoder first: its export and parity check take seconds, the index build can take minutes.
+    onnx_bytes = export_encoder(model)
+    max_abs_diff = parity(model, onnx_bytes, seed=seed)
+    log.info("ONNX parity: max abs diff %.2e", max_abs_diff)
+    if max_abs_diff > PARITY_TOLERANCE:
+        raise ExportError(
+            f"ONNX and torch shopper embeddings differ by {max_abs_diff:.3g} > {PARITY_TOLERANCE}"
+        )
+
+    vectors = item_vectors(module)
+    start = time.perf_counter()
+    index = index_builder(vectors)
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT or index.ntotal != len(vectors):
+        raise ExportError(f"the index builder must index all {len(vectors)} items by inner product")
+    description = describe_index(index)
+    log.info(
+        "%s index of %d items built in %.1f s", description["type"], index.ntotal, time.perf_counter() - start
+    )
+
+    # Queries: the exported encoder's embeddings of histories drawn by product popularity, a stand-in
+    # for real shoppers that needs no receipts at export time.
+    weights = np.zeros(vocab.size)
+    weights[NUM_RESERVED:] = vocab.popularity / vocab.popularity.sum()
+    histories = random_histories(
+        np.random.default_rng(seed), NUM_QUERIES, max_len(model), vocab.size, weights
+    )
+    shoppers = onnx_encoder(onnx_bytes)(histories)
+    if description["type"] == "Flat":
+        check_top_k(module, index, histories[:NUM_TOP_K_CHECKS], shoppers[:NUM_TOP_K_CHECKS])
+    recall = index_recall(index, vectors, shoppers, K)
+    log.info("index recall@%d vs exact search: %.4f", K, recall)
+
+    manifest = {
+        "model": {"name": type(model).__name__, "config": dict(module.hparams["net"])},
+        "max_len": max_len(model),
+        "embedding_dim": int(vectors.shape[1]),
+        "vocab_size": vocab.size,
+        "training": {"metrics": training_metrics(checkpoint), "data": module.hparams.get("data")},
+        "index": {**description, f"recall_at_{K}": recall},
+        "parity": {"max_abs_diff": max_abs_diff, "tolerance": PARITY_TOLERANCE},
+        "source": {"checkpoint": str(checkpoint.resolve())},
+    }
+    return write_bundle(output, onnx_bytes, items, index, manifest, overwrite=overwrite)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    # torch.onnx's optimiser passes log every rewrite at INFO, which Hydra's root logger would print
+    for name in ("onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    path = export_bundle(
+        cfg.checkpoint,
+        cfg.output,
+        hydra.utils.instantiate(cfg.index),
+        products=hydra.utils.instantiate(cfg.products),
+        overwrite=cfg.overwrite,
+        seed=cfg.seed,
+    )
+    log.info("bundle written to %s", path)
+
+
+if __name__ == "__main__":
+    main()

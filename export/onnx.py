@@ -1,0 +1,164 @@
+"""ONNX export of a shopper encoder, and the parity check that gates every export.
+
+The exported graph is the model's ``encode``: ``item_ids`` int64 [batch, seq] (left-padded vocabulary
+indices, seq <= max_len) -> ``shopper_embedding`` float32 [batch, d], both axes dynamic. Any model exposing
+``encode``, ``item_embeddings`` and ``config.max_len`` exports; nothing here knows which architecture it is.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import Tensor, nn
+
+from recsys.bundle import INPUT_NAME, OUTPUT_NAME
+from recsys.data.vocabulary import PAD, UNK
+
+PARITY_TOLERANCE = 1e-4  # max abs difference of shopper embeddings, ONNX Runtime vs torch
+
+
+class ExportError(RuntimeError):
+    """An export that failed one of its checks; nothing is written."""
+
+
+class _Encoder(nn.Module):
+    """``model.encode`` as ``forward``, the only method torch.onnx exports."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, item_ids: Tensor) -> Tensor:
+        return self.model.encode(item_ids)
+
+
+def max_len(model: nn.Module) -> int:
+    """Longest history the model takes: ``config.max_len``, which every model config carries."""
+    return int(model.config.max_len)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) and no autograd for the block, then the caller's mode back."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def export_encoder(model: nn.Module, path_or_buffer: str | Path | BinaryIO | None = None) -> bytes:
+    """The model's ``encode`` as ONNX bytes, also written to ``path_or_buffer`` when given.
+
+    Raises ``ExportError`` if the exported graph's names, types or dynamic axes are not the bundle's.
+    """
+    length = max_len(model)
+    # Two rows of max_len: an example axis of size 1 would be baked into the graph as a constant.
+    example = torch.full((2, length), UNK, dtype=torch.int64)
+    dynamic_shapes = {INPUT_NAME: {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=length)}}
+    buffer = io.BytesIO()
+    with _eval_mode(model):
+        torch.onnx.export(
+            _Encoder(model).eval(),
+            (example,),
+            buffer,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=dynamic_shapes,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    onnx_bytes = buffer.getvalue()
+    _check_signature(onnx_bytes)
+    if isinstance(path_or_buffer, (str, Path)):
+        Path(path_or_buffer).write_bytes(onnx_bytes)
+    elif path_or_buffer is not None:
+        path_or_buffer.write(onnx_bytes)
+    return onnx_bytes
+
+
+def _check_signature(onnx_bytes: bytes) -> None:
+    """The graph has the bundle's input and output, with symbolic batch (and sequence) axes."""
+    graph = onnx.load_from_string(onnx_bytes).graph
+    names = ([v.name for v in graph.input], [v.name for v in graph.output])
+    if names != ([INPUT_NAME], [OUTPUT_NAME]):
+        raise ExportError(
+            f"exported graph has inputs/outputs {names}, expected [{INPUT_NAME}] -> [{OUTPUT_NAME}]"
+        )
+    for value, elem_type, dynamic in (
+        (graph.input[0], onnx.TensorProto.INT64, (True, True)),
+        (graph.output[0], onnx.TensorProto.FLOAT, (True, False)),
+    ):
+        tensor = value.type.tensor_type
+        symbolic = tuple(dim.HasField("dim_param") for dim in tensor.shape.dim)
+        if tensor.elem_type != elem_type or symbolic != dynamic:
+            raise ExportError(
+                f"exported {value.name} has type {onnx.TensorProto.DataType.Name(tensor.elem_type)} and "
+                f"dims {[str(dim).strip() for dim in tensor.shape.dim]}; expected "
+                f"{onnx.TensorProto.DataType.Name(elem_type)} with symbolic axes {dynamic}"
+            )
+
+
+def onnx_encoder(onnx_bytes: bytes) -> Callable[[np.ndarray], np.ndarray]:
+    """The exported encoder under ONNX Runtime (CPU): int64 [B, L] -> float32 [B, d]."""
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    return lambda item_ids: session.run([OUTPUT_NAME], {INPUT_NAME: item_ids})[0]
+
+
+def random_histories(
+    rng: np.random.Generator, batch: int, length: int, vocab_size: int, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """[batch, length] int64 left-padded histories, each with 0..length items.
+
+    Items are drawn uniformly from ``UNK .. vocab_size - 1``, or by ``weights`` ([vocab_size], sums to 1).
+    """
+    if weights is None:
+        items = rng.integers(UNK, vocab_size, (batch, length))
+    else:
+        items = rng.choice(vocab_size, size=(batch, length), p=weights)
+    padding = rng.integers(0, length + 1, batch)  # leading padding positions per row
+    items[np.arange(length)[None, :] < padding[:, None]] = PAD
+    return items.astype(np.int64)
+
+
+def parity(
+    model: nn.Module,
+    onnx_bytes: bytes,
+    batch_sizes: Sequence[int] = (1, 7, 64),
+    lengths: Sequence[int] | None = None,
+    seed: int = 0,
+) -> float:
+    """Max abs difference of ONNX Runtime vs torch shopper embeddings over random left-padded histories.
+
+    One batch per (batch size, length), ``lengths`` defaulting to (1, 3, max_len); every batch of more
+    than one row starts with an all-padding row. A non-finite output on either side gives ``inf``.
+    """
+    encode = onnx_encoder(onnx_bytes)
+    rng = np.random.default_rng(seed)
+    lengths = (1, 3, max_len(model)) if lengths is None else lengths
+    worst = 0.0
+    with _eval_mode(model):
+        vocab_size = model.item_embeddings().shape[0]
+        for batch in batch_sizes:
+            for length in lengths:
+                histories = random_histories(rng, batch, length, vocab_size)
+                if batch > 1:
+                    histories[0] = PAD  # a shopper with no history
+                expected = model.encode(torch.from_numpy(histories)).float().numpy()
+                diff = float(np.max(np.abs(encode(histories) - expected)))
+                if not math.isfinite(diff):  # max() would silently drop a NaN
+                    return math.inf
+                worst = max(worst, diff)
+    return worst

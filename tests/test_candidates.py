@@ -1,0 +1,286 @@
+"""Batch candidates: equal to serving, both engines agree, rules, sharding, kill-and-resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+from omegaconf import DictConfig
+
+import export.candidates as candidates
+from export import index as indexes
+from export.candidates import MANIFEST_FILE, CandidatesError, run
+from export.export import export_bundle
+from export.partition import Layout
+from recsys.bundle import BundleError, read_bundle
+from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP, ReceiptsError
+from recsys.data.synthetic import SyntheticConfig, generate_table
+from recsys.data.vocabulary import Vocabulary
+from serving.recommender import Recommender
+from training.module import NextItemModule
+
+ROOT = Path(__file__).resolve().parents[1]
+K = 10
+UNKNOWN_ONLY = 42  # a shopper whose every product is outside the catalogue: the popularity fallback
+Job = Callable[..., dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Receipts in two files, a tiny SASRec checkpoint whose vocabulary lacks some of their products, and
+    its Flat bundle."""
+    root = tmp_path_factory.mktemp("candidates")
+    receipts = generate_table(SyntheticConfig(num_shoppers=300, num_products=150, mean_baskets=6, seed=5))
+    full = Vocabulary.build(receipts)
+    stray = receipts.slice(0, 3).to_pydict() | {SHOPPER: [UNKNOWN_ONLY] * 3, PRODUCT: [7, 8, 9]}
+    receipts = pa.concat_tables([receipts, pa.table(stray, schema=receipts.schema)])
+    (root / "receipts").mkdir()
+    half = receipts.num_rows // 2
+    pq.write_table(receipts.slice(0, half), root / "receipts" / "a.parquet")
+    pq.write_table(receipts.slice(half), root / "receipts" / "b.parquet")
+
+    keep = np.arange(full.num_products) % 10 != 3  # a tenth of the products are unknown to the model
+    vocab = Vocabulary(full.product_ids[keep], full.popularity[keep])
+    net = {"_target_": "recsys.models.sasrec.SASRecConfig", "num_items": vocab.size, "max_len": 8, "dim": 16,
+           "num_layers": 1, "num_heads": 2, "dropout": 0.0}  # fmt: skip
+    torch.manual_seed(0)
+    module = NextItemModule(net, vocab.to_dict())
+    with torch.no_grad():
+        module.model.item_emb.weight.mul_(30)  # spread the scores: no near-ties between engines
+    checkpoint = root / "model.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, checkpoint)
+    bundle = export_bundle(checkpoint, root / "bundle", indexes.flat)
+    return {"receipts": receipts, "dir": root / "receipts", "checkpoint": checkpoint, "bundle": bundle}
+
+
+@pytest.fixture
+def job(compose_config: Callable[..., DictConfig], data: dict[str, Any], tmp_path: Path) -> Job:
+    """Run the job from the real config; ``output`` is relative to ``tmp_path``."""
+
+    def _run(output: str = "out", engine: str = "bundle", **overrides: Any) -> dict[str, Any]:
+        settings = {"receipts": data["dir"], "output": tmp_path / output, engine: data[engine], "k": K}
+        settings |= {"progress": False, **overrides}
+        return run(compose_config("candidates", [f"{key}={value}" for key, value in settings.items()]))
+
+    return _run
+
+
+def read_output(path: Path) -> pa.Table:
+    return ds.dataset(path, format="parquet", partitioning="hive").to_table().sort_by(SHOPPER)
+
+
+def histories(receipts: pa.Table) -> dict[int, list[int]]:
+    """Product ids per shopper, oldest first (time, then basket, then product id: the job's order)."""
+    order = [(SHOPPER, "ascending"), (TIMESTAMP, "ascending"), (BASKET, "ascending"), (PRODUCT, "ascending")]
+    table = receipts.sort_by(order)
+    shoppers, products = table.column(SHOPPER).to_numpy(), table.column(PRODUCT).to_numpy()
+    starts = np.flatnonzero(np.diff(shoppers, prepend=shoppers[0] - 1))
+    return {int(shoppers[s]): h.tolist() for s, h in zip(starts, np.split(products, starts[1:]), strict=True)}
+
+
+def assert_equal_to_serving(
+    output: pa.Table, recommender: Recommender, receipts: pa.Table, **rules: Any
+) -> None:
+    history = histories(receipts)
+    assert output.column(SHOPPER).to_pylist() == sorted(history)  # one row per shopper, no gaps
+    expected = recommender.recommend_batch([history[s] for s in sorted(history)], K, **rules)
+    for row, want in zip(output.to_pylist(), expected, strict=True):
+        assert row["product_ids"] == want.product_ids, row[SHOPPER]
+        np.testing.assert_allclose(row["scores"], want.scores, rtol=1e-5, atol=1e-5)
+        assert row["fallback"] == want.fallback
+
+
+def test_cpu_path_equals_serving(job: Job, data: dict[str, Any], tmp_path: Path) -> None:
+    recommender = Recommender.load(data["bundle"])
+    manifest = job(parts=3, batch_size=64)
+    output = read_output(tmp_path / "out")
+    assert_equal_to_serving(output, recommender, data["receipts"])
+    fallback = output.filter(pc.field("fallback")).column(SHOPPER).to_pylist()
+    assert UNKNOWN_ONLY in fallback
+    assert manifest["complete"] and (manifest["rows"], manifest["fallback_rows"]) == (
+        output.num_rows,
+        len(fallback),
+    )
+
+    # a floor some shoppers' 10th item misses, with purchased products excluded
+    floor = float(np.median([scores[-1] for scores in output.column("scores").to_pylist()]))
+    job("strict", parts=2, **{"rules.exclude_purchased": "true", "rules.min_score": floor})
+    strict = read_output(tmp_path / "strict")
+    assert_equal_to_serving(strict, recommender, data["receipts"], exclude_purchased=True, min_score=floor)
+    assert min(pc.list_value_length(strict.column("product_ids")).to_pylist()) < K
+
+
+def test_torch_cpu_path_agrees_with_cpu_path(job: Job, tmp_path: Path) -> None:
+    job("onnx", parts=2)
+    manifest = job("torch", engine="checkpoint", parts=3, batch_size=50)
+    assert manifest["job"]["model"]["engine"] == "torch"
+    onnx, torch_ = read_output(tmp_path / "onnx"), read_output(tmp_path / "torch")
+    assert onnx.column(SHOPPER).equals(torch_.column(SHOPPER))
+    assert onnx.column("fallback").equals(torch_.column("fallback"))
+    for a, b in zip(onnx.to_pylist(), torch_.to_pylist(), strict=True):
+        np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-5)
+        differ = np.array(a["product_ids"]) != np.array(b["product_ids"])
+        # only near-ties may come in either order
+        assert (np.abs(np.array(a["scores"]) - np.array(b["scores"]))[differ] <= 1e-5).all()
+        assert not differ.any() or set(a["product_ids"]) == set(b["product_ids"])
+
+
+def test_rules_are_respected(job: Job, data: dict[str, Any], tmp_path: Path) -> None:
+    job("plain")
+    plain = read_output(tmp_path / "plain").filter(~pc.field("fallback"))
+    items = read_bundle(data["bundle"]).items
+    ids, popularity = items.column(PRODUCT).to_numpy(), items.column("popularity").to_numpy()
+    popular = ids[np.lexsort((ids, -popularity))].tolist()  # serving's fallback order
+    top = [ids[0] for ids in plain.column("product_ids").to_pylist()]
+    unavailable = sorted({popular[0], *top[:20]})  # the fallback's first product among them
+    (tmp_path / "gone.txt").write_text("# delisted\n" + "\n".join(map(str, unavailable)) + "\n123456789\n")
+    pq.write_table(pa.table({PRODUCT: unavailable}), tmp_path / "gone.parquet")
+    floor = float(np.quantile(pc.list_flatten(plain.column("scores")).to_numpy(), 0.2))
+    rules = {"rules.exclude_purchased": "true", "rules.explore_slots": 3, "rules.min_score": floor}
+    manifest = job("ruled", **rules, **{"rules.unavailable": tmp_path / "gone.txt"})
+    assert manifest["job"]["rules"]["unavailable"]["in_catalogue"] == len(unavailable)
+    ruled = read_output(tmp_path / "ruled")
+    history = histories(data["receipts"])
+    for row in ruled.to_pylist():
+        assert not set(row["product_ids"]) & set(unavailable)
+        if row["fallback"]:
+            assert row["product_ids"] == [p for p in popular if p not in unavailable][:K]
+            continue
+        assert not set(row["product_ids"]) & set(history[row[SHOPPER]])
+        assert min(row["scores"], default=floor) >= floor
+        assert row["scores"] == sorted(row["scores"], reverse=True)
+
+    # explore slots alone: at least 3 never-bought products for every shopper
+    job("explore", **{"rules.explore_slots": 3})
+    for row in read_output(tmp_path / "explore").to_pylist():
+        assert len(set(row["product_ids"]) - set(history[row[SHOPPER]])) >= 3
+    # the same list as parquet gives the same output
+    job("ruled_parquet", **rules, **{"rules.unavailable": tmp_path / "gone.parquet"})
+    assert read_output(tmp_path / "ruled_parquet").equals(ruled)
+
+
+def test_shards_cover_every_shopper_exactly_once(job: Job, data: dict[str, Any], tmp_path: Path) -> None:
+    job("single", parts=2)
+    manifests = [job("sharded", shard_index=i, num_shards=3, parts=2) for i in range(3)]
+    sharded = read_output(tmp_path / "sharded")
+    assert sharded.drop_columns(["shard"]).equals(read_output(tmp_path / "single").drop_columns(["shard"]))
+    shard_of, _ = Layout(0, 3, 1).assign(sharded.column(SHOPPER).to_numpy())
+    assert [f"{s:05d}-of-00003" for s in shard_of] == sharded.column("shard").to_pylist()
+    combined = json.loads((tmp_path / "sharded" / MANIFEST_FILE).read_text())
+    assert combined["rows"] == sum(m["rows"] for m in manifests) == len(histories(data["receipts"]))
+    assert sorted(combined["shards"]) == [f"shard={i:05d}-of-00003" for i in range(3)]
+    assert not (tmp_path / "sharded" / "_partitions").exists()  # removed once the shard completed
+
+
+def test_killed_job_resumes_without_duplicates_or_gaps(
+    job: Job, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    write_part = candidates.write_part
+    written: list[str] = []
+
+    def dies_on_the_third_part(directory: Path, name: str, batches: list[pa.RecordBatch]) -> dict[str, Any]:
+        if len(written) == 2:
+            (directory / f".{name}.tmp-99999").write_bytes(b"half a parquet file")  # as a kill leaves it
+            raise RuntimeError("killed")
+        written.append(name)
+        return write_part(directory, name, batches)
+
+    monkeypatch.setattr(candidates, "write_part", dies_on_the_third_part)
+    with pytest.raises(RuntimeError, match="killed"):
+        job(parts=5, batch_size=32)
+    shard = tmp_path / "out" / "shard=00000-of-00001"
+    manifest = json.loads((shard / MANIFEST_FILE).read_text())
+    assert not manifest["complete"] and sorted(manifest["parts"]) == sorted(written)
+    finished = {name: (shard / name).stat() for name in written}
+
+    monkeypatch.setattr(candidates, "write_part", write_part)
+    manifest = job(parts=5, batch_size=32)
+    assert manifest["complete"] and len(manifest["parts"]) == 5
+    for name, before in finished.items():  # finished parts are kept, not rewritten
+        after = (shard / name).stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert not list(shard.glob(".*"))  # no temporary file left behind
+    resumed = read_output(tmp_path / "out")
+    job("clean", parts=5)
+    assert resumed.equals(read_output(tmp_path / "clean"))
+    assert len(set(resumed.column(SHOPPER).to_pylist())) == resumed.num_rows
+
+    # a finished part that no longer matches its checksum is recomputed
+    (shard / written[0]).write_bytes(b"corrupt")
+    job(parts=5, batch_size=32)
+    assert read_output(tmp_path / "out").equals(resumed)
+
+
+def test_bad_input_is_refused_with_a_clear_error(job: Job, data: dict[str, Any], tmp_path: Path) -> None:
+    receipts: pa.Table = data["receipts"]
+    pq.write_table(receipts.drop_columns([PRODUCT]), tmp_path / "no_product.parquet")
+    with pytest.raises(ReceiptsError, match=r"missing required column.*product_id"):
+        job(receipts=tmp_path / "no_product.parquet")
+    with pytest.raises(ReceiptsError, match="does not exist"):
+        job(receipts=tmp_path / "nowhere")
+    with pytest.raises(BundleError, match="not a bundle directory"):
+        job(bundle=tmp_path / "no_bundle")
+    with pytest.raises(FileNotFoundError, match=r"checkpoint .* does not exist"):
+        job(engine="checkpoint", checkpoint=tmp_path / "no.ckpt")
+    with pytest.raises(CandidatesError, match="exactly one of bundle"):
+        job(checkpoint=data["checkpoint"])
+    with pytest.raises(CandidatesError, match="needs checkpoint"):
+        job(device="cuda")
+    with pytest.raises(CandidatesError, match=r"rules\.unavailable"):
+        job(**{"rules.unavailable": tmp_path / "missing.txt"})
+
+    one = receipts.filter(pc.equal(receipts.column(SHOPPER), receipts.column(SHOPPER)[0]))
+    pq.write_table(one, tmp_path / "one.parquet")
+    own, _ = Layout(0, 2, 1).assign(one.column(SHOPPER).to_numpy()[:1])
+    with pytest.raises(CandidatesError, match=f"shard {1 - own[0]} of 2 is empty"):
+        job("empty", receipts=tmp_path / "one.parquet", num_shards=2, shard_index=1 - own[0])
+
+    job("taken", receipts=tmp_path / "one.parquet")
+    with pytest.raises(CandidatesError, match=r"another job \(changed: k\)"):
+        job("taken", receipts=tmp_path / "one.parquet", k=5)
+    assert job("taken", receipts=tmp_path / "one.parquet", k=5, overwrite="true")["job"]["k"] == 5
+
+
+def test_command_line(data: dict[str, Any], tmp_path: Path) -> None:
+    """The Hydra entry point, in a fresh process: the ONNX path never imports torch."""
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_module('export.candidates', run_name='__main__')\n"
+        "assert 'torch' not in sys.modules"
+    )
+    args = [f"receipts={data['dir']}", f"output={tmp_path / 'out'}", f"bundle={data['bundle']}", "k=5"]
+    args += [f"hydra.run.dir={tmp_path / 'hydra'}", "progress=false"]
+    done = subprocess.run(
+        [sys.executable, "-c", code, "candidates", *args], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())
+    assert manifest["rows"] == len(histories(data["receipts"])) and manifest["job"]["k"] == 5
+
+
+@pytest.mark.gpu
+def test_cuda_path_agrees_with_cpu(job: Job, tmp_path: Path) -> None:
+    """bf16 autocast changes embeddings slightly: top-K mostly agrees, scores stay close."""
+    job("cpu", engine="checkpoint")
+    job("cuda", engine="checkpoint", device="cuda")
+    cpu, cuda = read_output(tmp_path / "cpu"), read_output(tmp_path / "cuda")
+    assert cpu.column(SHOPPER).equals(cuda.column(SHOPPER))
+    overlap = [
+        len(set(a) & set(b)) / K
+        for a, b in zip(
+            cpu.column("product_ids").to_pylist(), cuda.column("product_ids").to_pylist(), strict=True
+        )
+    ]
+    assert np.mean(overlap) > 0.9

@@ -1,0 +1,192 @@
+"""Checkpoint -> bundle: ONNX parity, top-10 from the bundle = torch, index builders, the Hydra config."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pyarrow as pa
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from export import index as indexes
+from export.export import check_top_k, export_bundle, item_vectors
+from export.onnx import PARITY_TOLERANCE, ExportError, onnx_encoder, parity, random_histories
+from recsys.bundle import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, BundleError, read_bundle
+from recsys.data.completejourney import load_products
+from recsys.data.vocabulary import NUM_RESERVED, PAD, Vocabulary
+from training.module import NextItemModule, load_module
+
+NUM_PRODUCTS, MAX_LEN, DIM = 300, 8, 16
+NET = {"_target_": "recsys.models.sasrec.SASRecConfig", "num_items": NUM_PRODUCTS + NUM_RESERVED,
+       "max_len": MAX_LEN, "dim": DIM, "num_layers": 1, "num_heads": 2, "dropout": 0.1}  # fmt: skip
+METRICS = {"val/ndcg@10": 0.125, "test/recall@10": 0.25}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Lightning checkpoint of a tiny SASRec after two steps, in a run dir with its metrics.json."""
+    run = tmp_path_factory.mktemp("run")
+    rng = np.random.default_rng(0)
+    vocab = Vocabulary(
+        product_ids=(rng.permutation(10_000)[:NUM_PRODUCTS] + 1).astype(np.int64),
+        popularity=np.sort(rng.integers(1, 100, NUM_PRODUCTS))[::-1].astype(np.int64),
+    )
+    module = NextItemModule(
+        NET, vocab.to_dict(), data={"cutoff": "2017-12-01", "max_len": MAX_LEN}, warmup_steps=1
+    )
+    tokens = torch.from_numpy(random_histories(rng, 64, MAX_LEN + 1, vocab.size))
+    trainer = pl.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, DataLoader(tokens, batch_size=32))
+    path = run / "checkpoints" / "best.ckpt"
+    trainer.save_checkpoint(path)
+    (run / "metrics.json").write_text(json.dumps(METRICS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def module(checkpoint: Path) -> NextItemModule:
+    return load_module(str(checkpoint))
+
+
+@pytest.fixture(scope="module")
+def products(module: NextItemModule) -> pa.Table:
+    """Metadata for every other vocabulary product, shuffled, plus a product outside the vocabulary."""
+    ids = np.random.default_rng(1).permutation(module.vocab.product_ids[::2])
+    return pa.table({"product_id": [*ids.tolist(), 99_999], "department": [f"d{i}" for i in [*ids, 99_999]]})
+
+
+@pytest.fixture(scope="module")
+def bundle_path(checkpoint: Path, products: pa.Table, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_bundle(
+        checkpoint, tmp_path_factory.mktemp("out") / "bundle", indexes.flat, lambda: products
+    )
+
+
+def test_onnx_matches_torch_across_batches_and_lengths(bundle_path: Path, module: NextItemModule) -> None:
+    onnx_bytes = (bundle_path / MODEL_FILE).read_bytes()
+    inputs = onnx.load_from_string(onnx_bytes).graph.input
+    assert [dim.dim_param for dim in inputs[0].type.tensor_type.shape.dim] == ["batch", "seq"]
+    assert parity(module.model, onnx_bytes, (1, 7, 64), (1, 3, MAX_LEN), seed=1) <= PARITY_TOLERANCE
+    assert read_bundle(bundle_path).manifest["parity"]["max_abs_diff"] <= PARITY_TOLERANCE
+
+
+def test_parity_detects_a_different_model(bundle_path: Path, module: NextItemModule) -> None:
+    other = copy.deepcopy(module.model)
+    with torch.no_grad():
+        other.ln_final.bias += 1e-3
+    assert parity(other, (bundle_path / MODEL_FILE).read_bytes(), (7,), (MAX_LEN,)) > PARITY_TOLERANCE
+
+
+def test_flat_top10_from_bundle_equals_torch(bundle_path: Path, module: NextItemModule) -> None:
+    bundle = read_bundle(bundle_path)
+    histories = random_histories(np.random.default_rng(2), 64, MAX_LEN, module.vocab.size)
+    histories[0] = PAD
+    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    shoppers = session.run([OUTPUT_NAME], {INPUT_NAME: histories})[0]
+    _, rows = bundle.index.search(shoppers, 10)
+    expected = module.vocab.decode(module.rank(torch.from_numpy(histories), 10).numpy())
+    assert np.array_equal(bundle.product_ids[rows], expected)
+    assert bundle.manifest["index"] == {"type": "Flat", "params": {}, "recall_at_10": 1.0}
+
+
+@pytest.fixture(scope="module")
+def encode(bundle_path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    return onnx_encoder((bundle_path / MODEL_FILE).read_bytes())
+
+
+def test_top_k_check_catches_a_misaligned_index(
+    module: NextItemModule, encode: Callable[[np.ndarray], np.ndarray]
+) -> None:
+    vectors = item_vectors(module)
+    shifted = indexes.flat(np.roll(vectors, 1, axis=0))  # row i holds item i - 1: an off-by-one mapping
+    histories = random_histories(np.random.default_rng(3), 8, MAX_LEN, module.vocab.size)
+    shoppers = encode(histories)
+    check_top_k(module, indexes.flat(vectors), histories, shoppers)
+    with pytest.raises(ExportError, match="top-10 of the index differs from torch"):
+        check_top_k(module, shifted, histories, shoppers)
+
+
+def test_items_and_manifest(bundle_path: Path, module: NextItemModule, checkpoint: Path) -> None:
+    bundle = read_bundle(bundle_path)
+    vocab = module.vocab
+    assert bundle.items.column_names == ["product_id", "popularity", "department"]
+    assert bundle.product_ids.tolist() == vocab.product_ids.tolist()
+    assert bundle.items.column("popularity").to_pylist() == vocab.popularity.tolist()
+    departments = bundle.items.column("department").to_pylist()
+    assert departments[::2] == [f"d{i}" for i in vocab.product_ids[::2]]  # left join, vocabulary order
+    assert departments[1::2] == [None] * len(departments[1::2])
+    manifest = bundle.manifest
+    assert manifest["model"] == {"name": "SASRec", "config": NET}
+    assert (manifest["max_len"], manifest["embedding_dim"], manifest["vocab_size"]) == (
+        MAX_LEN,
+        DIM,
+        vocab.size,
+    )
+    assert manifest["training"] == {"metrics": METRICS, "data": {"cutoff": "2017-12-01", "max_len": MAX_LEN}}
+    assert manifest["source"] == {"checkpoint": str(checkpoint.resolve())}
+
+
+def test_existing_output_is_refused_before_any_work(bundle_path: Path, checkpoint: Path) -> None:
+    def never(vectors: np.ndarray) -> None:
+        raise AssertionError("the index was built")
+
+    with pytest.raises(BundleError, match="already exists; pass overwrite=True"):
+        export_bundle(checkpoint, bundle_path, never)
+
+
+@pytest.mark.parametrize(("builder", "floor"), [(indexes.hnsw, 0.9), (indexes.ivfpq, 0.2)])
+def test_approximate_indexes_report_recall(
+    module: NextItemModule,
+    encode: Callable[[np.ndarray], np.ndarray],
+    builder: Callable[..., object],
+    floor: float,
+) -> None:
+    vectors = item_vectors(module)
+    index = builder(vectors)
+    histories = random_histories(np.random.default_rng(4), 200, MAX_LEN, module.vocab.size)
+    recall = indexes.index_recall(index, vectors, encode(histories), 10)
+    assert floor <= recall <= 1.0
+    assert indexes.describe_index(index)["type"] == {indexes.hnsw: "HNSW", indexes.ivfpq: "IVF-PQ"}[builder]
+
+
+def test_hnsw_bundle_records_its_index(checkpoint: Path, tmp_path: Path) -> None:
+    bundle = read_bundle(export_bundle(checkpoint, tmp_path / "bundle", lambda v: indexes.hnsw(v, M=8)))
+    assert bundle.manifest["index"]["type"] == "HNSW"
+    assert bundle.manifest["index"]["params"] == {"M": 8, "ef_construction": 100, "ef_search": 128}
+    assert 0.9 <= bundle.manifest["index"]["recall_at_10"] <= 1.0
+    assert bundle.manifest["training"]["metrics"] == METRICS
+
+
+def test_ivfpq_refuses_a_catalogue_too_small() -> None:
+    vectors = np.random.default_rng(5).normal(size=(100, DIM)).astype(np.float32)
+    with pytest.raises(ValueError, match="IVF-PQ cannot train on 100 items"):
+        indexes.ivfpq(vectors)
+
+
+@pytest.mark.parametrize(("option", "kind"), [("flat", "Flat"), ("hnsw", "HNSW"), ("ivfpq", "IVF-PQ")])
+def test_export_config_composes(compose_config: Callable[..., DictConfig], option: str, kind: str) -> None:
+    cfg = compose_config("export", [f"index={option}", "checkpoint=run/checkpoints/best.ckpt"])
+    builder = hydra.utils.instantiate(cfg.index)
+    vectors = np.random.default_rng(6).normal(size=(400, DIM)).astype(np.float32)
+    assert indexes.describe_index(builder(vectors))["type"] == kind
+    assert hydra.utils.instantiate(cfg.products).func is load_products  # not called: no download here
+    assert cfg.output.endswith("/bundle")
+    assert (
+        hydra.utils.instantiate(compose_config("export", ["checkpoint=x", "products=null"]).products) is None
+    )
