@@ -117,3 +117,19 @@ def test_sampled_softmax_trains(world: pa.Table) -> None:
         optimizer.step()
     assert exact_loss() < before - 0.5
     assert np.isfinite(before)
+
+
+def test_horizon_targets_cover_every_basket_within_the_horizon(world: pa.Table) -> None:
+    def targets(horizon_days: float | None) -> list[np.ndarray]:
+        datamodule = ReceiptsDataModule(
+            lambda: world, cutoff="2017-12-01", timezone="UTC", val_days=0, horizon_days=horizon_days
+        )
+        datamodule.setup()
+        assert datamodule.test_data is not None
+        assert datamodule.describe()["horizon_days"] == horizon_days
+        return datamodule.test_data.targets.items
+
+    first, fortnight = targets(None), targets(14)
+    assert len(first) == len(fortnight)
+    assert all(set(a) <= set(b) for a, b in zip(first, fortnight, strict=True))
+    assert sum(map(len, fortnight)) > 1.3 * sum(map(len, first))

@@ -59,6 +59,7 @@ class ReceiptsDataModule(pl.LightningDataModule):
         timezone: str,
         min_baskets: int = 5,
         val_days: int = 28,
+        horizon_days: float | None = None,
         max_len: int = 50,
         batch_size: int = 128,
         eval_batch_size: int = 1024,
@@ -70,6 +71,8 @@ class ReceiptsDataModule(pl.LightningDataModule):
         self.load_receipts = receipts
         self.cutoff = parse_cutoff(cutoff, timezone)
         self.timezone, self.min_baskets, self.val_days = timezone, min_baskets, val_days
+        # target = first basket after the cutoff, or every basket within this many days of it
+        self.horizon = timedelta(days=horizon_days) if horizon_days else None
         self.max_len, self.batch_size, self.eval_batch_size = max_len, batch_size, eval_batch_size
         self.shuffle_baskets, self.num_workers, self.seed = shuffle_baskets, num_workers, seed
         self.test_data: EvaluationData | None = None
@@ -78,12 +81,12 @@ class ReceiptsDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.test_data is not None:
             return
-        self.test_data = prepare(self.load_receipts(), self.cutoff, self.min_baskets)
+        self.test_data = prepare(self.load_receipts(), self.cutoff, self.min_baskets, self.horizon)
         fit_rows = self.test_data.train
         if self.val_days > 0:
             val_cutoff = self.cutoff - timedelta(days=self.val_days)
             fit_rows, val_rows = temporal_split(fit_rows, val_cutoff)
-            targets = next_basket_targets(fit_rows, val_rows, self.vocab)
+            targets = next_basket_targets(fit_rows, val_rows, self.vocab, self.horizon)
             self.val_data = EvaluationData(val_cutoff, fit_rows, self.vocab, targets)
         self.train_sequences = build_sequences(fit_rows, self.vocab)
         starts, ends = training_windows(self.train_sequences, self.max_len)
@@ -102,6 +105,7 @@ class ReceiptsDataModule(pl.LightningDataModule):
             "timezone": self.timezone,
             "min_baskets": self.min_baskets,
             "val_days": self.val_days,
+            "horizon_days": self.horizon / timedelta(days=1) if self.horizon else None,
             "max_len": self.max_len,
             "train_windows": len(self.windows),
         }
