@@ -133,3 +133,18 @@ def test_horizon_targets_cover_every_basket_within_the_horizon(world: pa.Table) 
     assert len(first) == len(fortnight)
     assert all(set(a) <= set(b) for a, b in zip(first, fortnight, strict=True))
     assert sum(map(len, fortnight)) > 1.3 * sum(map(len, first))
+
+
+def test_a_sweep_runs_every_job_and_each_reports_its_metric(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable, "-m", "training.train", "-m", "experiment=synthetic_sasrec", "model.lr=1e-3,3e-3",
+        "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "test=false", *SMALL,
+        f"hydra.sweep.dir={tmp_path}",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    results = [json.loads((tmp_path / str(job) / "metrics.json").read_text()) for job in (0, 1)]
+    assert all(0 < r["val/ndcg@10"] <= 1 for r in results)
+    assert (tmp_path / "multirun.yaml").exists()
