@@ -41,7 +41,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import threading
 import time
@@ -68,8 +67,8 @@ from recsys.data.loader import iter_receipts, open_dataset
 from recsys.data.schema import PRODUCT, SHOPPER
 from recsys.data.sequences import build_sequences
 from recsys.data.vocabulary import NUM_RESERVED
-from recsys.io import write_json
-from recsys.scoring import candidates_needed, select
+from recsys.io import atomic_path, write_json
+from recsys.scoring import candidates_needed, popularity_order, select
 
 log = logging.getLogger(__name__)
 
@@ -264,16 +263,14 @@ def finish(batch: Batch, rules: Rules, engine: Engine, fallback: np.ndarray) -> 
 def write_part(directory: Path, name: str, batches: list[pa.RecordBatch]) -> dict[str, Any]:
     """Write a part atomically (hidden temporary file, then ``os.replace``); returns its manifest entry."""
     table = pa.Table.from_batches(batches, schema=SCHEMA)
-    tmp = directory / f".{name}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    entry = {
-        "rows": table.num_rows,
-        "fallback": int(pc.sum(table.column("fallback")).as_py() or 0),
-        "sha256": sha256_file(tmp),
-        "bytes": tmp.stat().st_size,
-    }
-    os.replace(tmp, directory / name)
-    return entry
+    with atomic_path(directory / name) as tmp:
+        pq.write_table(table, tmp)
+        return {
+            "rows": table.num_rows,
+            "fallback": int(pc.sum(table.column("fallback")).as_py() or 0),
+            "sha256": sha256_file(tmp),
+            "bytes": tmp.stat().st_size,
+        }
 
 
 class ShardManifest:
@@ -415,7 +412,7 @@ def _process(
 ) -> None:
     """Encode ``pending`` parts on this thread while the next ones are read and finished batches selected
     and written on others (numpy and pyarrow release the GIL in the heavy work)."""
-    available = np.lexsort((engine.vocab.product_ids, -engine.vocab.popularity))  # serving's fallback order
+    available = popularity_order(engine.vocab.product_ids, engine.vocab.popularity)
     fallback = available[~engine.blocked[available]][: rules.k]
 
     def read(index: int) -> Part:

@@ -12,6 +12,11 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def popularity_order(product_ids: np.ndarray, popularity: np.ndarray) -> np.ndarray:
+    """Rows from most to least popular, ties by smaller product id: the fallback for empty histories."""
+    return np.lexsort((product_ids, -np.asarray(popularity)))
+
+
 def candidates_needed(
     k: int,
     exclude_sizes: Sequence[int] | np.ndarray,

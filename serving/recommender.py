@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from recsys.bundle import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, Bundle, BundleError, bundle_id, read_bundle
 from recsys.data.vocabulary import NUM_RESERVED, PAD
-from recsys.scoring import candidates_needed, select
+from recsys.scoring import candidates_needed, popularity_order, select
 
 T = TypeVar("T")
 
@@ -67,7 +67,7 @@ class Recommender:
         self._sorted_ids = self._product_ids[self._sort]
         if np.any(self._sorted_ids[1:] == self._sorted_ids[:-1]):
             raise BundleError("items.parquet has duplicate product_id values")
-        self._popular = np.lexsort((self._product_ids, -self._popularity))
+        self._popular = popularity_order(self._product_ids, self._popularity)
         self._bundle_id = bundle_id(bundle.manifest)
 
     @classmethod

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from recsys.evaluation.protocol import baseline_rankings, evaluate
-from recsys.io import write_json
+from recsys.io import atomic_path, write_json
 from training.datamodule import ReceiptsDataModule
 from training.module import load_module, recommend
 
@@ -47,13 +46,11 @@ def format_table(results: dict[str, dict[str, float]], columns: tuple[str, ...] 
 
 def write_csv(path: Path, results: dict[str, dict[str, float]]) -> None:
     keys = sorted({key for metrics in results.values() for key in metrics})
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", *keys])
         for name, metrics in results.items():
             writer.writerow([name, *(metrics.get(key, "") for key in keys)])
-    os.replace(tmp, path)
 
 
 def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
