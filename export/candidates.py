@@ -65,9 +65,10 @@ from export.partition import Layout, fingerprint, partition, read_part
 from recsys.bundle import sha256_file
 from recsys.data.loader import iter_receipts, open_dataset
 from recsys.data.schema import PRODUCT, SHOPPER
-from recsys.data.sequences import build_sequences
+from recsys.data.sequences import Sequences, build_sequences
 from recsys.data.vocabulary import NUM_RESERVED
 from recsys.io import atomic_path, write_json
+from recsys.repeat import Histories
 from recsys.scoring import candidates_needed, popularity_order, select
 
 log = logging.getLogger(__name__)
@@ -99,10 +100,11 @@ class Rules:
     exclude_purchased: bool = False
     min_score: float | None = None
     explore_slots: int = 0
+    repeat_aware: bool = False  # score with the model's repeat-aware scorer (recsys.repeat)
 
     @property
     def needs_history(self) -> bool:
-        return self.exclude_purchased or self.explore_slots > 0
+        return self.exclude_purchased or self.explore_slots > 0 or self.repeat_aware
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class Part:
     bought: np.ndarray  # distinct item rows of each history, concatenated (empty unless the rules need it)
     bought_offsets: np.ndarray  # [S + 1] shopper s owns bought[bought_offsets[s]:bought_offsets[s + 1]]
     receipts: int  # receipt rows read
+    known: Sequences | None = None  # the whole known histories with times, for repeat-aware scoring
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ class Batch:
     bought: list[np.ndarray] | None  # [E] distinct rows per encoded shopper, when the rules need them
     rows: np.ndarray  # [E, C] candidate rows
     scores: np.ndarray  # [E, C]
+    histories: Histories | None = None  # [E] the encoded shoppers' histories, for repeat-aware scoring
 
 
 def read_product_ids(path: str | Path) -> np.ndarray:
@@ -192,7 +196,14 @@ def load_part(directory: Path, layout: Layout, index: int, engine: Engine, rules
         counts = np.bincount(keys // size, minlength=len(shopper_ids))
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return Part(
-        index, shopper_ids, known.lengths, known.last(engine.max_len), bought, offsets, table.num_rows
+        index,
+        shopper_ids,
+        known.lengths,
+        known.last(engine.max_len),
+        bought,
+        offsets,
+        table.num_rows,
+        known if rules.repeat_aware else None,
     )
 
 
@@ -214,9 +225,13 @@ def search(engine: Engine, part: Part, start: int, stop: int, rules: Rules, timi
     wanted = candidates_needed(
         rules.k,
         sizes if rules.exclude_purchased else [],
-        sizes if rules.explore_slots else None,
+        sizes if rules.needs_history else None,
         rules.explore_slots,
+        rules.repeat_aware,
     )
+    histories = None
+    if part.known is not None:
+        histories = Histories.from_sequences(part.known.select(part.shopper_ids[start:stop][encoded]))
     # padded to the longest history of the batch, as serving pads: less work than max_len for short ones
     width = int(lengths.max(initial=0).clip(max=engine.max_len))
     item_ids = np.ascontiguousarray(part.item_ids[start:stop][encoded, engine.max_len - width :])
@@ -224,7 +239,7 @@ def search(engine: Engine, part: Part, start: int, stop: int, rules: Rules, timi
         shoppers = engine.encode(item_ids)
     with timings.stage("top_k"):
         rows, scores = engine.top(shoppers, min(wanted, engine.num_items))
-    return Batch(part.shopper_ids[start:stop], encoded, bought, rows, scores)
+    return Batch(part.shopper_ids[start:stop], encoded, bought, rows, scores, histories)
 
 
 def finish(batch: Batch, rules: Rules, engine: Engine, fallback: np.ndarray) -> pa.RecordBatch:
@@ -236,9 +251,12 @@ def finish(batch: Batch, rules: Rules, engine: Engine, fallback: np.ndarray) -> 
     scores[:, : len(fallback)] = engine.vocab.popularity[fallback]
     is_fallback = np.ones(count, dtype=bool)
     if len(batch.encoded):
+        candidates = batch.rows, batch.scores
+        if batch.histories is not None:
+            assert engine.repeat is not None
+            candidates = engine.repeat.blend(batch.histories, *candidates, k)
         picked, picked_scores = select(
-            batch.rows,
-            batch.scores,
+            *candidates,
             k,
             exclude=batch.bought if rules.exclude_purchased else None,
             min_score=rules.min_score,
@@ -497,7 +515,11 @@ def _run(cfg: DictConfig, timings: Timings) -> tuple[ShardManifest, Layout, Path
             f"{cfg.rules.explore_slots}"
         )
     min_score = None if cfg.rules.min_score is None else float(cfg.rules.min_score)
-    rules = Rules(cfg.k, cfg.rules.exclude_purchased, min_score, cfg.rules.explore_slots)
+    unavailable_path = cfg.rules.unavailable
+    unavailable = read_product_ids(unavailable_path) if unavailable_path else np.zeros(0, np.int64)
+    engine = open_engine(cfg.bundle, cfg.checkpoint, cfg.device, cfg.threads, unavailable)
+    repeat_aware = bool(cfg.rules.repeat_aware) and engine.repeat is not None
+    rules = Rules(cfg.k, cfg.rules.exclude_purchased, min_score, cfg.rules.explore_slots, repeat_aware)
     concurrency = Concurrency(cfg.batch_size, max(1, cfg.read_threads), max(1, cfg.select_threads))
     output = Path(cfg.output)
     dataset = open_dataset(cfg.receipts)
@@ -515,9 +537,6 @@ def _run(cfg: DictConfig, timings: Timings) -> tuple[ShardManifest, Layout, Path
             f"{output} holds shards of another num_shards ({foreign[0]}); use another output"
         )
 
-    unavailable_path = cfg.rules.unavailable
-    unavailable = read_product_ids(unavailable_path) if unavailable_path else np.zeros(0, np.int64)
-    engine = open_engine(cfg.bundle, cfg.checkpoint, cfg.device, cfg.threads, unavailable)
     columns = OmegaConf.to_container(cfg.columns)
     receipts = {
         "source": str(Path(cfg.receipts).resolve()),
@@ -530,6 +549,7 @@ def _run(cfg: DictConfig, timings: Timings) -> tuple[ShardManifest, Layout, Path
         "exclude_purchased": rules.exclude_purchased,
         "min_score": rules.min_score,
         "explore_slots": rules.explore_slots,
+        "repeat_aware": rules.repeat_aware,
         "unavailable": None,
     }
     if unavailable_path:

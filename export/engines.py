@@ -25,6 +25,7 @@ import onnxruntime as ort
 
 from recsys.bundle import INPUT_NAME, OUTPUT_NAME, BundleError, bundle_id, read_bundle, sha256_file
 from recsys.data.vocabulary import NUM_RESERVED, Vocabulary
+from recsys.repeat import RepeatScorer
 
 if TYPE_CHECKING:
     import torch
@@ -35,9 +36,16 @@ SCORE_CHUNK_ELEMENTS = 1 << 28  # scores materialised at once by the torch engin
 class Engine(ABC):
     """An encoder plus exact (or index) search over one catalogue, described by its vocabulary."""
 
-    def __init__(self, vocab: Vocabulary, max_len: int, unavailable: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        vocab: Vocabulary,
+        max_len: int,
+        unavailable: np.ndarray | None = None,
+        repeat: RepeatScorer | None = None,
+    ) -> None:
         self.vocab = vocab
         self.max_len = max_len
+        self.repeat = repeat  # the model's repeat-aware scorer, if it has one
         rows = vocab.encode(np.asarray(unavailable if unavailable is not None else [], np.int64))
         self.blocked = np.zeros(vocab.num_products, dtype=bool)  # [N] rows never to return
         self.blocked[rows[rows >= NUM_RESERVED] - NUM_RESERVED] = True
@@ -69,7 +77,10 @@ class OnnxEngine(Engine):
         bundle = read_bundle(path)
         popularity = bundle.items.column("popularity").to_numpy().astype(np.int64)
         super().__init__(
-            Vocabulary(bundle.product_ids.astype(np.int64), popularity), bundle.max_len, unavailable
+            Vocabulary(bundle.product_ids.astype(np.int64), popularity),
+            bundle.max_len,
+            unavailable,
+            bundle.repeat,
         )
         self.threads = threads or os.cpu_count() or 1
         options = ort.SessionOptions()
@@ -129,6 +140,7 @@ class TorchEngine(Engine):
     ) -> None:
         import torch
 
+        from training import repeat
         from training.module import load_module
 
         path = Path(checkpoint)
@@ -140,7 +152,7 @@ class TorchEngine(Engine):
         if self._device.type == "cpu" and threads:
             torch.set_num_threads(threads)
         module = load_module(str(path))
-        super().__init__(module.vocab, int(module.model.config.max_len), unavailable)
+        super().__init__(module.vocab, int(module.model.config.max_len), unavailable, repeat.load(path))
         self._model = module.model.to(self._device).eval()
         with torch.no_grad():
             self._items = self._model.item_embeddings()[NUM_RESERVED:].float().contiguous()  # [N, d]

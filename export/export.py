@@ -38,6 +38,7 @@ from export.onnx import (
 )
 from recsys.bundle import BundleError, write_bundle
 from recsys.data.vocabulary import NUM_RESERVED, Vocabulary
+from training import repeat
 from training.module import NextItemModule, load_module
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,9 @@ def export_bundle(
         "parity": {"max_abs_diff": max_abs_diff, "tolerance": PARITY_TOLERANCE},
         "source": {"checkpoint": str(checkpoint.resolve())},
     }
-    return write_bundle(output, onnx_bytes, items, index, manifest, overwrite=overwrite)
+    scorer = repeat.load(checkpoint)
+    log.info("repeat-aware scorer: %s", "included" if scorer is not None else "none in the checkpoint")
+    return write_bundle(output, onnx_bytes, items, index, manifest, overwrite=overwrite, repeat=scorer)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")

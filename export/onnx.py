@@ -68,6 +68,11 @@ def export_encoder(model: nn.Module, path_or_buffer: str | Path | BinaryIO | Non
     example = torch.full((2, length), UNK, dtype=torch.int64)
     dynamic_shapes = {INPUT_NAME: {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=length)}}
     buffer = io.BytesIO()
+    # torch 2.13's exporter swaps in while_loop GRU/LSTM decompositions for dynamic shapes by writing the
+    # ops' py_kernels without clearing their dispatch caches: once one export has cached the default
+    # (time-unrolled) decomposition, a later RNN export in the process would pin the sequence axis.
+    for op in (torch.ops.aten.gru.input, torch.ops.aten.lstm.input):
+        op._dispatch_cache.clear()
     with _eval_mode(model):
         torch.onnx.export(
             _Encoder(model).eval(),

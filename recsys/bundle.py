@@ -3,8 +3,9 @@
     bundle/
       model.onnx      shopper encoder: item_ids int64 [batch, seq] -> shopper_embedding float32 [batch, d]
       items.faiss     product embeddings, inner-product metric; FAISS id i = row i of items.parquet
-      items.parquet   row-aligned products: product_id, popularity, then metadata columns
-      bundle.json     format version, model, sizes, metrics, library versions, sha256 of every file
+      items.parquet   row-aligned products: product_id, popularity, [repeat_rate,] then metadata columns
+      bundle.json     format version, model, sizes, metrics, library versions, sha256 of every file, and
+                      the repeat-aware scorer's parameters when the model has one (``recsys.repeat``)
 
 The encoder's inputs are vocabulary indices: product at items.parquet row ``i`` has index
 ``i + NUM_RESERVED`` (0 is padding, 1 unknown). A bundle is written to a temporary directory and renamed
@@ -30,6 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recsys.repeat import RepeatScorer
+
 FORMAT = "caddie-bundle"
 FORMAT_VERSION = 1
 MODEL_FILE = "model.onnx"
@@ -40,6 +43,8 @@ FILES = (MODEL_FILE, INDEX_FILE, ITEMS_FILE)
 INPUT_NAME = "item_ids"
 OUTPUT_NAME = "shopper_embedding"
 REQUIRED_ITEM_COLUMNS = ("product_id", "popularity")
+REPEAT_KEY = "repeat_scorer"
+REPEAT_RATE_COLUMN = "repeat_rate"
 
 
 class BundleError(ValueError):
@@ -55,6 +60,7 @@ class Bundle:
     items: pa.Table
     index: faiss.Index
     model_bytes: bytes  # the verified model.onnx, for onnxruntime.InferenceSession(model_bytes)
+    repeat: RepeatScorer | None = None  # the repeat-aware scorer, if the model was exported with one
 
     @property
     def model_path(self) -> Path:
@@ -106,14 +112,22 @@ def write_bundle(
     index: faiss.Index,
     manifest: dict[str, Any],
     overwrite: bool = False,
+    repeat: RepeatScorer | None = None,
 ) -> Path:
     """Write a bundle atomically and return its path.
 
     ``manifest`` must hold at least ``model`` (name and config), ``max_len`` and ``embedding_dim``;
-    format, sizes, versions, creation time and checksums are added here. With ``overwrite`` an
-    existing bundle at ``path`` is replaced by a rename swap; otherwise it is an error.
+    format, sizes, versions, creation time and checksums are added here. ``repeat`` (a scorer over the
+    same item rows, with ``items``' popularity) adds its parameters and a ``repeat_rate`` column. With
+    ``overwrite`` an existing bundle at ``path`` is replaced by a rename swap; otherwise it is an error.
     """
     path = Path(path)
+    if repeat is not None:
+        popularity = items.column("popularity").to_numpy().astype(np.float64)
+        if repeat.num_items != items.num_rows or not np.array_equal(repeat.popularity, popularity):
+            raise BundleError(f"the repeat scorer does not describe the rows of {ITEMS_FILE}")
+        items = items.add_column(2, REPEAT_RATE_COLUMN, pa.array(repeat.repeat_rate, pa.float64()))
+        manifest = {**manifest, REPEAT_KEY: repeat.to_dict()}
     missing = [c for c in REQUIRED_ITEM_COLUMNS if c not in items.column_names]
     if missing:
         raise BundleError(f"{ITEMS_FILE}: missing column(s) {missing}")
@@ -221,4 +235,21 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(
             f"{INDEX_FILE} has dimension {index.d}, {MANIFEST_FILE} says {manifest.get('embedding_dim')}"
         )
-    return Bundle(path=path, manifest=manifest, items=items, index=index, model_bytes=contents[MODEL_FILE])
+    return Bundle(path, manifest, items, index, contents[MODEL_FILE], _repeat_scorer(manifest, items))
+
+
+def _repeat_scorer(manifest: dict[str, Any], items: pa.Table) -> RepeatScorer | None:
+    if REPEAT_KEY not in manifest:
+        return None
+    if REPEAT_RATE_COLUMN not in items.column_names:
+        raise BundleError(
+            f"{MANIFEST_FILE} has a repeat scorer but {ITEMS_FILE} has no {REPEAT_RATE_COLUMN!r}"
+        )
+    try:
+        return RepeatScorer.from_dict(
+            manifest[REPEAT_KEY],
+            items.column(REPEAT_RATE_COLUMN).to_numpy(zero_copy_only=False),
+            items.column("popularity").to_numpy(zero_copy_only=False),
+        )
+    except (ValueError, KeyError, TypeError) as error:
+        raise BundleError(f"{MANIFEST_FILE}: invalid {REPEAT_KEY}: {error}") from error

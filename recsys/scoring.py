@@ -22,13 +22,16 @@ def candidates_needed(
     exclude_sizes: Sequence[int] | np.ndarray,
     history_sizes: Sequence[int] | np.ndarray | None = None,
     explore_slots: int = 0,
+    repeat_aware: bool = False,
 ) -> int:
     """How many candidates per shopper to search so that :func:`select` can still fill ``k`` positions.
 
     ``exclude_sizes`` (and ``history_sizes``) hold one count of distinct rows per shopper. Each excluded row
     can knock out one candidate, so ``k + max(exclude)`` suffices; explore slots also need the best
     ``explore_slots`` rows outside the history among the candidates, which can take
-    ``explore_slots + exclude + history``. Callers clamp the result to the catalogue size.
+    ``explore_slots + exclude + history``. The repeat-aware scorer (``recsys.repeat``) scores history rows
+    itself and drops them from the search, so it needs ``k + history`` to keep ``k`` new ones. Callers
+    clamp the result to the catalogue size.
     """
     if k < 0 or explore_slots < 0:
         raise ValueError(f"k ({k}) and explore_slots ({explore_slots}) must be >= 0")
@@ -40,6 +43,8 @@ def candidates_needed(
             raise ValueError("exclude_sizes and history_sizes need one entry per shopper")
         both = history + excluded if excluded.size else history
         needed = max(needed, min(explore_slots, k) + int(both.max(initial=0)))
+    if repeat_aware and history_sizes is not None:
+        needed = max(needed, k + int(np.asarray(history_sizes, dtype=np.int64).max(initial=0)))
     return needed
 
 

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from recsys.bundle import BundleError
 from serving.recommender import Recommendation, Recommender
@@ -25,16 +25,21 @@ from serving.recommender import Recommendation, Recommender
 CONFIG_ENV = "CADDIE_SERVING_CONFIG"
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 ProductId = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+Timestamp = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class RecommendResponse(BaseModel):
     """Recommendations for one shopper, best first."""
 
     product_ids: list[int]
-    scores: list[float] = Field(description="model scores, or popularity counts when fallback is true")
+    scores: list[float] = Field(
+        description="next-basket probabilities when repeat_aware, else model scores; popularity counts "
+        "when fallback is true"
+    )
     fallback: bool = Field(description="the history had no known product: most popular products instead")
     unknown: int = Field(description="history entries outside the catalogue, dropped")
     truncated: bool = Field(description="only the most recent max_len known products were used")
+    repeat_aware: bool = Field(description="scored with the bundle's repeat-aware scorer (timestamps given)")
     bundle_id: str
 
 
@@ -88,8 +93,22 @@ def create_app(
         k: int = Field(min(10, max_k), ge=1, le=max_k, description="products to return (at most)")
         exclude_purchased: bool = Field(False, description="never recommend a product of the history")
         min_score: float | None = Field(
-            None, allow_inf_nan=False, description="drop model scores below this (not applied to fallback)"
+            None, allow_inf_nan=False, description="drop scores below this (not applied to fallback)"
         )
+        timestamps: list[Timestamp] | None = Field(
+            None,
+            max_length=max_history,
+            description="purchase time of each history entry, seconds since the epoch (a basket's products "
+            "share one); turns on the bundle's repeat-aware scorer, if it has one",
+        )
+
+        @model_validator(mode="after")
+        def timestamps_match_history(self) -> "RecommendRequest":
+            if self.timestamps is not None and len(self.timestamps) != len(self.history):
+                raise ValueError(
+                    f"timestamps has {len(self.timestamps)} entries for {len(self.history)} history entries"
+                )
+            return self
 
     class BatchRequest(BaseModel):
         """Several shoppers, answered in order with one model run."""
@@ -120,7 +139,7 @@ def create_app(
         """Top-k products for one shopper."""
         recommender = serving.recommender  # read once: a concurrent reload cannot split one request
         result = recommender.recommend(
-            request.history, request.k, request.exclude_purchased, request.min_score
+            request.history, request.k, request.exclude_purchased, request.min_score, request.timestamps
         )
         return _response(result, recommender.bundle_id)
 
@@ -134,6 +153,7 @@ def create_app(
             [r.k for r in requests],
             [r.exclude_purchased for r in requests],
             [r.min_score for r in requests],
+            [r.timestamps for r in requests],
         )
         return BatchResponse(results=[_response(r, recommender.bundle_id) for r in results])
 

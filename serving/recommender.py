@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from recsys.bundle import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, Bundle, BundleError, bundle_id, read_bundle
 from recsys.data.vocabulary import NUM_RESERVED, PAD
+from recsys.repeat import SECONDS_PER_DAY, Histories
 from recsys.scoring import candidates_needed, popularity_order, select
 
 T = TypeVar("T")
@@ -29,9 +30,10 @@ T = TypeVar("T")
 class Recommendation:
     """One shopper's recommendations, best first.
 
-    ``scores`` are model scores (inner products), or with ``fallback`` the products' popularity counts.
-    ``unknown`` counts history entries outside the catalogue (dropped); ``truncated`` says only the most
-    recent ``max_len`` known products were encoded.
+    ``scores`` are, with ``repeat_aware``, the probability that the product is in the shopper's next basket
+    (the bundle's repeat-aware scorer, given purchase times); else model scores (inner products); with
+    ``fallback`` the products' popularity counts. ``unknown`` counts history entries outside the catalogue
+    (dropped); ``truncated`` says only the most recent ``max_len`` known products were encoded.
     """
 
     product_ids: list[int]
@@ -39,6 +41,7 @@ class Recommendation:
     fallback: bool
     unknown: int
     truncated: bool
+    repeat_aware: bool = False
 
 
 def _per_request(value: T | Sequence[T], count: int, name: str) -> list[T]:
@@ -164,15 +167,26 @@ class Recommender:
         k: int = 10,
         exclude_purchased: bool = False,
         min_score: float | None = None,
+        timestamps: Sequence[float] | None = None,
     ) -> Recommendation:
         """Top ``k`` products for a shopper whose purchases (product ids, oldest first) are ``history``.
+
+        ``timestamps`` (seconds since the epoch, one per history entry; a basket's products share one)
+        turn on the bundle's repeat-aware scorer if it has one: scores become next-basket probabilities
+        from the shopper's own purchase pattern and the model's new-product candidates. Without them, or
+        without a scorer in the bundle, products rank by model score (``repeat_aware`` is False).
 
         Unknown products are dropped and counted; only the most recent ``max_len`` known ones are encoded.
         An empty or all-unknown history gets the popularity fallback (flagged; ``min_score`` does not
         apply to it). ``min_score`` otherwise drops lower-scoring items, so fewer (or zero) may come back;
         ``exclude_purchased`` never recommends a product of the history.
         """
-        return self.recommend_batch([history], k, exclude_purchased, min_score)[0]
+        return self.recommend_batch([history], k, exclude_purchased, min_score, [timestamps])[0]
+
+    @property
+    def repeat_aware(self) -> bool:
+        """Whether the bundle has a repeat-aware scorer (used for histories given with timestamps)."""
+        return self._bundle.repeat is not None
 
     def recommend_batch(
         self,
@@ -180,15 +194,20 @@ class Recommender:
         k: int | Sequence[int] = 10,
         exclude_purchased: bool | Sequence[bool] = False,
         min_score: float | Sequence[float | None] | None = None,
+        timestamps: Sequence[Sequence[float] | None] | None = None,
     ) -> list[Recommendation]:
         """:meth:`recommend` for many shoppers with one ONNX run and one FAISS search.
 
-        ``k``, ``exclude_purchased`` and ``min_score`` are either shared or given per history.
+        ``k``, ``exclude_purchased`` and ``min_score`` are either shared or given per history;
+        ``timestamps`` holds one list (or None) per history.
         """
         count = len(histories)
         ks = _per_request(k, count, "k")
         excludes = _per_request(exclude_purchased, count, "exclude_purchased")
         floors = _per_request(min_score, count, "min_score")
+        stamps = [None] * count if timestamps is None else list(timestamps)
+        if len(stamps) != count:
+            raise ValueError(f"timestamps has {len(stamps)} entries for {count} histories")
         if any(value < 1 for value in ks):
             raise ValueError("k must be >= 1")
 
@@ -196,6 +215,7 @@ class Recommender:
         flat = np.fromiter(itertools.chain.from_iterable(histories), dtype=np.int64, count=sum(lengths))
         found = np.split(self.rows_of(flat), np.cumsum(lengths)[:-1]) if count else []
         known = [rows[rows >= 0] for rows in found]
+        days = [self._days(found[i], stamps[i], lengths[i]) for i in range(count)]
 
         results: list[Recommendation | None] = [None] * count
         encoded = []
@@ -208,11 +228,12 @@ class Recommender:
                     self._product_ids[top].tolist(), self._popularity[top].tolist(), True, lengths[i], False
                 )
         if encoded:
-            top_rows, top_scores = self._search(
+            top_rows, top_scores, aware = self._search(
                 [known[i] for i in encoded],
-                max(ks[i] for i in encoded),
+                [ks[i] for i in encoded],
                 [excludes[i] for i in encoded],
                 [floors[i] for i in encoded],
+                [days[i] for i in encoded],
             )
             for j, i in enumerate(encoded):
                 rows, scores = top_rows[j, : ks[i]], top_scores[j, : ks[i]]
@@ -223,13 +244,31 @@ class Recommender:
                     False,
                     lengths[i] - len(known[i]),
                     len(known[i]) > self.max_len,
+                    bool(aware[j]),
                 )
         return results  # type: ignore[return-value]
 
+    def _days(self, rows: np.ndarray, timestamps: Sequence[float] | None, length: int) -> np.ndarray | None:
+        """Purchase times in days of a history's known entries, if given and the bundle can use them."""
+        if timestamps is None or self._bundle.repeat is None:
+            return None
+        seconds = np.asarray(timestamps, dtype=np.float64)
+        if seconds.shape != (length,) or not np.isfinite(seconds).all():
+            raise ValueError(f"timestamps need one finite number per history entry ({length})")
+        return seconds[rows >= 0] / SECONDS_PER_DAY
+
     def _search(
-        self, known: list[np.ndarray], k: int, excludes: list[bool], floors: list[float | None]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Encode non-empty row histories in one batch and select the top ``k`` rows of each."""
+        self,
+        known: list[np.ndarray],
+        ks: list[int],
+        excludes: list[bool],
+        floors: list[float | None],
+        days: list[np.ndarray | None],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Encode non-empty row histories in one batch and select the top ``max(ks)`` rows of each.
+
+        Histories with ``days`` are scored by the repeat-aware scorer; returns rows, scores and [B] which.
+        """
         # Left-pad to the longest history kept; positions past max_len would make ONNX Runtime read the
         # position table out of range (silently wrong), so only the most recent max_len rows go in.
         kept = [rows[-self.max_len :] for rows in known]
@@ -242,12 +281,29 @@ class Recommender:
             np.unique(rows) if flag else np.empty(0, np.int64)
             for rows, flag in zip(known, excludes, strict=True)
         ]
-        wanted = min(self.num_items, candidates_needed(k, [len(e) for e in exclude]))
+        k = max(ks)
+        aware = np.array([d is not None for d in days])
+        distinct = [len(np.unique(rows)) if a else 0 for rows, a in zip(known, aware, strict=True)]
+        wanted = min(
+            self.num_items, candidates_needed(k, [len(e) for e in exclude], distinct, repeat_aware=True)
+        )
         # OpenMP's thread count is per calling thread: server worker threads would otherwise start at one
         # per core, and an OpenMP team per single-query search is slower, badly so on a loaded machine.
         faiss.omp_set_num_threads(self._search_threads)
         scores, rows = self._bundle.index.search(np.ascontiguousarray(shoppers, dtype=np.float32), wanted)
-        floor = None
-        if any(f is not None for f in floors):
-            floor = np.array([np.nan if f is None else f for f in floors], dtype=np.float64)
-        return select(rows, scores, k, exclude=exclude, min_score=floor)
+        floor = np.array([np.nan if f is None else f for f in floors], dtype=np.float64)
+        out_rows, out_scores = np.empty((len(known), k), np.int64), np.empty((len(known), k), np.float32)
+        for group in (np.flatnonzero(~aware), np.flatnonzero(aware)):
+            if len(group) == 0:
+                continue
+            group_rows, group_scores = rows[group], scores[group]
+            if aware[group[0]]:
+                assert self._bundle.repeat is not None
+                histories = Histories.from_lists([known[j] for j in group], [days[j] for j in group])
+                group_rows, group_scores = self._bundle.repeat.blend(
+                    histories, group_rows, group_scores, np.asarray(ks)[group]
+                )
+            out_rows[group], out_scores[group] = select(
+                group_rows, group_scores, k, exclude=[exclude[j] for j in group], min_score=floor[group]
+            )
+        return out_rows, out_scores, aware

@@ -9,6 +9,7 @@ padding (index 0) ignored. The shopper embedding is the position-weighted mean o
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from recsys.bundle import INPUT_NAME, OUTPUT_NAME, write_bundle
 from recsys.data.vocabulary import NUM_RESERVED
+from recsys.repeat import RepeatScorer
 
 
 def encoder_onnx(item_table: np.ndarray, position_weights: np.ndarray) -> bytes:
@@ -103,8 +105,12 @@ def make_bundle(
     max_len: int = 6,
     seed: int = 0,
     manifest: dict[str, Any] | None = None,
+    repeat: RepeatScorer | None = None,
 ) -> SyntheticBundle:
-    """Write a seeded synthetic bundle to ``path``; large product ids catch int32 truncation."""
+    """Write a seeded synthetic bundle to ``path``; large product ids catch int32 truncation.
+
+    ``repeat``'s popularity is replaced by the bundle's own (a scorer must describe the bundle's rows).
+    """
     rng = np.random.default_rng(seed)
     item_table = rng.standard_normal((num_items + NUM_RESERVED, dim)).astype(np.float32)
     item_table[0] = 0.0  # padding
@@ -114,6 +120,8 @@ def make_bundle(
     index = faiss.IndexFlatIP(dim)
     index.add(item_table[NUM_RESERVED:])
     items = pa.table({"product_id": product_ids, "popularity": popularity})
+    if repeat is not None:
+        repeat = dataclasses.replace(repeat, popularity=popularity.astype(np.float64))
     write_bundle(
         path,
         encoder_onnx(item_table, position_weights),
@@ -125,5 +133,6 @@ def make_bundle(
             "embedding_dim": dim,
             **(manifest or {}),
         },
+        repeat=repeat,
     )
     return SyntheticBundle(Path(path), product_ids, popularity, item_table, position_weights)

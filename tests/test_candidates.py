@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -27,7 +28,9 @@ from recsys.bundle import BundleError, read_bundle
 from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP, ReceiptsError
 from recsys.data.synthetic import SyntheticConfig, generate_table
 from recsys.data.vocabulary import Vocabulary
+from recsys.repeat import FEATURES, RepeatScorer
 from serving.recommender import Recommender
+from training import repeat
 from training.module import NextItemModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,13 +83,16 @@ def read_output(path: Path) -> pa.Table:
     return ds.dataset(path, format="parquet", partitioning="hive").to_table().sort_by(SHOPPER)
 
 
-def histories(receipts: pa.Table) -> dict[int, list[int]]:
-    """Product ids per shopper, oldest first (time, then basket, then product id: the job's order)."""
+def histories(receipts: pa.Table, with_seconds: bool = False) -> dict[int, Any]:
+    """Product ids per shopper, oldest first (time, then basket, then product id: the job's order), and
+    with ``with_seconds`` their purchase times in seconds since the epoch: ``(ids, seconds)``."""
     order = [(SHOPPER, "ascending"), (TIMESTAMP, "ascending"), (BASKET, "ascending"), (PRODUCT, "ascending")]
     table = receipts.sort_by(order)
     shoppers, products = table.column(SHOPPER).to_numpy(), table.column(PRODUCT).to_numpy()
+    seconds = pc.cast(table.column(TIMESTAMP), pa.int64()).to_numpy() / 1e6
     starts = np.flatnonzero(np.diff(shoppers, prepend=shoppers[0] - 1))
-    return {int(shoppers[s]): h.tolist() for s, h in zip(starts, np.split(products, starts[1:]), strict=True)}
+    groups = zip(starts, np.split(products, starts[1:]), np.split(seconds, starts[1:]), strict=True)
+    return {int(shoppers[s]): (h.tolist(), t.tolist()) if with_seconds else h.tolist() for s, h, t in groups}
 
 
 def assert_equal_to_serving(
@@ -284,3 +290,35 @@ def test_cuda_path_agrees_with_cpu(job: Job, tmp_path: Path) -> None:
         )
     ]
     assert np.mean(overlap) > 0.9
+
+
+def test_repeat_aware_job_equals_serving(job: Job, data: dict[str, Any], tmp_path: Path) -> None:
+    """With a repeat-aware scorer in the checkpoint, both engines and serving give the same answers."""
+    checkpoint = tmp_path / "repeat.ckpt"
+    shutil.copy(data["checkpoint"], checkpoint)
+    vocab = Vocabulary.from_dict(torch.load(checkpoint, weights_only=True)["hyper_parameters"]["vocab"])
+    rng = np.random.default_rng(0)
+    features = len(FEATURES)
+    scorer = RepeatScorer(
+        rng.standard_normal(features), -3.0, rng.standard_normal(features), np.ones(features),
+        rng.uniform(0.1, 0.9, vocab.num_products), vocab.popularity.astype(np.float64),
+    )  # fmt: skip
+    repeat.save(checkpoint, scorer)
+    bundle = export_bundle(checkpoint, tmp_path / "repeat-bundle", indexes.flat)
+    manifest = job("aware", bundle=bundle, parts=2, batch_size=40, **{"rules.exclude_purchased": "true"})
+    assert manifest["job"]["rules"]["repeat_aware"]
+    output = read_output(tmp_path / "aware")
+    timed = histories(data["receipts"], with_seconds=True)
+    shoppers = sorted(timed)
+    expected = Recommender.load(bundle).recommend_batch(
+        [timed[s][0] for s in shoppers], K, exclude_purchased=True, timestamps=[timed[s][1] for s in shoppers]
+    )
+    assert output.column(SHOPPER).to_pylist() == shoppers
+    for row, want in zip(output.to_pylist(), expected, strict=True):
+        assert row["product_ids"] == want.product_ids, row[SHOPPER]
+        np.testing.assert_allclose(row["scores"], want.scores, rtol=1e-5)
+        assert want.repeat_aware or want.fallback
+    job("aware-torch", engine="checkpoint", checkpoint=checkpoint, **{"rules.exclude_purchased": "true"})
+    torch_output = read_output(tmp_path / "aware-torch")
+    for a, b in zip(output.to_pylist(), torch_output.to_pylist(), strict=True):
+        np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-5)

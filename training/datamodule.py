@@ -7,7 +7,7 @@ on the next basket after that earlier cutoff; the test inputs are then histories
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from recsys.data.features import ProductFeatures
 from recsys.data.sequences import Sequences, build_sequences, concat_ranges, training_windows
 from recsys.data.split import next_basket_targets, parse_cutoff, temporal_split
 from recsys.data.vocabulary import Vocabulary
@@ -50,7 +51,12 @@ class WindowBatches:
 
 
 class ReceiptsDataModule(pl.LightningDataModule):
-    """Temporal split, vocabulary, training windows and validation/test inputs for next-item models."""
+    """Temporal split, vocabulary, training windows and validation/test inputs for next-item models.
+
+    ``products`` (optional) loads a products table whose ``product_features`` columns, plus with
+    ``price_bands`` > 1 a band of the median receipt price, become item feature codes for models with
+    an item tower (:meth:`item_features`); models without one never load it.
+    """
 
     def __init__(
         self,
@@ -66,9 +72,13 @@ class ReceiptsDataModule(pl.LightningDataModule):
         shuffle_baskets: bool = True,
         num_workers: int = 0,
         seed: int = 0,
+        products: Callable[[], pa.Table] | None = None,
+        product_features: Sequence[str] = (),
+        price_bands: int = 0,
     ) -> None:
         super().__init__()
-        self.load_receipts = receipts
+        self.load_receipts, self.load_products = receipts, products
+        self.product_features, self.price_bands = list(product_features), price_bands
         self.cutoff = parse_cutoff(cutoff, timezone)
         self.timezone, self.min_baskets, self.val_days = timezone, min_baskets, val_days
         # target = first basket after the cutoff, or every basket within this many days of it
@@ -97,6 +107,21 @@ class ReceiptsDataModule(pl.LightningDataModule):
         if self.test_data is None:
             raise RuntimeError("call setup() first")
         return self.test_data.vocab
+
+    def item_features(self) -> tuple[ProductFeatures, np.ndarray] | None:
+        """Feature mappings fitted on the vocabulary's products and their codes [V, F] (vocabulary order).
+
+        Prices come from the receipts the vocabulary is built from (before the test cutoff). ``None``
+        without a ``products`` loader.
+        """
+        if self.load_products is None:
+            return None
+        assert self.test_data is not None, "call setup() first"
+        products, receipts = self.load_products(), self.test_data.train
+        features = ProductFeatures.fit(
+            products, self.vocab.product_ids, self.product_features, receipts, self.price_bands
+        )
+        return features, features.vocabulary_codes(self.vocab, products, receipts)
 
     def describe(self) -> dict[str, Any]:
         """Plain description of the data protocol, stored in checkpoints."""

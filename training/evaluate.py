@@ -2,6 +2,10 @@
 
     python -m training.evaluate                                   # baselines on Complete Journey
     python -m training.evaluate 'checkpoints=[outputs/.../best.ckpt]' data.cutoff=2017-11-01
+    python -m training.evaluate 'bundles=[artifacts/bundle]'      # the exported bundle, as served
+
+A bundle is evaluated through :class:`serving.Recommender` itself (ONNX Runtime, FAISS, the repeat-aware
+scorer given each history's purchase times), so its figures are what production would answer.
 
 Writes ``results.json`` and ``results.csv`` to the run's output directory.
 """
@@ -10,13 +14,20 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from pathlib import Path
 
 import hydra
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from omegaconf import DictConfig
 
-from recsys.evaluation.protocol import baseline_rankings, evaluate
+from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
+from recsys.evaluation.metrics import EMPTY
+from recsys.evaluation.protocol import EvaluationData, baseline_rankings, evaluate
 from recsys.io import atomic_path, write_json
+from serving.recommender import Recommender
 from training.datamodule import ReceiptsDataModule
 from training.module import load_module, recommend
 
@@ -53,6 +64,32 @@ def write_csv(path: Path, results: dict[str, dict[str, float]]) -> None:
             writer.writerow([name, *(metrics.get(key, "") for key in keys)])
 
 
+def bundle_rankings(path: str, data: EvaluationData, k: int, batch_size: int = 256) -> np.ndarray:
+    """Ranked product ids [n, k] (``EMPTY``-padded) that the bundle at ``path`` serves to ``data``'s
+    evaluated shoppers, given their whole training history with purchase times."""
+    threads = os.cpu_count() or 1
+    recommender = Recommender.load(path, intra_op_threads=threads, search_threads=threads)
+    table = data.train.select([SHOPPER, TIMESTAMP, BASKET, PRODUCT]).sort_by(
+        [(SHOPPER, "ascending"), (TIMESTAMP, "ascending"), (BASKET, "ascending"), (PRODUCT, "ascending")]
+    )
+    shoppers = table.column(SHOPPER).to_numpy()
+    products = table.column(PRODUCT).to_numpy()
+    seconds = pc.cast(table.column(TIMESTAMP), pa.int64()).to_numpy() / 1e6  # microseconds -> seconds
+    wanted = data.targets.shopper_ids
+    starts, ends = np.searchsorted(shoppers, wanted, "left"), np.searchsorted(shoppers, wanted, "right")
+    ranked = np.full((len(wanted), k), EMPTY, dtype=np.int64)
+    for first in range(0, len(wanted), batch_size):
+        span = range(first, min(first + batch_size, len(wanted)))
+        results = recommender.recommend_batch(
+            [products[starts[i] : ends[i]] for i in span],
+            k,
+            timestamps=[seconds[starts[i] : ends[i]] for i in span],
+        )
+        for i, result in zip(span, results, strict=True):
+            ranked[i, : len(result.product_ids)] = result.product_ids
+    return ranked
+
+
 def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Metrics of every baseline and checkpoint on the test split of ``cfg.data``."""
     datamodule: ReceiptsDataModule = hydra.utils.instantiate(cfg.data)
@@ -66,6 +103,8 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         rankings[f"{module.model.__class__.__name__.lower()} ({Path(path).parent.parent.name})"] = recommend(
             module, data.train, data.targets.shopper_ids, max(ks)
         )
+    for path in cfg.bundles:
+        rankings[f"bundle ({Path(path).name})"] = bundle_rankings(path, data, max(ks))
     return {name: evaluate(ranked, data, ks) for name, ranked in rankings.items()}
 
 

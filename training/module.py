@@ -1,4 +1,9 @@
-"""LightningModule for next-item sequence models: loss, optimiser, schedule, protocol metrics.
+"""LightningModule for next-item sequence models: objective, loss, optimiser, schedule, protocol metrics.
+
+Two objectives turn a window of items into (hidden state, target) pairs: ``causal`` (SASRec: the output
+at position t predicts item t + 1) and ``masked`` (BERT4Rec: items replaced by the model's MASK token are
+predicted from both sides). A model needing the masked objective says so with ``objective = "masked"``;
+a model that declares nothing is causal. Either objective works with every loss of ``recsys.losses``.
 
 Hyperparameters are plain values only (model config, vocabulary, data description), so a checkpoint
 is self-describing and loads with ``torch.load(..., weights_only=True)``.
@@ -13,20 +18,54 @@ import numpy as np
 import pyarrow as pa
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from hydra.utils import get_class
 from torch import Tensor, nn
 
 from recsys.data.sequences import build_sequences
 from recsys.data.vocabulary import NUM_RESERVED, PAD, UNK, Vocabulary
-from recsys.losses import full_softmax, popularity_log_q, sampled_softmax
+from recsys.losses import (
+    full_softmax,
+    gbce,
+    in_batch_softmax,
+    mixed_softmax,
+    popularity_log_q,
+    sampled_softmax,
+    uniform_negatives,
+)
 
-LOSSES = ("softmax", "sampled_softmax")
+LOSSES = ("softmax", "sampled_softmax", "gbce", "in_batch", "mixed")
+OBJECTIVES = ("causal", "masked")
 
 
 def build_model(net: dict[str, Any]) -> nn.Module:
     """A model from its plain config: ``{"_target_": "<config dataclass>", **fields}``."""
     fields = {k: v for k, v in net.items() if k != "_target_"}
     return get_class(net["_target_"])(**fields).build()
+
+
+def mask_items(
+    tokens: Tensor, mask_token: int, mask_prob: float, mask_last_prob: float
+) -> tuple[Tensor, Tensor]:
+    """Masked-objective inputs for windows ``tokens`` [B, T]: (inputs [B, T], masked [B, T] bool).
+
+    Each product (index > UNK; padding and unknown are never targets) is masked with probability
+    ``mask_prob``; a ``mask_last_prob`` share of the windows masks only the most recent item instead, which
+    is exactly how ``encode`` queries the model. A window left without any mask gets one at a random
+    product. ``inputs`` is ``tokens`` with masked positions replaced by ``mask_token``.
+    """
+    is_product = tokens > UNK
+    noise = torch.rand(tokens.shape, device=tokens.device)  # [B, T]
+    masked = (noise < mask_prob) & is_product
+    last_only = torch.rand(len(tokens), 1, device=tokens.device) < mask_last_prob  # [B, 1]
+    last = torch.zeros_like(masked)
+    last[:, -1] = True  # windows are left-padded: the last column is the most recent item
+    masked = torch.where(last_only, last & is_product, masked)
+    # the largest noise among a row's products is at a uniformly random product (iid noise)
+    pick = noise.masked_fill(~is_product, -1.0).argmax(dim=1)  # [B]
+    fallback = F.one_hot(pick, tokens.shape[1]).bool() & is_product & ~masked.any(dim=1, keepdim=True)
+    masked = masked | fallback
+    return tokens.masked_fill(masked, mask_token), masked
 
 
 class NextItemModule(pl.LightningModule):
@@ -39,6 +78,10 @@ class NextItemModule(pl.LightningModule):
         data: dict[str, Any] | None = None,
         loss: str = "softmax",
         num_negatives: int = 2048,
+        gbce_t: float = 0.75,
+        objective: str = "causal",
+        mask_prob: float = 0.2,
+        mask_last_prob: float = 0.1,
         lr: float = 1e-3,
         weight_decay: float = 0.1,
         warmup_steps: int = 200,
@@ -47,28 +90,61 @@ class NextItemModule(pl.LightningModule):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+        if not (0 < mask_prob <= 1 and 0 <= mask_last_prob <= 1):
+            raise ValueError(
+                f"need 0 < mask_prob <= 1 and 0 <= mask_last_prob <= 1; got {mask_prob}, {mask_last_prob}"
+            )
         self.save_hyperparameters()
         self.model = build_model(net)
+        required = getattr(self.model, "objective", "causal")
+        if objective != required:
+            raise ValueError(
+                f"{type(self.model).__name__} trains with the {required!r} objective, not {objective!r}; "
+                f"set model.objective={required}"
+            )
         self.vocab = Vocabulary.from_dict(vocab)
         self.ks = tuple(ks)
-        self.register_buffer(
-            "log_q", popularity_log_q(torch.as_tensor(self.vocab.popularity)), persistent=False
-        )
+        popularity = torch.as_tensor(self.vocab.popularity)
+        # sampled_softmax's proposal (flattened popularity), and each item's frequency as a target, which
+        # is how often it turns up as an in-batch negative
+        self.register_buffer("log_q", popularity_log_q(popularity), persistent=False)
+        self.register_buffer("log_p", popularity_log_q(popularity, alpha=1.0), persistent=False)
         self._ranked: list[Tensor] = []
 
     def training_step(self, tokens: Tensor, batch_idx: int) -> Tensor:
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, L] each: predict the next item
-        hidden = self.model(inputs)  # [B, L, d]
-        # no loss where there is nothing to predict (padding) or the input is padding (no context)
-        valid = (targets > UNK) & (inputs != PAD)
-        hidden, targets = hidden[valid], targets[valid]  # [N, d], [N]
-        items = self.model.item_embeddings()
-        if self.hparams.loss == "softmax":
-            loss = full_softmax(hidden, targets, items)
+        if self.hparams.objective == "masked":
+            # the whole window [B, L + 1] goes in: the model's positions cover max_len + 1
+            inputs, masked = mask_items(
+                tokens, self.model.mask_token, self.hparams.mask_prob, self.hparams.mask_last_prob
+            )
+            hidden, targets = self.model(inputs)[masked], tokens[masked]  # [N, d], [N]
         else:
-            loss = sampled_softmax(hidden, targets, items, self.log_q, self.hparams.num_negatives)
+            inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, L] each: predict the next item
+            hidden = self.model(inputs)  # [B, L, d]
+            # no loss where there is nothing to predict (padding) or the input is padding (no context)
+            valid = (targets > UNK) & (inputs != PAD)
+            hidden, targets = hidden[valid], targets[valid]  # [N, d], [N]
+        loss = self.compute_loss(hidden, targets)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))
         return loss
+
+    def compute_loss(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        """The configured loss of hidden states ``hidden`` [N, d] predicting products ``targets`` [N]."""
+        items = self.model.item_embeddings()
+        name, num_negatives = self.hparams.loss, self.hparams.num_negatives
+        if name == "softmax":
+            return full_softmax(hidden, targets, items)
+        if name == "sampled_softmax":
+            return sampled_softmax(hidden, targets, items, self.log_q, num_negatives)
+        if name == "in_batch":
+            return in_batch_softmax(hidden, targets, items, self.log_p)
+        if name == "gbce":
+            negatives = uniform_negatives(len(items), (len(targets), num_negatives), device=items.device)
+            return gbce(hidden, targets, items, negatives, self.hparams.gbce_t)
+        negatives = uniform_negatives(len(items), num_negatives, device=items.device)
+        return mixed_softmax(hidden, targets, items, self.log_p, negatives)
 
     @torch.no_grad()
     def rank(self, item_ids: Tensor, k: int) -> Tensor:

@@ -7,16 +7,21 @@ python -m training.train -m model.lr=3e-4,1e-3,3e-3   # a sweep; each job return
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from recsys.io import write_json
+from training import repeat
 from training.datamodule import ReceiptsDataModule
 from training.module import NextItemModule
 
@@ -28,6 +33,11 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(entry) for entry in (group or {}).values() if "_target_" in entry]
 
 
+def wants_features(net: dict[str, Any]) -> bool:
+    """Whether the model config takes product features (its dataclass has ``feature_cardinalities``)."""
+    return "feature_cardinalities" in {f.name for f in dataclasses.fields(get_class(net["_target_"]))}
+
+
 def train(cfg: DictConfig) -> float:
     """Fit the configured model, test the best checkpoint, and return ``cfg.optimized_metric``."""
     pl.seed_everything(cfg.seed, workers=True)
@@ -35,6 +45,15 @@ def train(cfg: DictConfig) -> float:
     datamodule.setup("fit")
 
     net = OmegaConf.to_container(cfg.model.net, resolve=True) | {"num_items": datamodule.vocab.size}
+    codes = None  # [V, F] item feature codes, for models with an item tower over product features
+    if wants_features(net):
+        features = datamodule.item_features()
+        if features is None:
+            log.warning("the model takes product features but data.products is null: ids only")
+        else:
+            mappings, codes = features
+            net |= {"feature_cardinalities": mappings.cardinalities, "features": mappings.to_dict()}
+            log.info("product features %s, cardinalities %s", mappings.names, mappings.cardinalities)
     module: NextItemModule = hydra.utils.instantiate(
         cfg.model,
         net=net,
@@ -43,6 +62,8 @@ def train(cfg: DictConfig) -> float:
         _recursive_=False,
         _convert_="all",
     )
+    if codes is not None:
+        module.model.set_item_codes(torch.from_numpy(codes))
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=instantiate_all(cfg.get("callbacks")),
@@ -51,7 +72,9 @@ def train(cfg: DictConfig) -> float:
     log.info(
         "vocabulary %d products, %d training windows", datamodule.vocab.num_products, len(datamodule.windows)
     )
+    start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
+    fit_seconds = time.perf_counter() - start
 
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
@@ -62,10 +85,21 @@ def train(cfg: DictConfig) -> float:
         raise RuntimeError(
             f"metric {cfg.optimized_metric!r} was never logged; is validation on (data.val_days > 0)?"
         )
-    results: dict[str, Any] = {cfg.optimized_metric: float(score), "best_checkpoint": best_path}
+    results: dict[str, Any] = {
+        cfg.optimized_metric: float(score),
+        "best_checkpoint": best_path,
+        "fit_seconds": round(fit_seconds, 1),
+        "epochs": trainer.current_epoch,
+        "device": str(trainer.strategy.root_device),
+    }
     if cfg.get("test"):
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
         results |= {name: float(value) for name, value in tested[0].items()}
+        if best_path and datamodule.val_data is not None and datamodule.test_data is not None:
+            # the repeat-aware scorer: fitted on validation, kept in the best checkpoint, tested here
+            results |= repeat.fit_and_test(
+                best_path, datamodule.test_data, datamodule.val_data, tuple(cfg.model.ks)
+            )
     write_json(Path(cfg.paths.output_dir) / "metrics.json", results)
     log.info("results: %s", json.dumps(results, indent=2, sort_keys=True))
     return float(score)

@@ -40,8 +40,25 @@ class SASRecConfig:
         return SASRec(self)
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention with an explicit boolean mask (True = may attend)."""
+def init_weights(module: nn.Module) -> None:
+    """GPT-2/BERT initialisation, applied with ``model.apply(init_weights)`` (shared by the models).
+
+    Small normal weights keep initial logits near zero, zero biases add no offset; LayerNorm keeps its
+    default (weight 1, bias 0).
+    """
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.padding_idx is not None:
+            # normal_ overwrote the zero row that padding_idx set up
+            nn.init.zeros_(module.weight[module.padding_idx])
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with an explicit boolean mask (True = may attend): causal for SASRec,
+    bidirectional for BERT4Rec."""
 
     def __init__(self, config: SASRecConfig) -> None:
         super().__init__()
@@ -92,7 +109,7 @@ class Block(nn.Module):
     def __init__(self, config: SASRecConfig) -> None:
         super().__init__()
         self.ln_attn = nn.LayerNorm(config.dim)
-        self.attn = CausalSelfAttention(config)
+        self.attn = SelfAttention(config)
         self.ln_ffn = nn.LayerNorm(config.dim)
         self.ffn = FeedForward(config)
 
@@ -109,6 +126,8 @@ class SASRec(nn.Module):
     range and raises); callers keep the most recent ``max_len`` items.
     """
 
+    objective = "causal"  # trained by NextItemModule's next-item objective
+
     def __init__(self, config: SASRecConfig) -> None:
         super().__init__()
         self.config = config
@@ -120,20 +139,7 @@ class SASRec(nn.Module):
         self.emb_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.ln_final = nn.LayerNorm(config.dim)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        # GPT-2/BERT init: small normal weights keep initial logits near zero, zero biases add no offset.
-        # LayerNorm keeps its default (weight 1, bias 0).
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.padding_idx is not None:
-                # normal_ overwrote the zero row that padding_idx set up
-                nn.init.zeros_(module.weight[module.padding_idx])
+        self.apply(init_weights)
 
     def forward(self, item_ids: Tensor) -> Tensor:
         """Hidden state after every position: [B, L] int64 -> [B, L, d].

@@ -1,0 +1,318 @@
+"""Repeat-aware scoring: a shopper's own purchase history blended with the model's new-product candidates.
+
+In grocery about half of a next basket was bought before, and a shopper's own purchase frequency is the
+baseline to beat. The model (shopper encoder + item index) knows the catalogue but not how a household
+repeats, so the final score of a candidate is a calibrated probability that it is in the next basket:
+
+- every product of the history gets *repeat* features: baskets it was in, share of the shopper's baskets,
+  time-decayed counts (30 and 120 day half-lives), days since last bought, purchase cycle (days since last
+  bought over the shopper's mean interval for it), how often shoppers re-buy it at all, its popularity;
+- every searched product new to the shopper gets *explore* features: the model's score, its popularity;
+- one logistic regression over both (fitted on the validation split, ``training.repeat``) turns features
+  into P(in next basket), so repeat and new products compete on one scale and ``min_score`` is a
+  probability.
+
+Times are measured back from the shopper's own most recent purchase, so scores need no clock: the same
+history gives the same answer whenever it is scored. Serving (:class:`serving.Recommender`), the batch
+job (:mod:`export.candidates`) and training's test metrics all call :meth:`RepeatScorer.blend`, then
+:func:`recsys.scoring.select`. numpy only: no torch on the serving path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from recsys.data.sequences import Sequences
+from recsys.data.vocabulary import NUM_RESERVED
+
+FEATURES = (
+    "log_baskets",
+    "basket_share",
+    "log_decay_30d",
+    "log_decay_120d",
+    "log_days_since",
+    "cycle",
+    "has_cycle",
+    "log_repeat_rate",
+    "log_popularity",
+    "log_history_baskets",
+    "is_new",
+    "new_score",
+    "new_log_popularity",
+)
+HALF_LIVES_DAYS = (30.0, 120.0)
+# Prior of the per-product repeat rate, (shoppers buying it twice + 1) / (shoppers buying it + 4): rare
+# products are pulled towards 1/4 rather than to 0 or 1 on one or two shoppers.
+_RATE_PRIOR = (1.0, 4.0)
+SECONDS_PER_DAY = 86_400.0
+MICROSECONDS_PER_DAY = 86_400e6
+
+
+@dataclass(frozen=True)
+class Histories:
+    """Purchase histories of ``num_shoppers`` shoppers, flat: entry ``j`` is one product in one basket.
+
+    A basket is a distinct (shopper, time); products are item rows (catalogue rows, ``>= 0``).
+    """
+
+    owner: np.ndarray  # [N] int64 shopper position in the batch, 0 .. num_shoppers - 1
+    rows: np.ndarray  # [N] int64 item rows
+    days: np.ndarray  # [N] float64 purchase times in days (any origin: only differences matter)
+    num_shoppers: int
+
+    def __post_init__(self) -> None:
+        if not (len(self.owner) == len(self.rows) == len(self.days)):
+            raise ValueError("owner, rows and days need one entry per purchase")
+        if len(self.rows) and (self.rows.min() < 0 or not np.isfinite(self.days).all()):
+            raise ValueError("histories need item rows >= 0 and finite times")
+
+    @classmethod
+    def from_lists(
+        cls, rows: list[np.ndarray], days: list[np.ndarray] | list[None] | None = None
+    ) -> Histories:
+        """Histories from one row array (and one time array, in days) per shopper."""
+        lengths = [len(r) for r in rows]
+        owner = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
+        flat = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
+        if days is None or any(d is None for d in days):
+            raise ValueError("repeat-aware scoring needs a purchase time for every history entry")
+        times = np.concatenate(days).astype(np.float64) if rows else np.zeros(0)
+        return cls(owner, flat, times, len(rows))
+
+    @classmethod
+    def from_sequences(cls, sequences: Sequences) -> Histories:
+        """The known products of ``sequences`` (vocabulary indices become item rows) with their times."""
+        owner = np.repeat(np.arange(len(sequences), dtype=np.int64), sequences.lengths)
+        rows = sequences.items - NUM_RESERVED
+        return cls(owner, rows, sequences.timestamps / MICROSECONDS_PER_DAY, len(sequences))
+
+    def distinct_sizes(self) -> np.ndarray:
+        """[num_shoppers] distinct products per shopper."""
+        span = int(self.rows.max(initial=0)) + 1
+        keys = np.unique(self.owner * span + self.rows)
+        return np.bincount(keys // span, minlength=self.num_shoppers)
+
+
+@dataclass(frozen=True)
+class _Pairs:
+    """Distinct (shopper, product) pairs of some histories and their repeat statistics."""
+
+    owner: np.ndarray  # [P]
+    rows: np.ndarray  # [P]
+    baskets: np.ndarray  # [P] baskets containing the product
+    decayed: tuple[np.ndarray, ...]  # per half-life: sum over those baskets of 2^(-age / half-life)
+    days_since: np.ndarray  # [P] days from the product's last purchase to the shopper's last purchase
+    days_first: np.ndarray  # [P] days from its first purchase to the shopper's last purchase
+    shopper_baskets: np.ndarray  # [num_shoppers] baskets per shopper
+
+
+def _pairs(histories: Histories) -> _Pairs:
+    owner, rows, days = histories.owner, histories.rows, histories.days
+    last = np.full(histories.num_shoppers, -np.inf)
+    np.maximum.at(last, owner, days)
+    # distinct (shopper, time) = baskets; distinct (shopper, product, time) = a product's baskets
+    order = np.lexsort((days, owner))
+    new_basket = np.ones(len(order), dtype=bool)
+    new_basket[1:] = (owner[order][1:] != owner[order][:-1]) | (days[order][1:] != days[order][:-1])
+    shopper_baskets = np.bincount(owner[order][new_basket], minlength=histories.num_shoppers)
+
+    order = np.lexsort((days, rows, owner))
+    o, r, t = owner[order], rows[order], days[order]
+    keep = np.ones(len(o), dtype=bool)
+    keep[1:] = (o[1:] != o[:-1]) | (r[1:] != r[:-1]) | (t[1:] != t[:-1])
+    o, r, t = o[keep], r[keep], t[keep]
+    start = np.ones(len(o), dtype=bool)
+    start[1:] = (o[1:] != o[:-1]) | (r[1:] != r[:-1])
+    starts = np.flatnonzero(start)
+    age = last[o] - t  # >= 0
+    decayed = tuple(np.add.reduceat(np.exp2(-age / h), starts) if len(o) else age for h in HALF_LIVES_DAYS)
+    ends = np.append(starts[1:], len(o)) - 1  # times ascend within a pair: last entry = most recent
+    return _Pairs(
+        o[starts],
+        r[starts],
+        np.diff(np.append(starts, len(o))),
+        decayed,
+        age[ends],
+        age[starts],
+        shopper_baskets,
+    )
+
+
+def item_statistics(histories: Histories, num_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per item row [num_items]: the smoothed share of its buyers who bought it in two or more baskets,
+    and its popularity (baskets containing it)."""
+    pairs = _pairs(histories)
+    buyers = np.bincount(pairs.rows, minlength=num_items)
+    repeaters = np.bincount(pairs.rows[pairs.baskets >= 2], minlength=num_items)
+    popularity = np.bincount(pairs.rows, weights=pairs.baskets, minlength=num_items)
+    return (repeaters + _RATE_PRIOR[0]) / (buyers + _RATE_PRIOR[1]), popularity
+
+
+def _feature_matrix(
+    pairs: _Pairs,
+    new_owner: np.ndarray,
+    new_rows: np.ndarray,
+    new_scores: np.ndarray,
+    repeat_rate: np.ndarray,
+    log_popularity: np.ndarray,
+) -> np.ndarray:
+    """[P + Q, F] features of the history pairs, then of the Q new candidates, columns in FEATURES order."""
+    p, q = len(pairs.rows), len(new_rows)
+    x = np.zeros((p + q, len(FEATURES)), dtype=np.float64)
+    column = {name: i for i, name in enumerate(FEATURES)}
+    baskets = pairs.baskets.astype(np.float64)
+    # mean days between purchases of the product, over the span between its first and last purchase
+    interval = (pairs.days_first - pairs.days_since) / np.maximum(baskets - 1, 1)
+    repeat_part = {
+        "log_baskets": np.log1p(baskets),
+        "basket_share": baskets / np.maximum(pairs.shopper_baskets[pairs.owner], 1),
+        "log_decay_30d": np.log1p(pairs.decayed[0]),
+        "log_decay_120d": np.log1p(pairs.decayed[1]),
+        "log_days_since": np.log1p(pairs.days_since),
+        "cycle": np.where(baskets >= 2, np.log((pairs.days_since + 1) / (interval + 1)), 0.0),
+        "has_cycle": (baskets >= 2).astype(np.float64),
+        "log_repeat_rate": np.log(repeat_rate[pairs.rows]),
+        "log_popularity": log_popularity[pairs.rows],
+        "log_history_baskets": np.log1p(pairs.shopper_baskets[pairs.owner]),
+    }
+    for name, values in repeat_part.items():
+        x[:p, column[name]] = values
+    x[p:, column["is_new"]] = 1.0
+    x[p:, column["new_score"]] = new_scores
+    x[p:, column["new_log_popularity"]] = log_popularity[new_rows]
+    x[p:, column["log_history_baskets"]] = np.log1p(pairs.shopper_baskets[new_owner])
+    return x
+
+
+def _drop_bought(pairs: _Pairs, rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Searched candidates that are new to their shopper: (owner, rows, scores) flat, invalid ones dropped."""
+    owner = np.repeat(np.arange(rows.shape[0], dtype=np.int64), rows.shape[1])
+    rows, scores = rows.reshape(-1), scores.reshape(-1).astype(np.float64)
+    valid = (rows >= 0) & np.isfinite(scores)
+    span = int(max(rows.max(initial=0), pairs.rows.max(initial=0))) + 1
+    bought = np.isin(owner * span + rows, pairs.owner * span + pairs.rows)
+    keep = valid & ~bought
+    return owner[keep], rows[keep], scores[keep]
+
+
+@dataclass(frozen=True)
+class RepeatScorer:
+    """Logistic regression over :data:`FEATURES` plus the per-product statistics it needs.
+
+    ``weights`` apply to standardised features ``(x - mean) / scale``; ``repeat_rate`` and ``popularity``
+    have one entry per item row of the catalogue the scorer is used with.
+    """
+
+    weights: np.ndarray  # [F]
+    bias: float
+    mean: np.ndarray  # [F]
+    scale: np.ndarray  # [F]
+    repeat_rate: np.ndarray  # [N] per item row
+    popularity: np.ndarray  # [N] per item row (train baskets)
+
+    def __post_init__(self) -> None:
+        f = len(FEATURES)
+        if self.weights.shape != (f,) or self.mean.shape != (f,) or self.scale.shape != (f,):
+            raise ValueError(f"weights, mean and scale need {f} entries, one per feature of {FEATURES}")
+        if self.repeat_rate.shape != self.popularity.shape or self.repeat_rate.ndim != 1:
+            raise ValueError("repeat_rate and popularity need one entry per item row")
+        if (self.scale <= 0).any() or not np.isfinite(self.weights).all():
+            raise ValueError("scale must be positive and weights finite")
+        if (
+            not ((self.repeat_rate > 0) & (self.repeat_rate <= 1)).all()
+            or not np.isfinite(self.popularity).all()
+        ):
+            raise ValueError("repeat_rate entries must be in (0, 1] and popularity finite")
+
+    @property
+    def num_items(self) -> int:
+        return len(self.repeat_rate)
+
+    def features(
+        self, histories: Histories, rows: np.ndarray, scores: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(owner [M], rows [M], features [M, F]) of every history product and every searched new product.
+
+        ``rows`` / ``scores`` [B, C] are the model's candidates per shopper (-1 / NaN for none); a searched
+        product the shopper bought before is scored once, as a repeat.
+        """
+        if len(histories.rows) and histories.rows.max() >= self.num_items:
+            raise ValueError(f"history item rows must be < {self.num_items}, the scorer's catalogue size")
+        if rows.shape[0] != histories.num_shoppers:
+            raise ValueError(f"{rows.shape[0]} candidate rows for {histories.num_shoppers} histories")
+        pairs = _pairs(histories)
+        new_owner, new_rows, new_scores = _drop_bought(pairs, rows, scores)
+        log_popularity = np.log1p(self.popularity.astype(np.float64))
+        x = _feature_matrix(pairs, new_owner, new_rows, new_scores, self.repeat_rate, log_popularity)
+        return np.concatenate([pairs.owner, new_owner]), np.concatenate([pairs.rows, new_rows]), x
+
+    def probability(self, x: np.ndarray) -> np.ndarray:
+        """P(in the next basket) [M] of feature rows [M, F]."""
+        logits = ((x - self.mean) / self.scale) @ self.weights + self.bias
+        return 1.0 / (1.0 + np.exp(-logits))
+
+    def blend(
+        self, histories: Histories, rows: np.ndarray, scores: np.ndarray, k: int | np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each shopper's history products and new products, scored by P(in the next basket).
+
+        The new products considered are those among the shopper's best ``k + distinct history products``
+        searched candidates (by model score, ties to the smaller row): enough to fill ``k`` positions with
+        new products, and a set that does not depend on how many more a caller searched, so serving and
+        the batch job agree. ``k`` is one number or one per shopper.
+
+        Returns rows [B, W] int64 (-1 padding) and scores [B, W] float32 (NaN padding), unordered: feed
+        them to :func:`recsys.scoring.select`, which ranks and applies the rules.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        scores = np.asarray(scores, dtype=np.float32)
+        limit = np.broadcast_to(np.asarray(k, dtype=np.int64), (histories.num_shoppers,))
+        limit = limit + histories.distinct_sizes()
+        order = np.lexsort((rows, -np.nan_to_num(scores, nan=-np.inf)), axis=-1)
+        rows, scores = np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1).copy()
+        scores[np.arange(rows.shape[1])[None, :] >= limit[:, None]] = np.nan
+        owner, item_rows, x = self.features(histories, rows, scores)
+        probability = self.probability(x).astype(np.float32)
+        count = np.bincount(owner, minlength=histories.num_shoppers)
+        width = max(int(count.max(initial=0)), 1)
+        order = np.argsort(owner, kind="stable")
+        slot = np.arange(len(order)) - np.repeat(np.cumsum(count) - count, count)
+        out_rows = np.full((histories.num_shoppers, width), -1, dtype=np.int64)
+        out_scores = np.full((histories.num_shoppers, width), np.nan, dtype=np.float32)
+        out_rows[owner[order], slot] = item_rows[order]
+        out_scores[owner[order], slot] = probability[order]
+        return out_rows, out_scores
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fitted parameters as plain values (the per-item arrays travel apart: a bundle keeps them as
+        ``items.parquet`` columns, a checkpoint as lists)."""
+        return {
+            "features": list(FEATURES),
+            "half_lives_days": list(HALF_LIVES_DAYS),
+            "weights": self.weights.tolist(),
+            "bias": float(self.bias),
+            "mean": self.mean.tolist(),
+            "scale": self.scale.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], repeat_rate: np.ndarray, popularity: np.ndarray) -> RepeatScorer:
+        """Inverse of :meth:`to_dict`; refuses a scorer fitted on other features (ValueError)."""
+        if list(data.get("features", [])) != list(FEATURES) or list(data.get("half_lives_days", [])) != list(
+            HALF_LIVES_DAYS
+        ):
+            raise ValueError(
+                f"repeat scorer features {data.get('features')} / half-lives {data.get('half_lives_days')} "
+                f"differ from this library's {list(FEATURES)} / {list(HALF_LIVES_DAYS)}"
+            )
+        return cls(
+            np.asarray(data["weights"], dtype=np.float64),
+            float(data["bias"]),
+            np.asarray(data["mean"], dtype=np.float64),
+            np.asarray(data["scale"], dtype=np.float64),
+            np.asarray(repeat_rate, dtype=np.float64),
+            np.asarray(popularity, dtype=np.float64),
+        )
