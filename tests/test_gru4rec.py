@@ -31,6 +31,7 @@ from recsys.evaluation.protocol import evaluate, prepare
 from recsys.models.gru4rec import GRU4Rec, GRU4RecConfig
 from serving.recommender import Recommender
 from tests.conftest import CONF
+from tests.contract import check_finite_with_heavy_padding, check_prefix_states
 from training.datamodule import ReceiptsDataModule
 from training.module import load_module, recommend
 from training.train import train
@@ -90,30 +91,13 @@ def test_extra_left_padding_changes_nothing() -> None:
 
 
 def test_state_t_is_the_encoding_of_the_prefix_up_to_t() -> None:
-    model = _model().eval()
     x = _items(3, CFG.max_len)
     x[0, :2] = PAD
-    with torch.no_grad():
-        states = model(x)
-        for t in range(CFG.max_len):
-            torch.testing.assert_close(states[:, t], model.encode(x[:, : t + 1]), rtol=0, atol=1e-6)
-            changed = x.clone()
-            changed[:, t] = (x[:, t] + 1 - NUM_RESERVED) % (CFG.num_items - NUM_RESERVED) + NUM_RESERVED
-            after = model(changed)
-            torch.testing.assert_close(after[:, :t], states[:, :t], rtol=0, atol=1e-6)  # the past: same
-            assert not torch.allclose(after[:, t], states[:, t])  # the change is visible where it happens
+    check_prefix_states(_model().eval(), x, CFG.num_items)
 
 
 def test_finite_outputs_and_gradients_with_heavy_padding() -> None:
-    model = _model().train()
-    x = _items(3, CFG.max_len)
-    x[0] = PAD
-    x[1, :-1] = PAD
-    hidden = model(x)
-    assert torch.isfinite(hidden).all()
-    torch.logsumexp(hidden @ model.item_embeddings().T, dim=-1).sum().backward()
-    for name, param in model.named_parameters():
-        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    check_finite_with_heavy_padding(_model().train(), _items(3, CFG.max_len))
 
 
 @pytest.fixture(scope="module")

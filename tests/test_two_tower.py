@@ -35,6 +35,7 @@ from recsys.evaluation.protocol import EvaluationData, evaluate, prepare
 from recsys.models.two_tower import TwoTower, TwoTowerConfig
 from serving.recommender import Recommender
 from tests.conftest import CONF
+from tests.contract import check_finite_with_heavy_padding, check_prefix_states
 from training.datamodule import ReceiptsDataModule
 from training.module import NextItemModule, load_module, recommend
 from training.train import train
@@ -80,18 +81,9 @@ def test_extra_left_padding_changes_nothing() -> None:
 
 
 def test_state_t_is_the_encoding_of_the_prefix_up_to_t() -> None:
-    model = _model().eval()
     x = _items(3, CFG.max_len)
     x[0, :2] = PAD
-    with torch.no_grad():
-        states = model(x)
-        for t in range(CFG.max_len):
-            torch.testing.assert_close(states[:, t], model.encode(x[:, : t + 1]), rtol=0, atol=1e-6)
-            changed = x.clone()
-            changed[:, t] = (x[:, t] + 1 - NUM_RESERVED) % (CFG.num_items - NUM_RESERVED) + NUM_RESERVED
-            after = model(changed)
-            torch.testing.assert_close(after[:, :t], states[:, :t], rtol=0, atol=0)  # earlier states: same
-            assert not torch.allclose(after[:, t], states[:, t])
+    check_prefix_states(_model().eval(), x, CFG.num_items)
 
 
 def test_repeats_and_recency_weigh_in() -> None:
@@ -106,17 +98,9 @@ def test_repeats_and_recency_weigh_in() -> None:
 
 @pytest.mark.parametrize("train_mode", [True, False])
 def test_finite_outputs_and_gradients_with_all_padding_rows(train_mode: bool) -> None:
-    model = _model().train(train_mode)
-    x = _items(3, CFG.max_len)
-    x[0] = PAD
-    x[1, :-1] = PAD
-    hidden = model(x)
-    assert torch.isfinite(hidden).all()
-    (torch.logsumexp(hidden @ model.item_embeddings().T, dim=-1).sum()).backward()
-    for name, param in model.named_parameters():
-        # in eval mode no id is dropped, so only the unknown-id vector gets no gradient
-        if train_mode or name != "unknown_id_emb":
-            assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    # in eval mode no id is dropped, so only the unknown-id vector gets no gradient
+    skip = frozenset() if train_mode else frozenset({"unknown_id_emb"})
+    check_finite_with_heavy_padding(_model().train(train_mode), _items(3, CFG.max_len), skip)
 
 
 def test_id_dropout_replaces_ids_by_the_unknown_vector_in_training_only() -> None:
