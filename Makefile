@@ -25,9 +25,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(PY) -m training.train experiment=demo hydra.run.dir=$(DEMO)/train
-	$(PY) -m training.evaluate 'checkpoints=[$(DEMO)/train/checkpoints/best.ckpt]' hydra.run.dir=$(DEMO)/evaluate
 	$(PY) -m export.export checkpoint=$(DEMO)/train/checkpoints/best.ckpt output=$(DEMO)/bundle \
 		hydra.run.dir=$(DEMO)/export
+	$(PY) -m training.evaluate 'checkpoints=[$(DEMO)/train/checkpoints/best.ckpt]' \
+		'bundles=[$(DEMO)/bundle]' hydra.run.dir=$(DEMO)/evaluate
 	$(PY) -m export.preview --bundle $(DEMO)/bundle --households 3 --k 10
 	$(PY) -c "from recsys.data.completejourney import load_complete_journey as load; \
 		import pyarrow.parquet as pq; pq.write_table(load(), '$(DEMO)/receipts.parquet')"

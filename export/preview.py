@@ -41,11 +41,11 @@ def main() -> None:
     rows = train.filter(pc.is_in(train.column(SHOPPER), pa.array(shoppers))).sort_by(
         [(TIMESTAMP, "ascending"), (BASKET, "ascending"), (PRODUCT, "ascending")]
     )
-    histories = [
-        rows.filter(pc.equal(rows.column(SHOPPER), s)).column(PRODUCT).to_numpy().tolist()
-        for s in shoppers.tolist()
-    ]
-    answers = recommender.recommend_batch(histories, k=args.k)
+    per_shopper = [rows.filter(pc.equal(rows.column(SHOPPER), s)) for s in shoppers.tolist()]
+    histories = [t.column(PRODUCT).to_numpy().tolist() for t in per_shopper]
+    # purchase times in seconds: the bundle's repeat-aware scorer (if any) uses them, as production would
+    seconds = [(pc.cast(t.column(TIMESTAMP), pa.int64()).to_numpy() / 1e6).tolist() for t in per_shopper]
+    answers = recommender.recommend_batch(histories, k=args.k, timestamps=seconds)
 
     items = recommender.items
     names = [c for c in NAME_COLUMNS if c in items.column_names]
@@ -55,10 +55,15 @@ def main() -> None:
         shoppers.tolist(), histories, answers, chosen.tolist(), strict=True
     ):
         bought = set(targets.all_items[i].tolist())
-        print(f"\nhousehold {shopper}: {len(history)} past purchases, next basket {len(bought)} products")
+        scored = "P(next basket)" if answer.repeat_aware else "model score"
+        print(
+            f"\nhousehold {shopper}: {len(history)} past purchases, next basket {len(bought)} products "
+            f"(* bought in it, r = bought before; score = {scored})"
+        )
+        past = set(history)
         for rank, (product, score) in enumerate(zip(answer.product_ids, answer.scores, strict=True), 1):
             label = " / ".join(str(items.column(c)[row_of[product]].as_py() or "-") for c in names)
-            mark = "*" if product in bought else " "
+            mark = ("*" if product in bought else " ") + ("r" if product in past else " ")
             print(f"  {rank:2d}. {mark} {product:>9d}  {score:7.3f}  {label}")
 
 
