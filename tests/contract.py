@@ -1,11 +1,22 @@
-"""Checks every sequence model must pass (the ``forward`` / ``encode`` / ``item_embeddings`` contract)."""
+"""Checks every sequence model must pass (the ``forward`` / ``encode`` / ``item_embeddings`` contract), and
+a training run through the real configs."""
 
 from __future__ import annotations
 
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from recsys.data.vocabulary import NUM_RESERVED, PAD
+from tests.conftest import CONF
+from training.train import train
 
 
 def check_prefix_states(model: nn.Module, x: Tensor, num_items: int, atol: float = 1e-6) -> None:
@@ -36,3 +47,26 @@ def check_finite_with_heavy_padding(
     for name, param in model.named_parameters():
         if name not in no_grad:
             assert param.grad is not None and torch.isfinite(param.grad).all(), name
+
+
+@dataclass(frozen=True)
+class Run:
+    """A ``train(cfg)`` job run from the real configs."""
+
+    cfg: DictConfig
+    path: Path  # the run's output dir
+    metrics: dict[str, Any]  # its metrics.json
+
+
+def train_run(path: Path, overrides: list[str]) -> Run:
+    """Compose ``conf/train.yaml`` with ``overrides``, train with outputs in ``path``, return the run."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.output_dir={path}", *overrides])
+    train(cfg)
+    return Run(cfg, path, json.loads((path / "metrics.json").read_text()))
+
+
+def training_losses(run: Run) -> list[float]:
+    """The logged ``train/loss`` values of a run, in order (from its CSV logger)."""
+    with open(next((run.path / "csv").glob("version_*/metrics.csv"))) as file:
+        return [float(row["train/loss"]) for row in csv.DictReader(file) if row.get("train/loss")]

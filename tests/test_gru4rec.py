@@ -3,10 +3,7 @@ shoppers vs popularity, checkpoints, ONNX export and serving from a bundle."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -14,8 +11,6 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 from torch import Tensor
 
 from export import index as indexes
@@ -30,11 +25,15 @@ from recsys.evaluation import baselines
 from recsys.evaluation.protocol import evaluate, prepare
 from recsys.models.gru4rec import GRU4Rec, GRU4RecConfig
 from serving.recommender import Recommender
-from tests.conftest import CONF
-from tests.contract import check_finite_with_heavy_padding, check_prefix_states
+from tests.contract import (
+    Run,
+    check_finite_with_heavy_padding,
+    check_prefix_states,
+    train_run,
+    training_losses,
+)
 from training.datamodule import ReceiptsDataModule
 from training.module import load_module, recommend
-from training.train import train
 
 CFG = GRU4RecConfig(num_items=50, max_len=8, dim=16, num_layers=2, dropout=0.2)
 
@@ -135,25 +134,13 @@ SMALL = [
 ]
 
 
-@dataclass(frozen=True)
-class Run:
-    cfg: DictConfig
-    path: Path  # the run's output dir
-    metrics: dict[str, float | str]  # its metrics.json
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    path = tmp_path_factory.mktemp("gru4rec_run")
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.output_dir={path}", *SMALL])
-    train(cfg)
-    return Run(cfg, path, json.loads((path / "metrics.json").read_text()))
+    return train_run(tmp_path_factory.mktemp("gru4rec_run"), SMALL)
 
 
 def test_train_job_learns_and_its_checkpoint_reproduces_the_test_scores(run: Run) -> None:
-    with open(next((run.path / "csv").glob("version_*/metrics.csv"))) as file:
-        losses = [float(row["train/loss"]) for row in csv.DictReader(file) if row.get("train/loss")]
+    losses = training_losses(run)
     assert len(losses) >= 4 and np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.5, losses
 
     checkpoint = torch.load(run.metrics["best_checkpoint"], map_location="cpu", weights_only=True)

@@ -3,9 +3,7 @@ serving from a bundle, and cold-start products embedded from their features alon
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +14,6 @@ import pyarrow.compute as pc
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 from torch import Tensor
 
 from export import index as indexes
@@ -34,11 +30,15 @@ from recsys.evaluation import baselines
 from recsys.evaluation.protocol import EvaluationData, evaluate, prepare
 from recsys.models.two_tower import TwoTower, TwoTowerConfig
 from serving.recommender import Recommender
-from tests.conftest import CONF
-from tests.contract import check_finite_with_heavy_padding, check_prefix_states
+from tests.contract import (
+    Run,
+    check_finite_with_heavy_padding,
+    check_prefix_states,
+    train_run,
+    training_losses,
+)
 from training.datamodule import ReceiptsDataModule
 from training.module import NextItemModule, load_module, recommend
-from training.train import train
 
 CFG = TwoTowerConfig(num_items=50, max_len=8, dim=16, feature_cardinalities=[4, 6], num_decays=2)
 
@@ -152,25 +152,14 @@ SMALL = [
 ]
 
 
-@dataclass(frozen=True)
-class Run:
-    cfg: DictConfig
-    path: Path  # the run's output dir
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    path = tmp_path_factory.mktemp("two_tower_run")
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.output_dir={path}", *SMALL])
-    train(cfg)
-    return Run(cfg, path)
+    return train_run(tmp_path_factory.mktemp("two_tower_run"), SMALL)
 
 
 def test_train_job_learns_and_its_checkpoint_reproduces_the_test_scores(run: Run) -> None:
-    metrics = json.loads((run.path / "metrics.json").read_text())
-    with open(next((run.path / "csv").glob("version_*/metrics.csv"))) as file:
-        losses = [float(row["train/loss"]) for row in csv.DictReader(file) if row.get("train/loss")]
+    metrics = run.metrics
+    losses = training_losses(run)
     assert len(losses) >= 4 and np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.5, losses
 
     checkpoint = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
@@ -194,7 +183,7 @@ def test_train_job_learns_and_its_checkpoint_reproduces_the_test_scores(run: Run
 
 
 def test_bundle_from_the_checkpoint_serves_the_torch_rankings(run: Run, tmp_path: Path) -> None:
-    metrics = json.loads((run.path / "metrics.json").read_text())
+    metrics = run.metrics
     catalogue = hydra.utils.instantiate(run.cfg.data.products)
     path = export_bundle(metrics["best_checkpoint"], tmp_path / "bundle", indexes.flat, catalogue)
     assert read_bundle(path).manifest["parity"]["max_abs_diff"] <= PARITY_TOLERANCE
