@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from recsys.data.sequences import Sequences
+from recsys.data.sequences import Sequences, concat_ranges
 from recsys.data.vocabulary import NUM_RESERVED
+from recsys.scoring import pair_member
 
 FEATURES = (
     "log_baskets",
@@ -70,14 +71,12 @@ class Histories:
             raise ValueError("histories need item rows >= 0 and finite times")
 
     @classmethod
-    def from_lists(
-        cls, rows: list[np.ndarray], days: list[np.ndarray] | list[None] | None = None
-    ) -> Histories:
-        """Histories from one row array (and one time array, in days) per shopper."""
+    def from_lists(cls, rows: list[np.ndarray], days: list[np.ndarray | None]) -> Histories:
+        """Histories from one row array and one time array (in days) per shopper."""
         lengths = [len(r) for r in rows]
         owner = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
         flat = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
-        if days is None or any(d is None for d in days):
+        if any(d is None for d in days):
             raise ValueError("repeat-aware scoring needs a purchase time for every history entry")
         times = np.concatenate(days).astype(np.float64) if rows else np.zeros(0)
         return cls(owner, flat, times, len(rows))
@@ -191,11 +190,41 @@ def _drop_bought(pairs: _Pairs, rows: np.ndarray, scores: np.ndarray) -> tuple[n
     """Searched candidates that are new to their shopper: (owner, rows, scores) flat, invalid ones dropped."""
     owner = np.repeat(np.arange(rows.shape[0], dtype=np.int64), rows.shape[1])
     rows, scores = rows.reshape(-1), scores.reshape(-1).astype(np.float64)
-    valid = (rows >= 0) & np.isfinite(scores)
-    span = int(max(rows.max(initial=0), pairs.rows.max(initial=0))) + 1
-    bought = np.isin(owner * span + rows, pairs.owner * span + pairs.rows)
-    keep = valid & ~bought
+    keep = (rows >= 0) & np.isfinite(scores) & ~pair_member(owner, rows, pairs.owner, pairs.rows)
     return owner[keep], rows[keep], scores[keep]
+
+
+def features(
+    histories: Histories,
+    rows: np.ndarray,
+    scores: np.ndarray,
+    repeat_rate: np.ndarray,
+    popularity: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(owner [M], rows [M], features [M, F]) of every history product and every searched new product.
+
+    ``rows`` / ``scores`` [B, C] are the model's candidates per shopper (-1 / NaN for none); a searched
+    product the shopper bought before is scored once, as a repeat. ``repeat_rate`` and ``popularity``
+    hold one entry per item row.
+    """
+    _check(histories, rows, len(repeat_rate))
+    return _features(_pairs(histories), rows, scores, repeat_rate, popularity)
+
+
+def _check(histories: Histories, rows: np.ndarray, num_items: int) -> None:
+    if len(histories.rows) and histories.rows.max() >= num_items:
+        raise ValueError(f"history item rows must be < {num_items}, the scorer's catalogue size")
+    if rows.shape[0] != histories.num_shoppers:
+        raise ValueError(f"{rows.shape[0]} candidate rows for {histories.num_shoppers} histories")
+
+
+def _features(
+    pairs: _Pairs, rows: np.ndarray, scores: np.ndarray, repeat_rate: np.ndarray, popularity: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    new_owner, new_rows, new_scores = _drop_bought(pairs, rows, scores)
+    log_popularity = np.log1p(np.asarray(popularity, dtype=np.float64))
+    x = _feature_matrix(pairs, new_owner, new_rows, new_scores, repeat_rate, log_popularity)
+    return np.concatenate([pairs.owner, new_owner]), np.concatenate([pairs.rows, new_rows]), x
 
 
 @dataclass(frozen=True)
@@ -234,20 +263,8 @@ class RepeatScorer:
     def features(
         self, histories: Histories, rows: np.ndarray, scores: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(owner [M], rows [M], features [M, F]) of every history product and every searched new product.
-
-        ``rows`` / ``scores`` [B, C] are the model's candidates per shopper (-1 / NaN for none); a searched
-        product the shopper bought before is scored once, as a repeat.
-        """
-        if len(histories.rows) and histories.rows.max() >= self.num_items:
-            raise ValueError(f"history item rows must be < {self.num_items}, the scorer's catalogue size")
-        if rows.shape[0] != histories.num_shoppers:
-            raise ValueError(f"{rows.shape[0]} candidate rows for {histories.num_shoppers} histories")
-        pairs = _pairs(histories)
-        new_owner, new_rows, new_scores = _drop_bought(pairs, rows, scores)
-        log_popularity = np.log1p(self.popularity.astype(np.float64))
-        x = _feature_matrix(pairs, new_owner, new_rows, new_scores, self.repeat_rate, log_popularity)
-        return np.concatenate([pairs.owner, new_owner]), np.concatenate([pairs.rows, new_rows]), x
+        """:func:`features` with this scorer's per-product statistics."""
+        return features(histories, rows, scores, self.repeat_rate, self.popularity)
 
     def probability(self, x: np.ndarray) -> np.ndarray:
         """P(in the next basket) [M] of feature rows [M, F]."""
@@ -269,17 +286,19 @@ class RepeatScorer:
         """
         rows = np.asarray(rows, dtype=np.int64)
         scores = np.asarray(scores, dtype=np.float32)
+        _check(histories, rows, self.num_items)
+        pairs = _pairs(histories)
         limit = np.broadcast_to(np.asarray(k, dtype=np.int64), (histories.num_shoppers,))
-        limit = limit + histories.distinct_sizes()
+        limit = limit + np.bincount(pairs.owner, minlength=histories.num_shoppers)  # + distinct products
         order = np.lexsort((rows, -np.nan_to_num(scores, nan=-np.inf)), axis=-1)
         rows, scores = np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1).copy()
         scores[np.arange(rows.shape[1])[None, :] >= limit[:, None]] = np.nan
-        owner, item_rows, x = self.features(histories, rows, scores)
+        owner, item_rows, x = _features(pairs, rows, scores, self.repeat_rate, self.popularity)
         probability = self.probability(x).astype(np.float32)
         count = np.bincount(owner, minlength=histories.num_shoppers)
         width = max(int(count.max(initial=0)), 1)
         order = np.argsort(owner, kind="stable")
-        slot = np.arange(len(order)) - np.repeat(np.cumsum(count) - count, count)
+        slot = concat_ranges(np.zeros_like(count), count)  # position of each candidate within its shopper
         out_rows = np.full((histories.num_shoppers, width), -1, dtype=np.int64)
         out_scores = np.full((histories.num_shoppers, width), np.nan, dtype=np.float32)
         out_rows[owner[order], slot] = item_rows[order]

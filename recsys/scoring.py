@@ -48,6 +48,22 @@ def candidates_needed(
     return needed
 
 
+def pair_member(
+    owner: np.ndarray, rows: np.ndarray, set_owner: np.ndarray, set_rows: np.ndarray
+) -> np.ndarray:
+    """Whether each (``owner``, ``rows``) pair (arrays broadcast together) is one of the pairs
+    (``set_owner``, ``set_rows``); negative rows never are. One vectorised ``isin`` over pairs packed into
+    a single int64 key, shared by every "did this shopper buy that item" question."""
+    owner, rows = np.broadcast_arrays(np.asarray(owner, np.int64), np.asarray(rows, np.int64))
+    set_owner, set_rows = np.asarray(set_owner, np.int64), np.asarray(set_rows, np.int64)
+    keep = set_rows >= 0
+    set_owner, set_rows = set_owner[keep], set_rows[keep]
+    if set_rows.size == 0 or rows.size == 0:
+        return np.zeros(rows.shape, dtype=bool)
+    span = max(int(rows.max()), int(set_rows.max())) + 1
+    return np.isin(owner * span + rows, set_owner * span + set_rows) & (rows >= 0)
+
+
 def _member(rows: np.ndarray, sets: Sequence[np.ndarray]) -> np.ndarray:
     """[B, C] bool: ``rows[b, c]`` is in ``sets[b]`` (negative rows never are)."""
     if len(sets) != rows.shape[0]:
@@ -55,13 +71,7 @@ def _member(rows: np.ndarray, sets: Sequence[np.ndarray]) -> np.ndarray:
     arrays = [np.asarray(s, dtype=np.int64).reshape(-1) for s in sets]
     flat = np.concatenate(arrays) if arrays else np.empty(0, dtype=np.int64)
     owner = np.repeat(np.arange(len(arrays), dtype=np.int64), [len(a) for a in arrays])
-    owner, flat = owner[flat >= 0], flat[flat >= 0]
-    if flat.size == 0 or rows.size == 0:
-        return np.zeros(rows.shape, dtype=bool)
-    # One vectorised isin over (shopper, row) pairs packed into a single int64 key.
-    span = max(int(rows.max()), int(flat.max())) + 1
-    keys = np.arange(rows.shape[0], dtype=np.int64)[:, None] * span + rows
-    return np.isin(keys, owner * span + flat) & (rows >= 0)
+    return pair_member(np.arange(rows.shape[0])[:, None], rows, owner, flat)
 
 
 def select(

@@ -183,11 +183,6 @@ class Recommender:
         """
         return self.recommend_batch([history], k, exclude_purchased, min_score, [timestamps])[0]
 
-    @property
-    def repeat_aware(self) -> bool:
-        """Whether the bundle has a repeat-aware scorer (used for histories given with timestamps)."""
-        return self._bundle.repeat is not None
-
     def recommend_batch(
         self,
         histories: Sequence[Sequence[int]],

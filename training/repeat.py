@@ -15,8 +15,8 @@ from recsys.data.sequences import Sequences, build_sequences
 from recsys.data.vocabulary import NUM_RESERVED
 from recsys.evaluation.protocol import EvaluationData, evaluate
 from recsys.io import atomic_path
-from recsys.repeat import FEATURES, Histories, RepeatScorer, item_statistics
-from recsys.scoring import select
+from recsys.repeat import Histories, RepeatScorer, features, item_statistics
+from recsys.scoring import pair_member, select
 from training.module import NextItemModule, load_module
 
 CHECKPOINT_KEY = "repeat_scorer"
@@ -49,16 +49,12 @@ def fit(module: NextItemModule, val: EvaluationData, deploy_train: EvaluationDat
     wanted = min(vocab.num_products, NEW_CANDIDATES + int(histories.distinct_sizes().max(initial=0)))
     rows, scores = search(module, sequences, wanted)
     # the fit sees each shopper's best NEW_CANDIDATES new products, however long the history
-    span = vocab.num_products
-    bought = np.isin(np.arange(len(rows))[:, None] * span + rows, histories.owner * span + histories.rows)
+    bought = pair_member(np.arange(len(rows))[:, None], rows, histories.owner, histories.rows)
     scores[bought | (np.cumsum(~bought, axis=1) > NEW_CANDIDATES)] = np.nan
-    zeros, ones = np.zeros(len(FEATURES)), np.ones(len(FEATURES))
-    owner, item_rows, x = RepeatScorer(zeros, 0.0, zeros, ones, repeat_rate, popularity).features(
-        histories, rows, scores
-    )
+    owner, item_rows, x = features(histories, rows, scores, repeat_rate, popularity)
     target_rows = [vocab.encode(items) - NUM_RESERVED for items in val.targets.items]
-    target_keys = np.concatenate([i * span + t for i, t in enumerate(target_rows)])
-    labels = np.isin(owner * span + item_rows, target_keys)
+    target_owner = np.repeat(np.arange(len(target_rows)), [len(t) for t in target_rows])
+    labels = pair_member(owner, item_rows, target_owner, np.concatenate(target_rows))
 
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale[scale == 0] = 1.0
