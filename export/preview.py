@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from recsys.data.completejourney import load_complete_journey
-from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
+from recsys.data.sequences import product_histories
 from recsys.data.split import next_basket_targets, parse_cutoff, temporal_split
 from recsys.data.vocabulary import Vocabulary
 from serving.recommender import Recommender
@@ -38,13 +36,8 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     chosen = np.sort(rng.choice(len(targets.shopper_ids), size=args.households, replace=False))
     shoppers = targets.shopper_ids[chosen]
-    rows = train.filter(pc.is_in(train.column(SHOPPER), pa.array(shoppers))).sort_by(
-        [(TIMESTAMP, "ascending"), (BASKET, "ascending"), (PRODUCT, "ascending")]
-    )
-    per_shopper = [rows.filter(pc.equal(rows.column(SHOPPER), s)) for s in shoppers.tolist()]
-    histories = [t.column(PRODUCT).to_numpy().tolist() for t in per_shopper]
-    # purchase times in seconds: the bundle's repeat-aware scorer (if any) uses them, as production would
-    seconds = [(pc.cast(t.column(TIMESTAMP), pa.int64()).to_numpy() / 1e6).tolist() for t in per_shopper]
+    # with purchase times: the bundle's repeat-aware scorer (if any) uses them, as production would
+    histories, seconds = product_histories(train, shoppers)
     answers = recommender.recommend_batch(histories, k=args.k, timestamps=seconds)
 
     items = recommender.items

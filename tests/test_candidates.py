@@ -25,7 +25,8 @@ from export.candidates import MANIFEST_FILE, CandidatesError, run
 from export.export import export_bundle
 from export.partition import Layout
 from recsys.bundle import BundleError, read_bundle
-from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP, ReceiptsError
+from recsys.data.schema import PRODUCT, SHOPPER, ReceiptsError
+from recsys.data.sequences import product_histories
 from recsys.data.synthetic import SyntheticConfig, generate_table
 from recsys.data.vocabulary import Vocabulary
 from recsys.repeat import FEATURES, RepeatScorer
@@ -84,15 +85,12 @@ def read_output(path: Path) -> pa.Table:
 
 
 def histories(receipts: pa.Table, with_seconds: bool = False) -> dict[int, Any]:
-    """Product ids per shopper, oldest first (time, then basket, then product id: the job's order), and
-    with ``with_seconds`` their purchase times in seconds since the epoch: ``(ids, seconds)``."""
-    order = [(SHOPPER, "ascending"), (TIMESTAMP, "ascending"), (BASKET, "ascending"), (PRODUCT, "ascending")]
-    table = receipts.sort_by(order)
-    shoppers, products = table.column(SHOPPER).to_numpy(), table.column(PRODUCT).to_numpy()
-    seconds = pc.cast(table.column(TIMESTAMP), pa.int64()).to_numpy() / 1e6
-    starts = np.flatnonzero(np.diff(shoppers, prepend=shoppers[0] - 1))
-    groups = zip(starts, np.split(products, starts[1:]), np.split(seconds, starts[1:]), strict=True)
-    return {int(shoppers[s]): (h.tolist(), t.tolist()) if with_seconds else h.tolist() for s, h, t in groups}
+    """Product ids per shopper, oldest first (the job's order), and with ``with_seconds`` their purchase
+    times in seconds since the epoch: ``(ids, seconds)``."""
+    shoppers = np.unique(receipts.column(SHOPPER).to_numpy())
+    products, seconds = product_histories(receipts, shoppers)
+    groups = zip(shoppers.tolist(), products, seconds, strict=True)
+    return {s: (h.tolist(), t.tolist()) if with_seconds else h.tolist() for s, h, t in groups}
 
 
 def assert_equal_to_serving(

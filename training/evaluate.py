@@ -19,11 +19,9 @@ from pathlib import Path
 
 import hydra
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from omegaconf import DictConfig
 
-from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
+from recsys.data.sequences import product_histories
 from recsys.evaluation.metrics import EMPTY
 from recsys.evaluation.protocol import EvaluationData, baseline_rankings, evaluate
 from recsys.io import atomic_path, write_json
@@ -69,21 +67,12 @@ def bundle_rankings(path: str, data: EvaluationData, k: int, batch_size: int = 2
     evaluated shoppers, given their whole training history with purchase times."""
     threads = os.cpu_count() or 1
     recommender = Recommender.load(path, intra_op_threads=threads, search_threads=threads)
-    table = data.train.select([SHOPPER, TIMESTAMP, BASKET, PRODUCT]).sort_by(
-        [(SHOPPER, "ascending"), (TIMESTAMP, "ascending"), (BASKET, "ascending"), (PRODUCT, "ascending")]
-    )
-    shoppers = table.column(SHOPPER).to_numpy()
-    products = table.column(PRODUCT).to_numpy()
-    seconds = pc.cast(table.column(TIMESTAMP), pa.int64()).to_numpy() / 1e6  # microseconds -> seconds
-    wanted = data.targets.shopper_ids
-    starts, ends = np.searchsorted(shoppers, wanted, "left"), np.searchsorted(shoppers, wanted, "right")
-    ranked = np.full((len(wanted), k), EMPTY, dtype=np.int64)
-    for first in range(0, len(wanted), batch_size):
-        span = range(first, min(first + batch_size, len(wanted)))
+    products, seconds = product_histories(data.train, data.targets.shopper_ids)
+    ranked = np.full((len(products), k), EMPTY, dtype=np.int64)
+    for first in range(0, len(products), batch_size):
+        span = range(first, min(first + batch_size, len(products)))
         results = recommender.recommend_batch(
-            [products[starts[i] : ends[i]] for i in span],
-            k,
-            timestamps=[seconds[starts[i] : ends[i]] for i in span],
+            [products[i] for i in span], k, timestamps=[seconds[i] for i in span]
         )
         for i, result in zip(span, results, strict=True):
             ranked[i, : len(result.product_ids)] = result.product_ids

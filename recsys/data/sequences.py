@@ -87,9 +87,7 @@ def build_sequences(receipts: pa.Table, vocab: Vocabulary, drop_unknown: bool = 
     model never trains on inputs it will not see in production; ``drop_unknown=False`` keeps them as
     ``UNK``.
     """
-    table = receipts.select([SHOPPER, TIMESTAMP, BASKET, PRODUCT]).sort_by(
-        [(SHOPPER, "ascending"), (TIMESTAMP, "ascending"), (BASKET, "ascending"), (PRODUCT, "ascending")]
-    )
+    table = _time_ordered(receipts)
     items = vocab.encode(table.column(PRODUCT))
     if drop_unknown:
         table = table.filter(pa.array(items != UNK))
@@ -108,6 +106,28 @@ def build_sequences(receipts: pa.Table, vocab: Vocabulary, drop_unknown: bool = 
     opened = np.cumsum(new_basket) - 1
     basket = opened - np.repeat(opened[starts], np.diff(offsets))
     return Sequences(shoppers[starts].astype(np.int64), offsets, items, basket.astype(np.int64), timestamps)
+
+
+def _time_ordered(receipts: pa.Table) -> pa.Table:
+    """The key columns sorted by shopper, then time, basket and product id (the order of every history)."""
+    return receipts.select([SHOPPER, TIMESTAMP, BASKET, PRODUCT]).sort_by(
+        [(SHOPPER, "ascending"), (TIMESTAMP, "ascending"), (BASKET, "ascending"), (PRODUCT, "ascending")]
+    )
+
+
+def product_histories(
+    receipts: pa.Table, shopper_ids: np.ndarray
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """What serving takes: each shopper's product ids, oldest first (the order of :func:`build_sequences`),
+    and their purchase times in seconds since the epoch; empty arrays for shoppers without receipts."""
+    table = _time_ordered(receipts)
+    shoppers = table.column(SHOPPER).to_numpy()
+    products = table.column(PRODUCT).to_numpy()
+    seconds = pc.cast(table.column(TIMESTAMP), pa.int64()).to_numpy() / 1e6  # microseconds -> seconds
+    starts = np.searchsorted(shoppers, shopper_ids, "left")
+    ends = np.searchsorted(shoppers, shopper_ids, "right")
+    spans = list(zip(starts, ends, strict=True))
+    return [products[a:b] for a, b in spans], [seconds[a:b] for a, b in spans]
 
 
 def training_windows(
