@@ -147,11 +147,17 @@ class NextItemModule(pl.LightningModule):
         return mixed_softmax(hidden, targets, items, self.log_p, negatives)
 
     @torch.no_grad()
-    def rank(self, item_ids: Tensor, k: int) -> Tensor:
-        """Top-``k`` vocabulary indices [B, k] for histories ``item_ids`` [B, L] (reserved ids never)."""
+    def top_k(self, item_ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Top-``k`` vocabulary indices [B, k] and their scores (inner products) for histories
+        ``item_ids`` [B, L]; reserved ids never."""
         scores = self.model.encode(item_ids) @ self.model.item_embeddings().T  # [B, V]
         scores[:, :NUM_RESERVED] = float("-inf")
-        return scores.float().topk(min(k, scores.shape[1] - NUM_RESERVED), dim=1).indices
+        top = scores.float().topk(min(k, scores.shape[1] - NUM_RESERVED), dim=1)
+        return top.indices, top.values
+
+    def rank(self, item_ids: Tensor, k: int) -> Tensor:
+        """Top-``k`` vocabulary indices [B, k] for histories ``item_ids`` [B, L] (reserved ids never)."""
+        return self.top_k(item_ids, k)[0]
 
     def _eval_step(self, item_ids: Tensor) -> None:
         self._ranked.append(self.rank(item_ids, max(self.ks)).cpu())

@@ -24,19 +24,17 @@ NEW_CANDIDATES = 50  # the model's best new products per shopper the fit sees (s
 L2 = 1e-4
 
 
-@torch.no_grad()
 def search(
     module: NextItemModule, sequences: Sequences, wanted: int, batch_size: int = 1024
 ) -> tuple[np.ndarray, np.ndarray]:
     """The model's best ``wanted`` item rows [n, w] and scores [n, w] (inner products) per shopper."""
-    items = module.model.item_embeddings()[NUM_RESERVED:]  # [N, d]
     inputs = torch.from_numpy(sequences.last(module.model.config.max_len))
-    rows, scores = [], []
-    for start in range(0, len(inputs), batch_size):
-        top = (module.model.encode(inputs[start : start + batch_size]) @ items.T).topk(wanted, dim=1)
-        rows.append(top.indices)
-        scores.append(top.values.float())
-    return torch.cat(rows).numpy().astype(np.int64), torch.cat(scores).numpy()
+    tops = [
+        module.top_k(inputs[start : start + batch_size], wanted)
+        for start in range(0, len(inputs), batch_size)
+    ]
+    rows = torch.cat([indices for indices, _ in tops]).numpy().astype(np.int64) - NUM_RESERVED
+    return rows, torch.cat([scores for _, scores in tops]).numpy()
 
 
 def fit(module: NextItemModule, val: EvaluationData, deploy_train: EvaluationData) -> RepeatScorer:
