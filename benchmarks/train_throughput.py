@@ -28,12 +28,12 @@ def measure(datamodule: ReceiptsDataModule, loss: str, args: argparse.Namespace)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     tokens, elapsed = 0, 0.0
     for step in range(args.warmup + args.steps):
-        batch = next(batches).to(args.device)
+        items, gaps = (tensor.to(args.device) for tensor in next(batches))
         if args.device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast(args.device, dtype=dtype, enabled=args.precision == "bf16"):
-            loss_value = module.training_step(batch, step)
+            loss_value = module.training_step((items, gaps), step)
         optimizer.zero_grad(set_to_none=True)
         loss_value.backward()
         optimizer.step()
@@ -41,7 +41,7 @@ def measure(datamodule: ReceiptsDataModule, loss: str, args: argparse.Namespace)
             torch.cuda.synchronize()
         if step >= args.warmup:
             elapsed += time.perf_counter() - start
-            inputs, targets = batch[:, :-1], batch[:, 1:]
+            inputs, targets = items[:, :-1], items[:, 1:]
             tokens += int(((targets > 1) & (inputs != 0)).sum())
     return tokens / elapsed, elapsed / args.steps
 

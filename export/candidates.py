@@ -115,6 +115,7 @@ class Part:
     shopper_ids: np.ndarray  # [S] int64, ascending
     lengths: np.ndarray  # [S] known products in each history
     item_ids: np.ndarray  # [S, max_len] int64 most recent known products, left-padded vocabulary indices
+    gaps: np.ndarray  # [S, max_len] float32 their purchase gaps (Sequences.gaps), for basket-aware models
     bought: np.ndarray  # distinct item rows of each history, concatenated (empty unless the rules need it)
     bought_offsets: np.ndarray  # [S + 1] shopper s owns bought[bought_offsets[s]:bought_offsets[s + 1]]
     receipts: int  # receipt rows read
@@ -181,8 +182,16 @@ def load_part(directory: Path, layout: Layout, index: int, engine: Engine, rules
     table = read_part(directory, layout, index)
     if table is None:
         empty = np.zeros(0, dtype=np.int64)
+        shape = (0, engine.max_len)
         return Part(
-            index, empty, empty, np.zeros((0, engine.max_len), np.int64), empty, np.zeros(1, np.int64), 0
+            index,
+            empty,
+            empty,
+            np.zeros(shape, np.int64),
+            np.zeros(shape, np.float32),
+            empty,
+            np.zeros(1, np.int64),
+            0,
         )
     shopper_ids = np.unique(table.column(SHOPPER).to_numpy())
     known = build_sequences(table, engine.vocab, drop_unknown=True).select(shopper_ids)
@@ -199,7 +208,7 @@ def load_part(directory: Path, layout: Layout, index: int, engine: Engine, rules
         index,
         shopper_ids,
         known.lengths,
-        known.last(engine.max_len),
+        *known.model_inputs(engine.max_len),
         bought,
         offsets,
         table.num_rows,
@@ -234,9 +243,11 @@ def search(engine: Engine, part: Part, start: int, stop: int, rules: Rules, timi
         histories = Histories.from_sequences(part.known.select(part.shopper_ids[start:stop][encoded]))
     # padded to the longest history of the batch, as serving pads: less work than max_len for short ones
     width = int(lengths.max(initial=0).clip(max=engine.max_len))
-    item_ids = np.ascontiguousarray(part.item_ids[start:stop][encoded, engine.max_len - width :])
+    columns = slice(engine.max_len - width, None)
+    item_ids = np.ascontiguousarray(part.item_ids[start:stop][encoded, columns])
+    gaps = np.ascontiguousarray(part.gaps[start:stop][encoded, columns])
     with timings.stage("encode"):
-        shoppers = engine.encode(item_ids)
+        shoppers = engine.encode(item_ids, gaps)
     with timings.stage("top_k"):
         rows, scores = engine.top(shoppers, min(wanted, engine.num_items))
     return Batch(part.shopper_ids[start:stop], encoded, bought, rows, scores, histories)

@@ -1,9 +1,10 @@
 """Shopper encoders with exact top-K search over the catalogue, for batch candidate generation.
 
-Both engines keep one contract: :meth:`Engine.encode` maps left-padded vocabulary indices [B, L] to
-shopper embeddings, :meth:`Engine.top` maps those to each shopper's best ``wanted`` item rows
-(bundle rows: vocabulary index - ``NUM_RESERVED``) and scores, never an unavailable product. Unavailable
-products are removed inside the engine, so they cost no extra candidates downstream.
+Both engines keep one contract: :meth:`Engine.encode` maps left-padded vocabulary indices [B, L] (and
+their purchase gaps, which basket-aware models read) to shopper embeddings, :meth:`Engine.top` maps
+those to each shopper's best ``wanted`` item rows (bundle rows: vocabulary index - ``NUM_RESERVED``) and
+scores, never an unavailable product. Unavailable products are removed inside the engine, so they cost no
+extra candidates downstream.
 
 - :class:`OnnxEngine`: a bundle's ``model.onnx`` under ONNX Runtime and its FAISS index, on CPU: the
   numbers serving computes. Needs no torch.
@@ -60,8 +61,9 @@ class Engine(ABC):
         """What produced the scores (model files and their checksums, precision), for the manifest."""
 
     @abstractmethod
-    def encode(self, item_ids: np.ndarray) -> Any:
-        """Shopper embeddings of ``item_ids`` [B, L] int64 (left-padded vocabulary indices, L <= max_len)."""
+    def encode(self, item_ids: np.ndarray, gaps: np.ndarray) -> Any:
+        """Shopper embeddings of ``item_ids`` [B, L] int64 (left-padded vocabulary indices, L <= max_len)
+        with their ``gaps`` [B, L] float32 (``recsys.data.sequences.purchase_gaps``)."""
 
     @abstractmethod
     def top(self, shoppers: Any, wanted: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +99,7 @@ class OnnxEngine(Engine):
         except Exception as error:  # onnxruntime raises several unrelated pybind exception types
             raise BundleError(f"{bundle.model_path} cannot be loaded by onnxruntime: {error}") from error
         self._input = bundle.manifest.get("input_name", INPUT_NAME)
+        self._gaps = bundle.gaps_name
         self._output = bundle.manifest.get("output_name", OUTPUT_NAME)
         self._index = bundle.index
         self._identity = {
@@ -112,8 +115,9 @@ class OnnxEngine(Engine):
     def identity(self) -> dict[str, Any]:
         return self._identity
 
-    def encode(self, item_ids: np.ndarray) -> np.ndarray:
-        (shoppers,) = self._session.run([self._output], {self._input: item_ids})
+    def encode(self, item_ids: np.ndarray, gaps: np.ndarray) -> np.ndarray:
+        feeds = {self._input: item_ids} if self._gaps is None else {self._input: item_ids, self._gaps: gaps}
+        (shoppers,) = self._session.run([self._output], feeds)
         return shoppers
 
     def top(self, shoppers: np.ndarray, wanted: int) -> tuple[np.ndarray, np.ndarray]:
@@ -171,15 +175,16 @@ class TorchEngine(Engine):
     def identity(self) -> dict[str, Any]:
         return self._identity
 
-    def encode(self, item_ids: np.ndarray) -> torch.Tensor:
+    def encode(self, item_ids: np.ndarray, gaps: np.ndarray) -> torch.Tensor:
         import torch
 
         x = torch.from_numpy(item_ids).to(self._device)
+        x_gaps = torch.from_numpy(gaps).to(self._device)
         with (
             torch.inference_mode(),
             torch.autocast(self._device.type, dtype=torch.bfloat16, enabled=self._autocast),
         ):
-            shoppers = self._model.encode(x).float()
+            shoppers = self._model.encode(x, x_gaps).float()
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)  # so stage timings measure the work, not its launch
         return shoppers

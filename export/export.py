@@ -34,7 +34,9 @@ from export.onnx import (
     max_len,
     onnx_encoder,
     parity,
+    random_gaps,
     random_histories,
+    takes_gaps,
 )
 from recsys.bundle import BundleError, write_bundle
 from recsys.data.vocabulary import NUM_RESERVED, Vocabulary
@@ -83,19 +85,21 @@ def items_table(vocab: Vocabulary, products: pa.Table | None = None) -> pa.Table
 
 
 def check_top_k(
-    module: NextItemModule, index: faiss.Index, histories: np.ndarray, shoppers: np.ndarray
+    module: NextItemModule, index: faiss.Index, histories: np.ndarray, gaps: np.ndarray, shoppers: np.ndarray
 ) -> None:
-    """Top-K of ``index`` searched with the ONNX ``shoppers`` embeddings = torch's ranking of ``histories``.
+    """Top-K of ``index`` searched with the ONNX ``shoppers`` embeddings = torch's ranking of ``histories``
+    (with their ``gaps``).
 
     Compared by torch score at each rank, so two items in an exact tie may come in either order.
     """
     k = min(K, index.ntotal)
     _, rows = index.search(shoppers, k)
     found = rows + NUM_RESERVED  # index row -> vocabulary index
-    item_ids = torch.from_numpy(histories)
-    expected = module.rank(item_ids, k).numpy()
+    item_ids, item_gaps = torch.from_numpy(histories), torch.from_numpy(gaps)
+    expected = module.rank(item_ids, k, item_gaps).numpy()
     with torch.no_grad():
-        scores = (module.model.encode(item_ids) @ module.model.item_embeddings().T).float().numpy()  # [n, V]
+        shopper = module.model.encode(item_ids, item_gaps)
+        scores = (shopper @ module.model.item_embeddings().T).float().numpy()  # [n, V]
     got = np.take_along_axis(scores, found.clip(0), 1)
     want = np.take_along_axis(scores, expected, 1)
     wrong = np.flatnonzero((rows < 0).any(axis=1) | (np.abs(got - want) > TIE_TOLERANCE).any(axis=1))
@@ -161,12 +165,13 @@ def export_bundle(
     # for real shoppers that needs no receipts at export time.
     weights = np.zeros(vocab.size)
     weights[NUM_RESERVED:] = vocab.popularity / vocab.popularity.sum()
-    histories = random_histories(
-        np.random.default_rng(seed), NUM_QUERIES, max_len(model), vocab.size, weights
-    )
-    shoppers = onnx_encoder(onnx_bytes)(histories)
+    rng = np.random.default_rng(seed)
+    histories = random_histories(rng, NUM_QUERIES, max_len(model), vocab.size, weights)
+    gaps = random_gaps(rng, histories)
+    shoppers = onnx_encoder(onnx_bytes)(histories, gaps)
     if description["type"] == "Flat":
-        check_top_k(module, index, histories[:NUM_TOP_K_CHECKS], shoppers[:NUM_TOP_K_CHECKS])
+        n = NUM_TOP_K_CHECKS
+        check_top_k(module, index, histories[:n], gaps[:n], shoppers[:n])
     recall = index_recall(index, vectors, shoppers, K)
     log.info("index recall@%d vs exact search: %.4f", K, recall)
 
@@ -182,7 +187,16 @@ def export_bundle(
     }
     scorer = repeat.load(checkpoint)
     log.info("repeat-aware scorer: %s", "included" if scorer is not None else "none in the checkpoint")
-    return write_bundle(output, onnx_bytes, items, index, manifest, overwrite=overwrite, repeat=scorer)
+    return write_bundle(
+        output,
+        onnx_bytes,
+        items,
+        index,
+        manifest,
+        overwrite=overwrite,
+        repeat=scorer,
+        time_gaps=takes_gaps(model),
+    )
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")

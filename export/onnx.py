@@ -1,14 +1,17 @@
 """ONNX export of a shopper encoder, and the parity check that gates every export.
 
 The exported graph is the model's ``encode``: ``item_ids`` int64 [batch, seq] (left-padded vocabulary
-indices, seq <= max_len) -> ``shopper_embedding`` float32 [batch, d], both axes dynamic. Any model exposing
-``encode``, ``item_embeddings`` and ``config.max_len`` exports; nothing here knows which architecture it is.
+indices, seq <= max_len) -> ``shopper_embedding`` float32 [batch, d], both axes dynamic. A model built with
+``config.time_gaps`` (basket-aware) takes a second input, ``gap_days`` float32 [batch, seq]
+(``recsys.data.sequences.purchase_gaps``). Any model exposing ``encode``, ``item_embeddings`` and
+``config.max_len`` exports; nothing here knows which architecture it is.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +23,8 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from recsys.bundle import INPUT_NAME, OUTPUT_NAME
+from recsys.bundle import GAPS_NAME, INPUT_NAME, OUTPUT_NAME
+from recsys.data.sequences import FIRST_PURCHASE
 from recsys.data.vocabulary import PAD, UNK
 
 PARITY_TOLERANCE = 1e-4  # max abs difference of shopper embeddings, ONNX Runtime vs torch
@@ -37,13 +41,23 @@ class _Encoder(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, item_ids: Tensor) -> Tensor:
-        return self.model.encode(item_ids)
+    def forward(self, item_ids: Tensor, gaps: Tensor | None = None) -> Tensor:
+        return self.model.encode(item_ids, gaps) if takes_gaps(self.model) else self.model.encode(item_ids)
 
 
 def max_len(model: nn.Module) -> int:
     """Longest history the model takes: ``config.max_len``, which every model config carries."""
     return int(model.config.max_len)
+
+
+def takes_gaps(model: nn.Module) -> bool:
+    """Whether the model reads purchase gaps beside item ids (``config.time_gaps``, off if absent)."""
+    return bool(getattr(model.config, "time_gaps", False))
+
+
+def input_names(model: nn.Module) -> list[str]:
+    """The exported graph's inputs, in order."""
+    return [INPUT_NAME, GAPS_NAME] if takes_gaps(model) else [INPUT_NAME]
 
 
 @contextmanager
@@ -63,22 +77,27 @@ def export_encoder(model: nn.Module, path_or_buffer: str | Path | BinaryIO | Non
 
     Raises ``ExportError`` if the exported graph's names, types or dynamic axes are not the bundle's.
     """
-    length = max_len(model)
+    length, names = max_len(model), input_names(model)
     # Two rows of max_len: an example axis of size 1 would be baked into the graph as a constant.
     example = torch.full((2, length), UNK, dtype=torch.int64)
-    dynamic_shapes = {INPUT_NAME: {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=length)}}
+    examples = (example, torch.ones(example.shape)) if len(names) == 2 else (example,)
+    # one pair of Dims for all inputs: item ids and gaps are the same shape
+    axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=length)}
+    dynamic_shapes = {"item_ids": axes, "gaps": axes} if len(names) == 2 else {"item_ids": axes}
     buffer = io.BytesIO()
     # torch 2.13's exporter swaps in while_loop GRU/LSTM decompositions for dynamic shapes by writing the
     # ops' py_kernels without clearing their dispatch caches: once one export has cached the default
     # (time-unrolled) decomposition, a later RNN export in the process would pin the sequence axis.
     for op in (torch.ops.aten.gru.input, torch.ops.aten.lstm.input):
         op._dispatch_cache.clear()
-    with _eval_mode(model):
+    with _eval_mode(model), warnings.catch_warnings():
+        # item ids and gaps share their Dims on purpose; the exporter remarks on it once per axis
+        warnings.filterwarnings("ignore", message=".*shares the same shape constraints", category=UserWarning)
         torch.onnx.export(
             _Encoder(model).eval(),
-            (example,),
+            examples,
             buffer,
-            input_names=[INPUT_NAME],
+            input_names=names,
             output_names=[OUTPUT_NAME],
             dynamic_shapes=dynamic_shapes,
             dynamo=True,
@@ -86,7 +105,7 @@ def export_encoder(model: nn.Module, path_or_buffer: str | Path | BinaryIO | Non
             verbose=False,
         )
     onnx_bytes = buffer.getvalue()
-    _check_signature(onnx_bytes)
+    _check_signature(onnx_bytes, names)
     if isinstance(path_or_buffer, (str, Path)):
         Path(path_or_buffer).write_bytes(onnx_bytes)
     elif path_or_buffer is not None:
@@ -94,16 +113,15 @@ def export_encoder(model: nn.Module, path_or_buffer: str | Path | BinaryIO | Non
     return onnx_bytes
 
 
-def _check_signature(onnx_bytes: bytes) -> None:
-    """The graph has the bundle's input and output, with symbolic batch (and sequence) axes."""
+def _check_signature(onnx_bytes: bytes, inputs: list[str]) -> None:
+    """The graph has the bundle's inputs and output, with symbolic batch (and sequence) axes."""
     graph = onnx.load_from_string(onnx_bytes).graph
     names = ([v.name for v in graph.input], [v.name for v in graph.output])
-    if names != ([INPUT_NAME], [OUTPUT_NAME]):
-        raise ExportError(
-            f"exported graph has inputs/outputs {names}, expected [{INPUT_NAME}] -> [{OUTPUT_NAME}]"
-        )
+    if names != (inputs, [OUTPUT_NAME]):
+        raise ExportError(f"exported graph has inputs/outputs {names}, expected {inputs} -> [{OUTPUT_NAME}]")
+    types = {INPUT_NAME: onnx.TensorProto.INT64, GAPS_NAME: onnx.TensorProto.FLOAT}
     for value, elem_type, dynamic in (
-        (graph.input[0], onnx.TensorProto.INT64, (True, True)),
+        *((value, types[value.name], (True, True)) for value in graph.input),
         (graph.output[0], onnx.TensorProto.FLOAT, (True, False)),
     ):
         tensor = value.type.tensor_type
@@ -116,10 +134,17 @@ def _check_signature(onnx_bytes: bytes) -> None:
             )
 
 
-def onnx_encoder(onnx_bytes: bytes) -> Callable[[np.ndarray], np.ndarray]:
-    """The exported encoder under ONNX Runtime (CPU): int64 [B, L] -> float32 [B, d]."""
+def onnx_encoder(onnx_bytes: bytes) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """The exported encoder under ONNX Runtime (CPU): item ids int64 [B, L] and gaps float32 [B, L] ->
+    float32 [B, d]; the gaps are passed only to a graph that takes them."""
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    return lambda item_ids: session.run([OUTPUT_NAME], {INPUT_NAME: item_ids})[0]
+    with_gaps = GAPS_NAME in [i.name for i in session.get_inputs()]
+
+    def encode(item_ids: np.ndarray, gaps: np.ndarray) -> np.ndarray:
+        feeds = {INPUT_NAME: item_ids, GAPS_NAME: gaps} if with_gaps else {INPUT_NAME: item_ids}
+        return session.run([OUTPUT_NAME], feeds)[0]
+
+    return encode
 
 
 def random_histories(
@@ -136,6 +161,14 @@ def random_histories(
     padding = rng.integers(0, length + 1, batch)  # leading padding positions per row
     items[np.arange(length)[None, :] < padding[:, None]] = PAD
     return items.astype(np.int64)
+
+
+def random_gaps(rng: np.random.Generator, histories: np.ndarray) -> np.ndarray:
+    """Gaps float32 [B, L] for ``histories``: half the rows in the previous row's basket (0), the others
+    days later (exponential, mean 7), some rows a shopper's first (``FIRST_PURCHASE``); 0 at padding."""
+    gaps = np.where(rng.random(histories.shape) < 0.5, 0.0, rng.exponential(7.0, histories.shape))
+    gaps[rng.random(histories.shape) < 0.05] = FIRST_PURCHASE
+    return np.where(histories == PAD, 0.0, gaps).astype(np.float32)
 
 
 def parity(
@@ -161,8 +194,11 @@ def parity(
                 histories = random_histories(rng, batch, length, vocab_size)
                 if batch > 1:
                     histories[0] = PAD  # a shopper with no history
-                expected = model.encode(torch.from_numpy(histories)).float().numpy()
-                diff = float(np.max(np.abs(encode(histories) - expected)))
+                gaps = random_gaps(rng, histories)
+                expected = (
+                    _Encoder(model)(torch.from_numpy(histories), torch.from_numpy(gaps)).float().numpy()
+                )
+                diff = float(np.max(np.abs(encode(histories, gaps) - expected)))
                 if not math.isfinite(diff):  # max() would silently drop a NaN
                     return math.inf
                 worst = max(worst, diff)

@@ -41,9 +41,11 @@ ITEMS_FILE = "items.parquet"
 MANIFEST_FILE = "bundle.json"
 FILES = (MODEL_FILE, INDEX_FILE, ITEMS_FILE)
 INPUT_NAME = "item_ids"
+GAPS_NAME = "gap_days"  # the second input of basket-aware models (recsys.data.sequences.purchase_gaps)
 OUTPUT_NAME = "shopper_embedding"
 REQUIRED_ITEM_COLUMNS = ("product_id", "popularity")
 REPEAT_KEY = "repeat_scorer"
+GAPS_KEY = "gaps_name"
 REPEAT_RATE_COLUMN = "repeat_rate"
 
 
@@ -79,6 +81,11 @@ class Bundle:
     def dim(self) -> int:
         return int(self.manifest["embedding_dim"])
 
+    @property
+    def gaps_name(self) -> str | None:
+        """The model's purchase-gap input (basket-aware models), or None for a model of item ids only."""
+        return self.manifest.get(GAPS_KEY)
+
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in blocks."""
@@ -113,15 +120,19 @@ def write_bundle(
     manifest: dict[str, Any],
     overwrite: bool = False,
     repeat: RepeatScorer | None = None,
+    time_gaps: bool = False,
 ) -> Path:
     """Write a bundle atomically and return its path.
 
     ``manifest`` must hold at least ``model`` (name and config), ``max_len`` and ``embedding_dim``;
     format, sizes, versions, creation time and checksums are added here. ``repeat`` (a scorer over the
-    same item rows, with ``items``' popularity) adds its parameters and a ``repeat_rate`` column. With
+    same item rows, with ``items``' popularity) adds its parameters and a ``repeat_rate`` column.
+    ``time_gaps`` says the model takes purchase gaps as its second input (``GAPS_NAME``). With
     ``overwrite`` an existing bundle at ``path`` is replaced by a rename swap; otherwise it is an error.
     """
     path = Path(path)
+    if time_gaps:
+        manifest = {**manifest, GAPS_KEY: GAPS_NAME}
     if repeat is not None:
         popularity = items.column("popularity").to_numpy().astype(np.float64)
         if repeat.num_items != items.num_rows or not np.array_equal(repeat.popularity, popularity):
@@ -234,6 +245,10 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
     if index.d != manifest.get("embedding_dim"):
         raise BundleError(
             f"{INDEX_FILE} has dimension {index.d}, {MANIFEST_FILE} says {manifest.get('embedding_dim')}"
+        )
+    if manifest.get(GAPS_KEY, GAPS_NAME) != GAPS_NAME:
+        raise BundleError(
+            f"{MANIFEST_FILE} names gap input {manifest[GAPS_KEY]!r}; this reader knows {GAPS_NAME!r}"
         )
     return Bundle(path, manifest, items, index, contents[MODEL_FILE], _repeat_scorer(manifest, items))
 

@@ -11,6 +11,8 @@ has been fully loaded and probed, so in-flight requests finish on the old bundle
 import json
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -63,6 +65,16 @@ class _Serving:
 
 def _response(recommendation: Recommendation, bundle_id: str) -> RecommendResponse:
     return RecommendResponse(**vars(recommendation), bundle_id=bundle_id)
+
+
+@contextmanager
+def _unprocessable() -> Iterator[None]:
+    """A request the bundle cannot answer as sent (the recommender's ``ValueError``, e.g. a basket-aware
+    model without timestamps, or timestamps out of order) is the client's error: 422 with the reason."""
+    try:
+        yield
+    except ValueError as error:
+        raise HTTPException(status_code=422, detail=str(error)) from error
 
 
 def create_app(
@@ -138,9 +150,10 @@ def create_app(
     def recommend(request: RecommendRequest) -> RecommendResponse:
         """Top-k products for one shopper."""
         recommender = serving.recommender  # read once: a concurrent reload cannot split one request
-        result = recommender.recommend(
-            request.history, request.k, request.exclude_purchased, request.min_score, request.timestamps
-        )
+        with _unprocessable():
+            result = recommender.recommend(
+                request.history, request.k, request.exclude_purchased, request.min_score, request.timestamps
+            )
         return _response(result, recommender.bundle_id)
 
     @app.post("/recommend/batch")
@@ -148,13 +161,14 @@ def create_app(
         """Top-k products for many shoppers, encoded and searched together."""
         recommender = serving.recommender
         requests = batch.requests
-        results = recommender.recommend_batch(
-            [r.history for r in requests],
-            [r.k for r in requests],
-            [r.exclude_purchased for r in requests],
-            [r.min_score for r in requests],
-            [r.timestamps for r in requests],
-        )
+        with _unprocessable():
+            results = recommender.recommend_batch(
+                [r.history for r in requests],
+                [r.k for r in requests],
+                [r.exclude_purchased for r in requests],
+                [r.min_score for r in requests],
+                [r.timestamps for r in requests],
+            )
         return BatchResponse(results=[_response(r, recommender.bundle_id) for r in results])
 
     @app.get("/healthz")

@@ -19,6 +19,7 @@ import onnxruntime as ort
 import pyarrow as pa
 
 from recsys.bundle import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, Bundle, BundleError, bundle_id, read_bundle
+from recsys.data.sequences import FIRST_PURCHASE, MICROSECONDS_PER_DAY, purchase_gaps
 from recsys.data.vocabulary import NUM_RESERVED, PAD
 from recsys.repeat import SECONDS_PER_DAY, Histories
 from recsys.scoring import candidates_needed, popularity_order, select
@@ -44,6 +45,13 @@ class Recommendation:
     repeat_aware: bool = False
 
 
+def _gaps(seconds: np.ndarray) -> np.ndarray:
+    """``purchase_gaps`` of one history's purchase times in seconds, in the batch job's integer
+    microseconds, so both read the same bucket at a bucket's edge."""
+    micros = np.round(seconds * 1e6).astype(np.int64)
+    return purchase_gaps(micros, np.array([0, len(micros)]), MICROSECONDS_PER_DAY)
+
+
 def _per_request(value: T | Sequence[T], count: int, name: str) -> list[T]:
     """A scalar repeated ``count`` times, or a sequence checked to have ``count`` entries."""
     if isinstance(value, Sequence) and not isinstance(value, str):
@@ -61,6 +69,7 @@ class Recommender:
         self._session = session
         self._search_threads = search_threads
         self._input = bundle.manifest.get("input_name", INPUT_NAME)
+        self._gaps = bundle.gaps_name
         self._output = bundle.manifest.get("output_name", OUTPUT_NAME)
         self._product_ids = bundle.product_ids.astype(np.int64)
         popularity = bundle.items.column("popularity").to_numpy()
@@ -111,17 +120,32 @@ class Recommender:
         Raises :class:`BundleError` if the model's inputs, output shape or values do not fit the bundle.
         """
         names = [i.name for i in self._session.get_inputs()]
-        if self._input not in names:
-            raise BundleError(f"{MODEL_FILE} has inputs {names}, the manifest names {self._input!r}")
+        expected = [self._input] if self._gaps is None else [self._input, self._gaps]
+        if sorted(names) != sorted(expected):
+            raise BundleError(f"{MODEL_FILE} has inputs {names}, the manifest names {expected}")
         try:
-            (out,) = self._session.run([self._output], {self._input: np.full((1, 1), NUM_RESERVED, np.int64)})
+            (out,) = self._session.run([self._output], self._feeds(np.full((1, 1), NUM_RESERVED, np.int64)))
         except Exception as error:  # as above: onnxruntime's exception types are not one hierarchy
             raise BundleError(f"{MODEL_FILE} failed a probe run: {error}") from error
         if out.shape != (1, self.dim) or not np.isfinite(out).all():
             raise BundleError(
                 f"{MODEL_FILE} returned {out.shape} embeddings, expected finite (1, {self.dim})"
             )
-        self.recommend([int(self._product_ids[0])], k=1)
+        self.recommend([int(self._product_ids[0])], k=1, timestamps=[0.0])
+
+    def _feeds(self, item_ids: np.ndarray, gaps: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The model's inputs: item ids, plus for a basket-aware model their gaps (first purchases if
+        None, as for the load probe)."""
+        if self._gaps is None:
+            return {self._input: item_ids}
+        if gaps is None:
+            gaps = np.where(item_ids == PAD, 0.0, FIRST_PURCHASE).astype(np.float32)
+        return {self._input: item_ids, self._gaps: gaps}
+
+    @property
+    def needs_timestamps(self) -> bool:
+        """Whether the model is basket-aware: it reads purchase gaps, so requests must carry timestamps."""
+        return self._gaps is not None
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -171,10 +195,12 @@ class Recommender:
     ) -> Recommendation:
         """Top ``k`` products for a shopper whose purchases (product ids, oldest first) are ``history``.
 
-        ``timestamps`` (seconds since the epoch, one per history entry; a basket's products share one)
-        turn on the bundle's repeat-aware scorer if it has one: scores become next-basket probabilities
-        from the shopper's own purchase pattern and the model's new-product candidates. Without them, or
-        without a scorer in the bundle, products rank by model score (``repeat_aware`` is False).
+        ``timestamps`` (seconds since the epoch, one per history entry, oldest first; a basket's products
+        share one) turn on the bundle's repeat-aware scorer if it has one: scores become next-basket
+        probabilities from the shopper's own purchase pattern and the model's new-product candidates.
+        Without them, or without a scorer in the bundle, products rank by model score (``repeat_aware`` is
+        False). A basket-aware model (:attr:`needs_timestamps`) reads the gaps between them, and a
+        non-empty history without them is an error.
 
         Unknown products are dropped and counted; only the most recent ``max_len`` known ones are encoded.
         An empty or all-unknown history gets the popularity fallback (flagged; ``min_score`` does not
@@ -210,7 +236,14 @@ class Recommender:
         flat = np.fromiter(itertools.chain.from_iterable(histories), dtype=np.int64, count=sum(lengths))
         found = np.split(self.rows_of(flat), np.cumsum(lengths)[:-1]) if count else []
         known = [rows[rows >= 0] for rows in found]
-        days = [self._days(found[i], stamps[i], lengths[i]) for i in range(count)]
+        seconds = [self._seconds(found[i], stamps[i], lengths[i]) for i in range(count)]
+        if self._gaps is not None:
+            lacking = [i for i in range(count) if seconds[i] is None and len(known[i])]
+            if lacking:
+                raise ValueError(
+                    f"this bundle's model is basket-aware: history {lacking[0]} needs timestamps "
+                    "(one per entry)"
+                )
 
         results: list[Recommendation | None] = [None] * count
         encoded = []
@@ -228,7 +261,7 @@ class Recommender:
                 [ks[i] for i in encoded],
                 [excludes[i] for i in encoded],
                 [floors[i] for i in encoded],
-                [days[i] for i in encoded],
+                [seconds[i] for i in encoded],
             )
             for j, i in enumerate(encoded):
                 rows, scores = top_rows[j, : ks[i]], top_scores[j, : ks[i]]
@@ -243,14 +276,18 @@ class Recommender:
                 )
         return results  # type: ignore[return-value]
 
-    def _days(self, rows: np.ndarray, timestamps: Sequence[float] | None, length: int) -> np.ndarray | None:
-        """Purchase times in days of a history's known entries, if given and the bundle can use them."""
-        if timestamps is None or self._bundle.repeat is None:
+    def _seconds(
+        self, rows: np.ndarray, timestamps: Sequence[float] | None, length: int
+    ) -> np.ndarray | None:
+        """Purchase times (seconds) of a history's known entries, if given and the bundle can use them."""
+        if timestamps is None or (self._bundle.repeat is None and self._gaps is None):
             return None
         seconds = np.asarray(timestamps, dtype=np.float64)
         if seconds.shape != (length,) or not np.isfinite(seconds).all():
             raise ValueError(f"timestamps need one finite number per history entry ({length})")
-        return seconds[rows >= 0] / SECONDS_PER_DAY
+        if np.any(np.diff(seconds) < 0):
+            raise ValueError("timestamps must be oldest first, as the history is")
+        return seconds[rows >= 0]
 
     def _search(
         self,
@@ -258,26 +295,30 @@ class Recommender:
         ks: list[int],
         excludes: list[bool],
         floors: list[float | None],
-        days: list[np.ndarray | None],
+        seconds: list[np.ndarray | None],
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Encode non-empty row histories in one batch and select the top ``max(ks)`` rows of each.
 
-        Histories with ``days`` are scored by the repeat-aware scorer; returns rows, scores and [B] which.
+        Histories with ``seconds`` are scored by the repeat-aware scorer if the bundle has one; returns rows,
+        scores and [B] which.
         """
         # Left-pad to the longest history kept; positions past max_len would make ONNX Runtime read the
         # position table out of range (silently wrong), so only the most recent max_len rows go in.
         kept = [rows[-self.max_len :] for rows in known]
         item_ids = np.full((len(kept), max(len(rows) for rows in kept)), PAD, dtype=np.int64)
+        gaps = np.zeros(item_ids.shape, dtype=np.float32)
         for j, rows in enumerate(kept):
             item_ids[j, item_ids.shape[1] - len(rows) :] = rows + NUM_RESERVED
-        (shoppers,) = self._session.run([self._output], {self._input: item_ids})
+            if self._gaps is not None:  # gaps over the whole known history, then its most recent rows
+                gaps[j, gaps.shape[1] - len(rows) :] = _gaps(seconds[j])[len(known[j]) - len(rows) :]  # type: ignore[arg-type]
+        (shoppers,) = self._session.run([self._output], self._feeds(item_ids, gaps))
 
         exclude = [
             np.unique(rows) if flag else np.empty(0, np.int64)
             for rows, flag in zip(known, excludes, strict=True)
         ]
         k = max(ks)
-        aware = np.array([d is not None for d in days])
+        aware = np.array([t is not None and self._bundle.repeat is not None for t in seconds])
         distinct = [len(np.unique(rows)) if a else 0 for rows, a in zip(known, aware, strict=True)]
         wanted = min(
             self.num_items, candidates_needed(k, [len(e) for e in exclude], distinct, repeat_aware=True)
@@ -294,7 +335,8 @@ class Recommender:
             group_rows, group_scores = rows[group], scores[group]
             if aware[group[0]]:
                 assert self._bundle.repeat is not None
-                histories = Histories.from_lists([known[j] for j in group], [days[j] for j in group])
+                days = [seconds[j] / SECONDS_PER_DAY for j in group]  # type: ignore[operator]
+                histories = Histories.from_lists([known[j] for j in group], days)
                 group_rows, group_scores = self._bundle.repeat.blend(
                     histories, group_rows, group_scores, np.asarray(ks)[group]
                 )

@@ -19,29 +19,49 @@ from tests.conftest import CONF
 from training.train import train
 
 
-def check_prefix_states(model: nn.Module, x: Tensor, num_items: int, atol: float = 1e-6) -> None:
-    """State t of ``forward`` is ``encode`` of the prefix up to t, and changing item t changes no earlier
-    state but visibly changes state t (``x`` [B, L] item ids, left-padded)."""
+def check_causal(
+    model: nn.Module, x: Tensor, num_items: int, atol: float = 1e-6, gaps: Tensor | None = None
+) -> None:
+    """Changing item t of ``x`` [B, L] (left-padded item ids), or with ``gaps`` its gap, changes no earlier
+    state of ``forward`` but visibly changes state t."""
     with torch.no_grad():
-        states = model(x)
+        states = model(x, gaps)
         for t in range(x.shape[1]):
-            torch.testing.assert_close(states[:, t], model.encode(x[:, : t + 1]), rtol=0, atol=atol)
             changed = x.clone()
             changed[:, t] = (x[:, t] + 1 - NUM_RESERVED) % (num_items - NUM_RESERVED) + NUM_RESERVED
-            after = model(changed)
-            torch.testing.assert_close(after[:, :t], states[:, :t], rtol=0, atol=atol)  # the past: same
-            assert not torch.allclose(after[:, t], states[:, t])  # the change is visible where it happens
+            changes = [model(changed, gaps)]
+            if gaps is not None and t > 0:  # (a history's first gap only marks it as the first)
+                later = gaps.clone()
+                later[:, t] += 40.0
+                changes.append(model(x, later))
+            for after in changes:
+                torch.testing.assert_close(after[:, :t], states[:, :t], rtol=0, atol=atol)  # the past: same
+                assert not torch.allclose(after[:, t], states[:, t])  # the change shows where it happens
+
+
+def check_prefix_states(
+    model: nn.Module, x: Tensor, num_items: int, atol: float = 1e-6, gaps: Tensor | None = None
+) -> None:
+    """For models without positions: state t of ``forward`` is ``encode`` of the prefix up to t, and the
+    model is causal (:func:`check_causal`)."""
+    with torch.no_grad():
+        states = model(x, gaps)
+        for t in range(x.shape[1]):
+            prefix_gaps = None if gaps is None else gaps[:, : t + 1]
+            prefix = model.encode(x[:, : t + 1], prefix_gaps)
+            torch.testing.assert_close(states[:, t], prefix, rtol=0, atol=atol)
+    check_causal(model, x, num_items, atol, gaps)
 
 
 def check_finite_with_heavy_padding(
-    model: nn.Module, x: Tensor, no_grad: frozenset[str] = frozenset()
+    model: nn.Module, x: Tensor, no_grad: frozenset[str] = frozenset(), gaps: Tensor | None = None
 ) -> None:
     """Outputs and the gradients of every parameter (but ``no_grad``) stay finite when one row of ``x`` is
     all padding and another holds one item."""
     x = x.clone()
     x[0] = PAD
     x[1, :-1] = PAD
-    hidden = model(x)
+    hidden = model(x, gaps)
     assert torch.isfinite(hidden).all()
     torch.logsumexp(hidden @ model.item_embeddings().T, dim=-1).sum().backward()
     for name, param in model.named_parameters():

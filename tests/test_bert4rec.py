@@ -190,8 +190,8 @@ def test_masked_training_learns_and_beats_popularity_on_held_out_shoppers(
 
     # masked loss on held-out windows (the most recent max_len + 1 items), the same masks for both
     max_len = trained.model.config.max_len
-    windows = build_sequences(held_out.train, trained.vocab).last(max_len + 1)
-    windows = torch.from_numpy(windows)
+    sequences = build_sequences(held_out.train, trained.vocab)
+    windows = tuple(torch.from_numpy(a) for a in sequences.model_inputs(max_len + 1))  # items, gaps
 
     def masked_loss(module: NextItemModule) -> float:
         torch.manual_seed(1)

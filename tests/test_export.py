@@ -16,11 +16,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from export import index as indexes
 from export.export import check_top_k, export_bundle, item_vectors
-from export.onnx import PARITY_TOLERANCE, ExportError, onnx_encoder, parity, random_histories
+from export.onnx import PARITY_TOLERANCE, ExportError, onnx_encoder, parity, random_gaps, random_histories
 from recsys.bundle import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, BundleError, read_bundle
 from recsys.data.completejourney import load_products
 from recsys.data.vocabulary import NUM_RESERVED, PAD, Vocabulary
@@ -44,7 +44,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     module = NextItemModule(
         NET, vocab.to_dict(), data={"cutoff": "2017-12-01", "max_len": MAX_LEN}, warmup_steps=1
     )
-    tokens = torch.from_numpy(random_histories(rng, 64, MAX_LEN + 1, vocab.size))
+    tokens = random_histories(rng, 64, MAX_LEN + 1, vocab.size)
+    windows = TensorDataset(torch.from_numpy(tokens), torch.from_numpy(random_gaps(rng, tokens)))
     trainer = pl.Trainer(
         max_steps=2,
         logger=False,
@@ -52,7 +53,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(module, DataLoader(tokens, batch_size=32))
+    trainer.fit(module, DataLoader(windows, batch_size=32))
     path = run / "checkpoints" / "best.ckpt"
     trainer.save_checkpoint(path)
     (run / "metrics.json").write_text(json.dumps(METRICS))
@@ -106,20 +107,21 @@ def test_flat_top10_from_bundle_equals_torch(bundle_path: Path, module: NextItem
 
 
 @pytest.fixture(scope="module")
-def encode(bundle_path: Path) -> Callable[[np.ndarray], np.ndarray]:
+def encode(bundle_path: Path) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     return onnx_encoder((bundle_path / MODEL_FILE).read_bytes())
 
 
 def test_top_k_check_catches_a_misaligned_index(
-    module: NextItemModule, encode: Callable[[np.ndarray], np.ndarray]
+    module: NextItemModule, encode: Callable[[np.ndarray, np.ndarray], np.ndarray]
 ) -> None:
     vectors = item_vectors(module)
     shifted = indexes.flat(np.roll(vectors, 1, axis=0))  # row i holds item i - 1: an off-by-one mapping
     histories = random_histories(np.random.default_rng(3), 8, MAX_LEN, module.vocab.size)
-    shoppers = encode(histories)
-    check_top_k(module, indexes.flat(vectors), histories, shoppers)
+    gaps = np.zeros(histories.shape, np.float32)  # a model without time_gaps ignores them
+    shoppers = encode(histories, gaps)
+    check_top_k(module, indexes.flat(vectors), histories, gaps, shoppers)
     with pytest.raises(ExportError, match="top-10 of the index differs from torch"):
-        check_top_k(module, shifted, histories, shoppers)
+        check_top_k(module, shifted, histories, gaps, shoppers)
 
 
 def test_items_and_manifest(bundle_path: Path, module: NextItemModule, checkpoint: Path) -> None:
@@ -153,14 +155,16 @@ def test_existing_output_is_refused_before_any_work(bundle_path: Path, checkpoin
 @pytest.mark.parametrize(("builder", "floor"), [(indexes.hnsw, 0.9), (indexes.ivfpq, 0.2)])
 def test_approximate_indexes_report_recall(
     module: NextItemModule,
-    encode: Callable[[np.ndarray], np.ndarray],
+    encode: Callable[[np.ndarray, np.ndarray], np.ndarray],
     builder: Callable[..., object],
     floor: float,
 ) -> None:
     vectors = item_vectors(module)
     index = builder(vectors)
     histories = random_histories(np.random.default_rng(4), 200, MAX_LEN, module.vocab.size)
-    recall = indexes.index_recall(index, vectors, encode(histories), 10)
+    recall = indexes.index_recall(
+        index, vectors, encode(histories, np.zeros(histories.shape, np.float32)), 10
+    )
     assert floor <= recall <= 1.0
     assert indexes.describe_index(index)["type"] == {indexes.hnsw: "HNSW", indexes.ivfpq: "IVF-PQ"}[builder]
 

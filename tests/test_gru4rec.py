@@ -149,7 +149,7 @@ def test_train_job_learns_and_its_checkpoint_reproduces_the_test_scores(run: Run
     assert isinstance(module.model, GRU4Rec)
     datamodule: ReceiptsDataModule = hydra.utils.instantiate(run.cfg.data)
     datamodule.setup()
-    ranked = torch.cat([module.rank(batch, 20) for batch in datamodule.test_dataloader()]).numpy()
+    ranked = torch.cat([module.rank(x, 20, gaps) for x, gaps in datamodule.test_dataloader()]).numpy()
     recomputed = datamodule.evaluate("test", ranked, (10, 20))
     assert recomputed["recall@10"] == pytest.approx(run.metrics["test/recall@10"], abs=1e-6)
 

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from recsys.data.features import ProductFeatures
 from recsys.data.sequences import Sequences, build_sequences, concat_ranges, training_windows
@@ -25,29 +25,34 @@ from recsys.evaluation.protocol import EvaluationData, evaluate, prepare
 
 
 class WindowBatches:
-    """Collates windows of item sequences into left-padded ``[B, max_len + 1]`` token matrices.
+    """Collates windows of item sequences into left-padded ``[B, max_len + 1]`` token and gap matrices.
 
     Receipts list a basket's items in product-id order, an artefact a sequence model would learn; with
-    ``shuffle_baskets`` the items of each basket are put in a fresh random order in every batch.
+    ``shuffle_baskets`` the items of each basket are put in a fresh random order in every batch. Gaps
+    (``Sequences.gaps``) belong to positions, not items: a basket's first position keeps the gap to the
+    previous basket and the others 0 whatever the order, so they are read before the shuffle.
     """
 
     def __init__(self, sequences: Sequences, max_len: int, shuffle_baskets: bool, seed: int) -> None:
         self.sequences, self.max_len, self.shuffle_baskets = sequences, max_len, shuffle_baskets
+        self.gaps = sequences.gaps()
         self.rng = np.random.default_rng(seed)
 
-    def __call__(self, windows: list[tuple[int, int]]) -> torch.Tensor:
+    def __call__(self, windows: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         starts, ends = np.asarray(windows, dtype=np.int64).T
         lengths = ends - starts
         flat = concat_ranges(starts, lengths)  # positions into the flat sequence arrays
         row = np.repeat(np.arange(len(windows)), lengths)
+        width = self.max_len + 1
+        col = width - lengths[row] + concat_ranges(np.zeros_like(lengths), lengths)
+        gaps = np.zeros((len(windows), width), dtype=np.float32)
+        gaps[row, col] = self.gaps[flat]
         if self.shuffle_baskets:
             # sort by (row, basket, random key): basket order kept, items inside a basket permuted
             flat = flat[np.lexsort((self.rng.random(len(flat)), self.sequences.basket[flat], row))]
-        width = self.max_len + 1
         tokens = np.zeros((len(windows), width), dtype=np.int64)
-        col = width - lengths[row] + concat_ranges(np.zeros_like(lengths), lengths)
         tokens[row, col] = self.sequences.items[flat]
-        return torch.from_numpy(tokens)
+        return torch.from_numpy(tokens), torch.from_numpy(gaps)
 
 
 class ReceiptsDataModule(pl.LightningDataModule):
@@ -146,13 +151,14 @@ class ReceiptsDataModule(pl.LightningDataModule):
             drop_last=len(self.windows) > self.batch_size,
         )
 
-    def inputs(self, data: EvaluationData) -> torch.Tensor:
-        """[n, max_len] most recent training items of each evaluated shopper, left-padded."""
+    def inputs(self, data: EvaluationData) -> tuple[torch.Tensor, torch.Tensor]:
+        """[n, max_len] most recent training items of each evaluated shopper, left-padded, and their gaps."""
         sequences = build_sequences(data.train, self.vocab).select(data.targets.shopper_ids)
-        return torch.from_numpy(sequences.last(self.max_len))
+        items, gaps = sequences.model_inputs(self.max_len)
+        return torch.from_numpy(items), torch.from_numpy(gaps)
 
     def _eval_loader(self, data: EvaluationData) -> DataLoader:
-        return DataLoader(self.inputs(data), batch_size=self.eval_batch_size, shuffle=False)
+        return DataLoader(TensorDataset(*self.inputs(data)), batch_size=self.eval_batch_size, shuffle=False)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         # no validation split (val_days=0): Lightning skips validation given no loaders

@@ -113,16 +113,17 @@ class NextItemModule(pl.LightningModule):
         self.register_buffer("log_p", popularity_log_q(popularity, alpha=1.0), persistent=False)
         self._ranked: list[Tensor] = []
 
-    def training_step(self, tokens: Tensor, batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        tokens, gaps = batch  # [B, L + 1] items and their gaps (models without time_gaps ignore these)
         if self.hparams.objective == "masked":
             # the whole window [B, L + 1] goes in: the model's positions cover max_len + 1
             inputs, masked = mask_items(
                 tokens, self.model.mask_token, self.hparams.mask_prob, self.hparams.mask_last_prob
             )
-            hidden, targets = self.model(inputs)[masked], tokens[masked]  # [N, d], [N]
+            hidden, targets = self.model(inputs, gaps)[masked], tokens[masked]  # [N, d], [N]
         else:
             inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, L] each: predict the next item
-            hidden = self.model(inputs)  # [B, L, d]
+            hidden = self.model(inputs, gaps[:, :-1])  # [B, L, d]
             # no loss where there is nothing to predict (padding) or the input is padding (no context)
             valid = (targets > UNK) & (inputs != PAD)
             hidden, targets = hidden[valid], targets[valid]  # [N, d], [N]
@@ -147,20 +148,21 @@ class NextItemModule(pl.LightningModule):
         return mixed_softmax(hidden, targets, items, self.log_p, negatives)
 
     @torch.no_grad()
-    def top_k(self, item_ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def top_k(self, item_ids: Tensor, k: int, gaps: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Top-``k`` vocabulary indices [B, k] and their scores (inner products) for histories
-        ``item_ids`` [B, L]; reserved ids never."""
-        scores = self.model.encode(item_ids) @ self.model.item_embeddings().T  # [B, V]
+        ``item_ids`` [B, L] (with their ``gaps`` [B, L] for ``time_gaps`` models); reserved ids never."""
+        scores = self.model.encode(item_ids, gaps) @ self.model.item_embeddings().T  # [B, V]
         scores[:, :NUM_RESERVED] = float("-inf")
         top = scores.float().topk(min(k, scores.shape[1] - NUM_RESERVED), dim=1)
         return top.indices, top.values
 
-    def rank(self, item_ids: Tensor, k: int) -> Tensor:
+    def rank(self, item_ids: Tensor, k: int, gaps: Tensor | None = None) -> Tensor:
         """Top-``k`` vocabulary indices [B, k] for histories ``item_ids`` [B, L] (reserved ids never)."""
-        return self.top_k(item_ids, k)[0]
+        return self.top_k(item_ids, k, gaps)[0]
 
-    def _eval_step(self, item_ids: Tensor) -> None:
-        self._ranked.append(self.rank(item_ids, max(self.ks)).cpu())
+    def _eval_step(self, batch: tuple[Tensor, Tensor]) -> None:
+        item_ids, gaps = batch
+        self._ranked.append(self.rank(item_ids, max(self.ks), gaps).cpu())
 
     def _eval_epoch_end(self, stage: str) -> None:
         ranked = torch.cat(self._ranked).numpy().astype(np.int64)
@@ -170,14 +172,14 @@ class NextItemModule(pl.LightningModule):
         metrics = self.trainer.datamodule.evaluate(stage, ranked, self.ks)
         self.log_dict({f"{stage}/{name}": float(value) for name, value in metrics.items()})
 
-    def validation_step(self, item_ids: Tensor, batch_idx: int) -> None:
-        self._eval_step(item_ids)
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
-    def test_step(self, item_ids: Tensor, batch_idx: int) -> None:
-        self._eval_step(item_ids)
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
@@ -223,10 +225,12 @@ def recommend(
 
     Histories are encoded with the module's own vocabulary, so any receipts can be ranked.
     """
-    max_len = module.model.config.max_len
-    histories = build_sequences(train, module.vocab).select(shopper_ids).last(max_len)
+    sequences = build_sequences(train, module.vocab).select(shopper_ids)
+    histories, gaps = sequences.model_inputs(module.model.config.max_len)
     ranked = [
-        module.rank(torch.from_numpy(histories[i : i + batch_size]), k)
+        module.rank(
+            torch.from_numpy(histories[i : i + batch_size]), k, torch.from_numpy(gaps[i : i + batch_size])
+        )
         for i in range(0, len(histories), batch_size)
     ]
     return module.vocab.decode(torch.cat(ranked).numpy())

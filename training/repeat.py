@@ -28,9 +28,9 @@ def search(
     module: NextItemModule, sequences: Sequences, wanted: int, batch_size: int = 1024
 ) -> tuple[np.ndarray, np.ndarray]:
     """The model's best ``wanted`` item rows [n, w] and scores [n, w] (inner products) per shopper."""
-    inputs = torch.from_numpy(sequences.last(module.model.config.max_len))
+    inputs, gaps = (torch.from_numpy(a) for a in sequences.model_inputs(module.model.config.max_len))
     tops = [
-        module.top_k(inputs[start : start + batch_size], wanted)
+        module.top_k(inputs[start : start + batch_size], wanted, gaps[start : start + batch_size])
         for start in range(0, len(inputs), batch_size)
     ]
     rows = torch.cat([indices for indices, _ in tops]).numpy().astype(np.int64) - NUM_RESERVED

@@ -16,6 +16,9 @@ import pyarrow.compute as pc
 from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
 from recsys.data.vocabulary import PAD, UNK, Vocabulary
 
+FIRST_PURCHASE = -1.0  # the gap of a shopper's first purchase row: there is no previous one
+MICROSECONDS_PER_DAY = 86_400_000_000
+
 
 @dataclass(frozen=True)
 class Sequences:
@@ -52,14 +55,45 @@ class Sequences:
         take = concat_ranges(starts, lengths)
         return Sequences(shopper_ids, offsets, self.items[take], self.basket[take], self.timestamps[take])
 
-    def last(self, max_len: int) -> np.ndarray:
-        """[S, max_len] int64 matrix of each shopper's most recent items, left-padded with ``PAD``."""
+    def gaps(self) -> np.ndarray:
+        """[N] float32 days since the shopper's previous purchase row (:func:`purchase_gaps`)."""
+        return purchase_gaps(self.timestamps, self.offsets, MICROSECONDS_PER_DAY)
+
+    def last(self, max_len: int, values: np.ndarray | None = None) -> np.ndarray:
+        """[S, max_len] matrix of each shopper's most recent items, left-padded with ``PAD``.
+
+        With ``values`` ([N], aligned with ``items``, e.g. :meth:`gaps`) the same cells hold those
+        instead, padded with zeros.
+        """
+        values = self.items if values is None else values
         lengths = np.minimum(self.lengths, max_len)
-        out = np.full((len(self), max_len), PAD, dtype=np.int64)
+        out = np.full((len(self), max_len), PAD, dtype=values.dtype)
         rows = np.repeat(np.arange(len(self)), lengths)
         cols = max_len - lengths[rows] + concat_ranges(np.zeros_like(lengths), lengths)
-        out[rows, cols] = self.items[concat_ranges(self.offsets[1:] - lengths, lengths)]
+        out[rows, cols] = values[concat_ranges(self.offsets[1:] - lengths, lengths)]
         return out
+
+    def model_inputs(self, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """What a model encodes per shopper: the ``max_len`` most recent items [S, max_len] int64,
+        left-padded, and their gaps [S, max_len] float32 (read by models built with ``time_gaps``)."""
+        return self.last(max_len), self.last(max_len, self.gaps())
+
+
+def purchase_gaps(times: np.ndarray, offsets: np.ndarray, per_day: float) -> np.ndarray:
+    """[N] float32 days between each purchase row and the previous row of the same history.
+
+    ``times`` [N] are purchase times in units of which ``per_day`` make a day, histories are
+    ``times[offsets[i]:offsets[i + 1]]`` oldest first. Rows of one basket share a time, so a basket's
+    first row carries the gap to the previous basket and the others 0; a history's first row gets
+    ``FIRST_PURCHASE``. This is the basket-aware input of the sequence models (``recsys.models.gaps``),
+    computed here for training, serving and the batch job alike.
+    """
+    times = np.asarray(times)
+    gaps = np.empty(len(times), dtype=np.float32)
+    gaps[1:] = np.diff(times) / per_day  # differences first: float32 cannot hold epoch times exactly
+    starts = np.asarray(offsets[:-1])
+    gaps[starts[starts < len(times)]] = FIRST_PURCHASE
+    return gaps
 
 
 def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from recsys.data.vocabulary import PAD
+from recsys.models.gaps import GapEmbedding, require_gaps
 from recsys.models.sasrec import Block, SASRecConfig, init_weights
 
 
@@ -46,21 +47,26 @@ class BERT4Rec(nn.Module):
         self.item_emb = nn.Embedding(config.num_items + 1, config.dim, padding_idx=PAD)  # + the MASK row
         # max_len history items + the MASK appended by encode; training windows are max_len + 1 items too
         self.pos_emb = nn.Embedding(config.max_len + 1, config.dim)
+        self.gap_emb = GapEmbedding(config.dim) if config.time_gaps else None
         self.emb_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.ln_final = nn.LayerNorm(config.dim)
         self.apply(init_weights)
 
-    def forward(self, item_ids: Tensor) -> Tensor:
+    def forward(self, item_ids: Tensor, gaps: Tensor | None = None) -> Tensor:
         """Hidden state at every position: [B, L] int64 (L <= max_len + 1, MASK allowed) -> [B, L, d].
 
         Every position attends to every non-padding position, so the output at a MASK sees the items on
-        both sides of it. Outputs at padding positions are finite but meaningless.
+        both sides of it. Outputs at padding positions are finite but meaningless. With ``time_gaps``,
+        ``gaps`` [B, L] come too; a MASK's gap is never read (its time is what is hidden with it).
         """
         L = item_ids.shape[1]
         steps = torch.arange(L, device=item_ids.device)  # [L]
         # Right-aligned positions, as in SASRec: left padding does not shift them.
         x = self.item_emb(item_ids) + self.pos_emb(steps + (self.config.max_len + 1 - L))  # [B, L, d]
+        if self.gap_emb is not None:
+            masked = item_ids == self.mask_token
+            x = x + self.gap_emb(item_ids, require_gaps(item_ids, gaps), unknown=masked)
         x = self.emb_dropout(x)
 
         # Key s is visible if it is an item (or MASK); each position always sees itself, so leading
@@ -73,13 +79,15 @@ class BERT4Rec(nn.Module):
             x = block(x, allowed)
         return self.ln_final(x)
 
-    def encode(self, item_ids: Tensor) -> Tensor:
+    def encode(self, item_ids: Tensor, gaps: Tensor | None = None) -> Tensor:
         """Shopper embedding: the output at a MASK appended after the most recent item, [B, L] -> [B, d].
 
         ``L <= max_len``: the appended MASK takes the position table's last row.
         """
         mask = torch.full_like(item_ids[:, :1], self.mask_token)  # [B, 1]
-        return self.forward(torch.cat([item_ids, mask], dim=1))[:, -1]  # [B, L + 1, d] -> [B, d]
+        if gaps is not None:
+            gaps = torch.cat([gaps, torch.zeros_like(gaps[:, :1])], dim=1)  # the MASK's gap, never read
+        return self.forward(torch.cat([item_ids, mask], dim=1), gaps)[:, -1]  # [B, L + 1, d] -> [B, d]
 
     def item_embeddings(self) -> Tensor:
         """Output item embeddings [num_items, d] tied with the input table, without the MASK row.

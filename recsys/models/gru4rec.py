@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from recsys.data.vocabulary import PAD
+from recsys.models.gaps import PADDING, GapEmbedding, require_gaps
 from recsys.models.sasrec import SASRec
 
 
@@ -35,6 +36,7 @@ class GRU4RecConfig:
     dim: int = 64  # item embedding and GRU state width
     num_layers: int = 1
     dropout: float = 0.2  # on item embeddings, between GRU layers and on the output states
+    time_gaps: bool = False  # basket-aware inputs: also take each row's gap (recsys.models.gaps)
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:
@@ -60,6 +62,7 @@ class GRU4Rec(nn.Module):
         self.config = config
         d = config.dim
         self.item_emb = nn.Embedding(config.num_items, d, padding_idx=PAD)
+        self.gap_emb = GapEmbedding(d) if config.time_gaps else None
         self.emb_dropout = nn.Dropout(config.dropout)
         # nn.GRU's own dropout acts between layers only (it warns when there is one layer)
         inter_layer_dropout = config.dropout if config.num_layers > 1 else 0.0
@@ -72,22 +75,28 @@ class GRU4Rec(nn.Module):
         # 0.16 instead of 0.26 after 3 epochs). The GRU keeps torch's uniform(+-d^-1/2) init.
         nn.init.normal_(self.item_emb.weight, mean=0.0, std=d**-0.5)
         nn.init.zeros_(self.item_emb.weight[PAD])  # normal_ overwrote the zero row padding_idx set up
+        if self.gap_emb is not None:  # the same scale for the gap part of the input
+            nn.init.normal_(self.gap_emb.table.weight, mean=0.0, std=d**-0.5)
+            nn.init.zeros_(self.gap_emb.table.weight[PADDING])
         nn.init.normal_(self.proj.weight, mean=0.0, std=0.02)  # small initial logits
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, item_ids: Tensor) -> Tensor:
-        """Hidden state after every position: [B, L] int64 -> [B, L, d].
+    def forward(self, item_ids: Tensor, gaps: Tensor | None = None) -> Tensor:
+        """Hidden state after every position: [B, L] int64 (and gaps [B, L] with ``time_gaps``) -> [B, L, d].
 
         A recurrence only looks back, so output t depends on items at positions <= t and is trained to
         predict item t + 1. Outputs at leading padding positions are ``proj``'s bias (the state is zero).
         """
-        x = self.emb_dropout(self.item_emb(item_ids))  # [B, L, d], exactly zero at padding
+        x = self.item_emb(item_ids)  # [B, L, d], exactly zero at padding, as is the gap embedding
+        if self.gap_emb is not None:
+            x = x + self.gap_emb(item_ids, require_gaps(item_ids, gaps))
+        x = self.emb_dropout(x)
         states, _ = self.gru(x)  # [B, L, d], from a zero initial state
         return self.proj(self.out_dropout(states))
 
-    def encode(self, item_ids: Tensor) -> Tensor:
+    def encode(self, item_ids: Tensor, gaps: Tensor | None = None) -> Tensor:
         """Shopper embedding, the output at the last (most recent) position: [B, L] -> [B, d]."""
-        return self.forward(item_ids)[:, -1]
+        return self.forward(item_ids, gaps)[:, -1]
 
     # Output item embeddings [V, d]: SASRec's tied table with row 0 (padding) returned as zeros built
     # outside it. It reads only ``self.item_emb``, which both models name alike.

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recsys.data.vocabulary import PAD
+from recsys.models.gaps import GapEmbedding, require_gaps
 
 
 @dataclass
@@ -30,6 +31,7 @@ class SASRecConfig:
     num_layers: int = 2
     num_heads: int = 2
     dropout: float = 0.2
+    time_gaps: bool = False  # basket-aware inputs: also take each row's gap (recsys.models.gaps)
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads != 0:
@@ -136,22 +138,25 @@ class SASRec(nn.Module):
         # tables initialised at std 0.02, item and position start on an equal footing.
         self.item_emb = nn.Embedding(config.num_items, config.dim, padding_idx=PAD)
         self.pos_emb = nn.Embedding(config.max_len, config.dim)
+        self.gap_emb = GapEmbedding(config.dim) if config.time_gaps else None
         self.emb_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.ln_final = nn.LayerNorm(config.dim)
         self.apply(init_weights)
 
-    def forward(self, item_ids: Tensor) -> Tensor:
-        """Hidden state after every position: [B, L] int64 -> [B, L, d].
+    def forward(self, item_ids: Tensor, gaps: Tensor | None = None) -> Tensor:
+        """Hidden state after every position: [B, L] int64 (and gaps [B, L] with ``time_gaps``) -> [B, L, d].
 
         Position t only sees items at positions <= t, so output t is trained to predict item t + 1.
-        Outputs at padding positions are finite but meaningless.
+        Outputs at padding positions are finite but meaningless. ``gaps`` are ignored without ``time_gaps``.
         """
         L = item_ids.shape[1]
         steps = torch.arange(L, device=item_ids.device)  # [L]
         # Right-aligned positions: the most recent item is always position max_len - 1, so the same
         # history gets the same positions however much left padding the batch added.
         x = self.item_emb(item_ids) + self.pos_emb(steps + (self.config.max_len - L))  # [B, L, d]
+        if self.gap_emb is not None:
+            x = x + self.gap_emb(item_ids, require_gaps(item_ids, gaps))
         x = self.emb_dropout(x)
 
         # Query t may attend key s if s <= t (causal) and s is an item; always to itself, so that leading
@@ -165,9 +170,9 @@ class SASRec(nn.Module):
             x = block(x, allowed)
         return self.ln_final(x)
 
-    def encode(self, item_ids: Tensor) -> Tensor:
+    def encode(self, item_ids: Tensor, gaps: Tensor | None = None) -> Tensor:
         """Shopper embedding, the hidden state at the last (most recent) position: [B, L] -> [B, d]."""
-        return self.forward(item_ids)[:, -1]
+        return self.forward(item_ids, gaps)[:, -1]
 
     def item_embeddings(self) -> Tensor:
         """Output item embeddings [V, d], row i = vocabulary index i, tied with the input table.

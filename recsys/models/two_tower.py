@@ -11,7 +11,9 @@ Inputs follow ``recsys.data.vocabulary`` (0 padding, 1 unknown, products from 2,
   the items at positions <= t, weight ``exp(-rate * age)`` with one learned rate per recency scale
   (``num_decays``), padding weight 0. A product bought twice counts twice (frequency). The scales are
   concatenated and mapped to ``dim`` by a residual MLP. Weights depend only on an item's age, so extra
-  left padding changes nothing.
+  left padding changes nothing. Age is counted in positions, or with ``time_gaps`` (basket-aware) in days
+  between the purchases (summed ``gaps``, ``recsys.models.gaps``): a basket's products then weigh alike,
+  and a month without shopping ages a history by a month, not by nothing.
 
 Scores are ``encode(x) @ item_embeddings().T``, as for every model here; ``forward`` returns the causal
 prefix states [B, L, d] that ``training.module.NextItemModule`` trains.
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 
 from recsys.data.features import MISSING, ProductFeatures
 from recsys.data.vocabulary import PAD
+from recsys.models.gaps import require_gaps
 from recsys.models.sasrec import init_weights
 
 
@@ -44,6 +47,7 @@ class TwoTowerConfig:
     # travels with the config so a checkpoint can encode products outside its vocabulary.
     features: dict[str, Any] | None = None
     num_decays: int = 2  # recency scales of the shopper tower (half-lives 2, 8, 32, ... items at init)
+    time_gaps: bool = False  # age in days from the purchase gaps (half-lives 14, 56, ... days at init)
     id_dropout: float = 0.25  # share of item ids replaced by the unknown-id vector in training
     dropout: float = 0.1
 
@@ -108,7 +112,8 @@ class TwoTower(nn.Module):
         self.apply(init_weights)
         nn.init.normal_(self.unknown_id_emb, mean=0.0, std=0.02)
         with torch.no_grad():
-            half_lives = 2.0 * 4.0 ** torch.arange(config.num_decays, dtype=torch.float32)
+            first = 14.0 if config.time_gaps else 2.0  # days or positions
+            half_lives = first * 4.0 ** torch.arange(config.num_decays, dtype=torch.float32)
             self.decay.copy_(torch.log(torch.expm1(math.log(2.0) / half_lives)))  # softplus^-1(rate)
 
     def set_item_codes(self, codes: Tensor) -> None:
@@ -150,8 +155,8 @@ class TwoTower(nn.Module):
         """Item-tower embeddings [V, d], row i = vocabulary index i; row 0 (padding) is zero."""
         return self._embed_items(torch.arange(self.config.num_items, device=self.item_codes.device))
 
-    def forward(self, item_ids: Tensor) -> Tensor:
-        """Shopper state after every position: [B, L] int64 -> [B, L, d].
+    def forward(self, item_ids: Tensor, gaps: Tensor | None = None) -> Tensor:
+        """Shopper state after every position: [B, L] int64 (and gaps [B, L] with ``time_gaps``) -> [B, L, d].
 
         State t pools the items at positions <= t, so output t is trained to predict item t + 1. States
         at leading padding positions pool nothing (zero vectors through the MLP): finite, meaningless.
@@ -159,9 +164,15 @@ class TwoTower(nn.Module):
         L = item_ids.shape[1]
         items = self._embed_items(item_ids)  # [B, L, d]
         steps = torch.arange(L, device=item_ids.device)
-        age = steps[:, None] - steps[None, :]  # [L, L] (state t, item s): positions s lies before t
-        rates = F.softplus(self.decay)  # [S]
-        weights = torch.exp(-rates[:, None, None] * age.clamp(min=0)) * (age >= 0)  # [S, L, L]
+        before = (steps[:, None] >= steps[None, :]).float()  # [L, L] (state t, item s): s at or before t
+        if self.config.time_gaps:
+            # days from the window's first row: gaps summed, the first row's (unknown span) counted 0
+            days = (require_gaps(item_ids, gaps).clamp(min=0) * (item_ids != PAD)).cumsum(dim=1)  # [B, L]
+            age = (days[:, :, None] - days[:, None, :])[:, None]  # [B, 1, L, L] days from item s to t
+        else:
+            age = (steps[:, None] - steps[None, :]).float()  # [L, L] positions from item s to t
+        rates = F.softplus(self.decay)[:, None, None]  # [S, 1, 1]
+        weights = torch.exp(-rates * age.clamp(min=0)) * before  # [S, L, L] or [B, S, L, L]
         weights = weights * (item_ids != PAD)[:, None, None, :]  # [B, S, L, L]: padding weight 0
         pooled = weights @ items[:, None]  # [B, S, L, L] @ [B, 1, L, d] -> [B, S, L, d]
         # Weighted mean. An item's own weight is exp(0) = 1, so the total is >= 1 wherever there is an
@@ -172,6 +183,6 @@ class TwoTower(nn.Module):
         # the mean over scales is a direct path: repeats of history items score high from the start
         return scales.mean(dim=2) + mixed
 
-    def encode(self, item_ids: Tensor) -> Tensor:
+    def encode(self, item_ids: Tensor, gaps: Tensor | None = None) -> Tensor:
         """Shopper embedding, the state after the last (most recent) position: [B, L] -> [B, d]."""
-        return self.forward(item_ids)[:, -1]
+        return self.forward(item_ids, gaps)[:, -1]
