@@ -320,3 +320,41 @@ def test_repeat_aware_job_equals_serving(job: Job, data: dict[str, Any], tmp_pat
     torch_output = read_output(tmp_path / "aware-torch")
     for a, b in zip(output.to_pylist(), torch_output.to_pylist(), strict=True):
         np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-5)
+
+
+def test_basket_aware_job_equals_serving(job: Job, data: dict[str, Any], tmp_path: Path) -> None:
+    """A model reading purchase gaps: both engines compute them from the receipts, serving from the
+    request's timestamps, and all three agree."""
+    hparams = torch.load(data["checkpoint"], weights_only=True)["hyper_parameters"]
+    torch.manual_seed(1)
+    module = NextItemModule(hparams["net"] | {"time_gaps": True}, hparams["vocab"])
+    with torch.no_grad():
+        module.model.item_emb.weight.mul_(30)
+        module.model.gap_emb.table.weight.mul_(30)  # gaps move the rankings visibly
+    checkpoint = tmp_path / "gaps.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, checkpoint)
+    bundle = export_bundle(checkpoint, tmp_path / "gaps-bundle", indexes.flat)
+    job("gaps", bundle=bundle, parts=2, batch_size=40)
+    output = read_output(tmp_path / "gaps")
+    timed = histories(data["receipts"], with_seconds=True)
+    shoppers = sorted(timed)
+    expected = Recommender.load(bundle).recommend_batch(
+        [timed[s][0] for s in shoppers], K, timestamps=[timed[s][1] for s in shoppers]
+    )
+    assert output.column(SHOPPER).to_pylist() == shoppers
+    for row, want in zip(output.to_pylist(), expected, strict=True):
+        assert row["product_ids"] == want.product_ids, row[SHOPPER]
+        np.testing.assert_allclose(row["scores"], want.scores, rtol=1e-5, atol=1e-5)
+    # the same histories as if each product were bought on its own trip, 3 days apart, score
+    # differently: the gaps were read
+    trips = Recommender.load(bundle).recommend_batch(
+        [timed[s][0] for s in shoppers],
+        K,
+        timestamps=[(3 * 86_400 * np.arange(len(timed[s][0]))).tolist() for s in shoppers],
+    )
+    pairs = [(a, b) for a, b in zip(expected, trips, strict=True) if not a.fallback]
+    changed = sum(abs(a.scores[0] - b.scores[0]) > 1e-3 for a, b in pairs)
+    assert changed > 0.9 * len(pairs)
+    job("gaps-torch", engine="checkpoint", checkpoint=checkpoint, batch_size=50)
+    for a, b in zip(output.to_pylist(), read_output(tmp_path / "gaps-torch").to_pylist(), strict=True):
+        np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-4)
