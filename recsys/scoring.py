@@ -81,7 +81,7 @@ def select(
     exclude: Sequence[np.ndarray] | None = None,
     min_score: float | np.ndarray | None = None,
     history: Sequence[np.ndarray] | None = None,
-    explore_slots: int = 0,
+    explore_slots: int | np.ndarray = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pick each shopper's final ``k`` items from searched candidates.
 
@@ -94,7 +94,7 @@ def select(
             Shoppers then get fewer items (or none) rather than irrelevant ones.
         history: per shopper, rows bought before; only used by ``explore_slots``.
         explore_slots: positions reserved for the best candidates NOT in the history, where there are
-            that many; the other positions take the best remaining candidates.
+            that many (an int, or [B] per shopper); the other positions take the best remaining ones.
 
     Returns:
         rows [B, k] int64 padded with -1 and scores [B, k] float32 padded with NaN, best first; equal
@@ -106,9 +106,10 @@ def select(
         raise ValueError(
             f"candidate rows {rows.shape} and scores {scores.shape} must be the same [B, C] shape"
         )
-    if k < 0 or explore_slots < 0:
-        raise ValueError(f"k ({k}) and explore_slots ({explore_slots}) must be >= 0")
     num_shoppers = rows.shape[0]
+    explore = np.broadcast_to(np.asarray(explore_slots, dtype=np.int64), (num_shoppers,))
+    if k < 0 or (explore < 0).any():
+        raise ValueError(f"k ({k}) and explore_slots ({explore_slots}) must be >= 0")
 
     valid = (rows >= 0) & ~np.isnan(scores)
     if min_score is not None:
@@ -132,9 +133,9 @@ def select(
     valid &= first.reshape(valid.shape)
 
     reserved = np.zeros_like(valid)
-    if explore_slots > 0:
+    if (explore > 0).any():
         novel = valid if history is None else valid & ~_member(rows, history)
-        reserved = novel & (np.cumsum(novel, axis=1) <= min(explore_slots, k))
+        reserved = novel & (np.cumsum(novel, axis=1) <= np.minimum(explore, k)[:, None])
     others = valid & ~reserved
     room = k - reserved.sum(axis=1, keepdims=True)
     keep = reserved | (others & (np.cumsum(others, axis=1) <= room))

@@ -107,6 +107,9 @@ def create_app(
         min_score: float | None = Field(
             None, allow_inf_nan=False, description="drop scores below this (not applied to fallback)"
         )
+        explore_slots: int = Field(
+            0, ge=0, le=max_k, description="positions reserved for the best products new to the shopper"
+        )
         timestamps: list[Timestamp] | None = Field(
             None,
             max_length=max_history,
@@ -152,7 +155,12 @@ def create_app(
         recommender = serving.recommender  # read once: a concurrent reload cannot split one request
         with _unprocessable():
             result = recommender.recommend(
-                request.history, request.k, request.exclude_purchased, request.min_score, request.timestamps
+                request.history,
+                request.k,
+                request.exclude_purchased,
+                request.min_score,
+                request.timestamps,
+                request.explore_slots,
             )
         return _response(result, recommender.bundle_id)
 
@@ -168,6 +176,7 @@ def create_app(
                 [r.exclude_purchased for r in requests],
                 [r.min_score for r in requests],
                 [r.timestamps for r in requests],
+                [r.explore_slots for r in requests],
             )
         return BatchResponse(results=[_response(r, recommender.bundle_id) for r in results])
 

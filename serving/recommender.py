@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,6 +50,14 @@ def _gaps(seconds: np.ndarray) -> np.ndarray:
     microseconds, so both read the same bucket at a bucket's edge."""
     micros = np.round(seconds * 1e6).astype(np.int64)
     return purchase_gaps(micros, np.array([0, len(micros)]), MICROSECONDS_PER_DAY)
+
+
+def _groups(keys: Iterable[Hashable]) -> list[tuple[Any, np.ndarray]]:
+    """(key, positions) of each distinct key, in order of first appearance."""
+    positions: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        positions.setdefault(key, []).append(i)
+    return [(key, np.array(found)) for key, found in positions.items()]
 
 
 def _per_request(value: T | Sequence[T], count: int, name: str) -> list[T]:
@@ -192,6 +200,7 @@ class Recommender:
         exclude_purchased: bool = False,
         min_score: float | None = None,
         timestamps: Sequence[float] | None = None,
+        explore_slots: int = 0,
     ) -> Recommendation:
         """Top ``k`` products for a shopper whose purchases (product ids, oldest first) are ``history``.
 
@@ -205,9 +214,13 @@ class Recommender:
         Unknown products are dropped and counted; only the most recent ``max_len`` known ones are encoded.
         An empty or all-unknown history gets the popularity fallback (flagged; ``min_score`` does not
         apply to it). ``min_score`` otherwise drops lower-scoring items, so fewer (or zero) may come back;
-        ``exclude_purchased`` never recommends a product of the history.
+        ``exclude_purchased`` never recommends a product of the history; ``explore_slots`` reserves that
+        many of the ``k`` positions for the best products new to the shopper (the batch job's rule, by the
+        same ``recsys.scoring.select``), so a shopper is not shown only what they already buy.
         """
-        return self.recommend_batch([history], k, exclude_purchased, min_score, [timestamps])[0]
+        return self.recommend_batch([history], k, exclude_purchased, min_score, [timestamps], explore_slots)[
+            0
+        ]
 
     def recommend_batch(
         self,
@@ -216,21 +229,25 @@ class Recommender:
         exclude_purchased: bool | Sequence[bool] = False,
         min_score: float | Sequence[float | None] | None = None,
         timestamps: Sequence[Sequence[float] | None] | None = None,
+        explore_slots: int | Sequence[int] = 0,
     ) -> list[Recommendation]:
         """:meth:`recommend` for many shoppers with one ONNX run and one FAISS search.
 
-        ``k``, ``exclude_purchased`` and ``min_score`` are either shared or given per history;
-        ``timestamps`` holds one list (or None) per history.
+        ``k``, ``exclude_purchased``, ``min_score`` and ``explore_slots`` are either shared or given per
+        history; ``timestamps`` holds one list (or None) per history.
         """
         count = len(histories)
         ks = _per_request(k, count, "k")
         excludes = _per_request(exclude_purchased, count, "exclude_purchased")
         floors = _per_request(min_score, count, "min_score")
+        explores = _per_request(explore_slots, count, "explore_slots")
         stamps = [None] * count if timestamps is None else list(timestamps)
         if len(stamps) != count:
             raise ValueError(f"timestamps has {len(stamps)} entries for {count} histories")
         if any(value < 1 for value in ks):
             raise ValueError("k must be >= 1")
+        if any(value < 0 for value in explores):
+            raise ValueError("explore_slots must be >= 0")
 
         lengths = [len(h) for h in histories]
         flat = np.fromiter(itertools.chain.from_iterable(histories), dtype=np.int64, count=sum(lengths))
@@ -261,6 +278,7 @@ class Recommender:
                 [ks[i] for i in encoded],
                 [excludes[i] for i in encoded],
                 [floors[i] for i in encoded],
+                [explores[i] for i in encoded],
                 [seconds[i] for i in encoded],
             )
             for j, i in enumerate(encoded):
@@ -295,6 +313,7 @@ class Recommender:
         ks: list[int],
         excludes: list[bool],
         floors: list[float | None],
+        explores: list[int],
         seconds: list[np.ndarray | None],
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Encode non-empty row histories in one batch and select the top ``max(ks)`` rows of each.
@@ -313,34 +332,40 @@ class Recommender:
                 gaps[j, gaps.shape[1] - len(rows) :] = _gaps(seconds[j])[len(known[j]) - len(rows) :]  # type: ignore[arg-type]
         (shoppers,) = self._session.run([self._output], self._feeds(item_ids, gaps))
 
-        exclude = [
-            np.unique(rows) if flag else np.empty(0, np.int64)
-            for rows, flag in zip(known, excludes, strict=True)
-        ]
+        bought = [np.unique(rows) for rows in known]
+        exclude = [rows if flag else rows[:0] for rows, flag in zip(bought, excludes, strict=True)]
         k = max(ks)
         aware = np.array([t is not None and self._bundle.repeat is not None for t in seconds])
-        distinct = [len(np.unique(rows)) if a else 0 for rows, a in zip(known, aware, strict=True)]
-        wanted = min(
-            self.num_items, candidates_needed(k, [len(e) for e in exclude], distinct, repeat_aware=True)
-        )
+        # the history matters to the search size for repeat-aware scoring and explore slots only
+        distinct = [len(b) if a or e else 0 for b, a, e in zip(bought, aware, explores, strict=True)]
+        needed = candidates_needed(k, [len(e) for e in exclude], distinct, max(explores), repeat_aware=True)
+        wanted = min(self.num_items, needed)
         # OpenMP's thread count is per calling thread: server worker threads would otherwise start at one
         # per core, and an OpenMP team per single-query search is slower, badly so on a loaded machine.
         faiss.omp_set_num_threads(self._search_threads)
         scores, rows = self._bundle.index.search(np.ascontiguousarray(shoppers, dtype=np.float32), wanted)
         floor = np.array([np.nan if f is None else f for f in floors], dtype=np.float64)
-        out_rows, out_scores = np.empty((len(known), k), np.int64), np.empty((len(known), k), np.float32)
-        for group in (np.flatnonzero(~aware), np.flatnonzero(aware)):
-            if len(group) == 0:
-                continue
+        out_rows, out_scores = (
+            np.full((len(known), k), -1, np.int64),
+            np.full((len(known), k), np.nan, np.float32),
+        )
+        # one select per (scorer, k): explore slots are reserved within each shopper's own k
+        for (repeat_aware, group_k), group in _groups(zip(aware.tolist(), ks, strict=True)):
             group_rows, group_scores = rows[group], scores[group]
-            if aware[group[0]]:
+            if repeat_aware:
                 assert self._bundle.repeat is not None
                 days = [seconds[j] / SECONDS_PER_DAY for j in group]  # type: ignore[operator]
                 histories = Histories.from_lists([known[j] for j in group], days)
                 group_rows, group_scores = self._bundle.repeat.blend(
-                    histories, group_rows, group_scores, np.asarray(ks)[group]
+                    histories, group_rows, group_scores, group_k
                 )
-            out_rows[group], out_scores[group] = select(
-                group_rows, group_scores, k, exclude=[exclude[j] for j in group], min_score=floor[group]
+            out_rows[group, :group_k], out_scores[group, :group_k] = select(
+                group_rows,
+                group_scores,
+                group_k,
+                exclude=[exclude[j] for j in group],
+                min_score=floor[group],
+                history=[bought[j] for j in group],
+                explore_slots=np.asarray(explores)[group],
             )
         return out_rows, out_scores, aware

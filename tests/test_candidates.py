@@ -165,10 +165,12 @@ def test_rules_are_respected(job: Job, data: dict[str, Any], tmp_path: Path) -> 
         assert min(row["scores"], default=floor) >= floor
         assert row["scores"] == sorted(row["scores"], reverse=True)
 
-    # explore slots alone: at least 3 never-bought products for every shopper
+    # explore slots alone: at least 3 never-bought products for every shopper, as serving reserves them
     job("explore", **{"rules.explore_slots": 3})
-    for row in read_output(tmp_path / "explore").to_pylist():
+    explore = read_output(tmp_path / "explore")
+    for row in explore.to_pylist():
         assert len(set(row["product_ids"]) - set(history[row[SHOPPER]])) >= 3
+    assert_equal_to_serving(explore, Recommender.load(data["bundle"]), data["receipts"], explore_slots=3)
     # the same list as parquet gives the same output
     job("ruled_parquet", **rules, **{"rules.unavailable": tmp_path / "gone.parquet"})
     assert read_output(tmp_path / "ruled_parquet").equals(ruled)

@@ -47,11 +47,18 @@ def test_recommend(client: TestClient, bundles: tuple[SyntheticBundle, Synthetic
     response = client.post("/recommend", json={"history": history, "k": 4, "exclude_purchased": True})
     assert response.status_code == 200
     body = response.json()
-    expected = Recommender.load(bundles[0].path).recommend(history, k=4, exclude_purchased=True)
+    expected = Recommender.load(bundles[0].path).recommend(
+        history, k=4, exclude_purchased=True, explore_slots=2
+    )
     assert body["product_ids"] == expected.product_ids
     np.testing.assert_allclose(body["scores"], expected.scores, rtol=1e-6)
     assert (body["fallback"], body["unknown"], body["truncated"]) == (False, 1, False)
     assert body["bundle_id"] == client.get("/metadata").json()["bundle_id"]
+    # explore slots reach the recommender: new products replace some of the shopper's own
+    explore = client.post("/recommend", json={"history": history, "k": 4, "explore_slots": 3}).json()
+    plain = client.post("/recommend", json={"history": history, "k": 4}).json()
+    expected = Recommender.load(bundles[0].path).recommend(history, k=4, explore_slots=3)
+    assert explore["product_ids"] == expected.product_ids != plain["product_ids"]
 
 
 def test_recommend_defaults_and_fallback(
@@ -105,6 +112,8 @@ def test_probes_and_docs(client: TestClient, bundles: tuple[SyntheticBundle, Syn
         ({"history": [-(2**63) - 1]}, ["body", "history", 0], "greater than or equal to"),
         ({"history": [1], "exclude_purchased": "yes"}, ["body", "exclude_purchased"], "valid boolean"),
         ({"history": [1], "min_score": "high"}, ["body", "min_score"], "valid number"),
+        ({"history": [1], "explore_slots": -1}, ["body", "explore_slots"], "greater than or equal to 0"),
+        ({"history": [1], "explore_slots": 101}, ["body", "explore_slots"], "less than or equal to 100"),
         ({"history": [1], "top_k": 5}, ["body", "top_k"], "Extra inputs are not permitted"),
         ([1, 2], ["body"], "valid dictionary"),
     ],

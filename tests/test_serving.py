@@ -107,6 +107,19 @@ def test_k_above_catalogue_returns_everything(bundle: SyntheticBundle, recommend
         recommender.recommend(_history(bundle, [1]), k=0)
 
 
+def test_explore_slots_show_new_products(bundle: SyntheticBundle, recommender: Recommender) -> None:
+    history = _history(bundle, [3, 7, 1, 3])
+    plain = recommender.recommend(history, k=6)
+    assert len(set(plain.product_ids) - set(history)) < 5  # own items score high: few new ones
+    result = recommender.recommend(history, k=6, explore_slots=5)
+    new = _expected(bundle, history, 5, drop=set(history))  # the 5 best products new to the shopper
+    assert set(new) <= set(result.product_ids)
+    assert result.product_ids == [p for p in _expected(bundle, history, 100) if p in result.product_ids]
+    assert set(result.product_ids) - set(new) <= set(plain.product_ids[:1])  # the one other: the best
+    with pytest.raises(ValueError, match="explore_slots must be"):
+        recommender.recommend(history, explore_slots=-1)
+
+
 def test_batch_equals_single(bundle: SyntheticBundle, recommender: Recommender) -> None:
     rng = np.random.default_rng(3)
     histories = [_history(bundle, rng.integers(0, 40, size=n).tolist()) for n in (1, 3, 0, 12, 5, 2)]
@@ -114,9 +127,10 @@ def test_batch_equals_single(bundle: SyntheticBundle, recommender: Recommender) 
     ks = [3, 10, 4, 7, 40, 1]
     excludes = [False, True, False, True, False, True]
     floors = [None, 0.0, None, None, -1.0, None]
-    batch = recommender.recommend_batch(histories, ks, excludes, floors)
+    explores = [1, 0, 2, 3, 0, 1]
+    batch = recommender.recommend_batch(histories, ks, excludes, floors, explore_slots=explores)
     for i, got in enumerate(batch):
-        single = recommender.recommend(histories[i], ks[i], excludes[i], floors[i])
+        single = recommender.recommend(histories[i], ks[i], excludes[i], floors[i], explore_slots=explores[i])
         assert got.product_ids == single.product_ids
         assert (got.fallback, got.unknown, got.truncated) == (
             single.fallback,
