@@ -218,9 +218,10 @@ class Recommender:
         many of the ``k`` positions for the best products new to the shopper (the batch job's rule, by the
         same ``recsys.scoring.select``), so a shopper is not shown only what they already buy.
         """
-        return self.recommend_batch([history], k, exclude_purchased, min_score, [timestamps], explore_slots)[
-            0
-        ]
+        (result,) = self.recommend_batch(
+            [history], k, exclude_purchased, min_score, [timestamps], explore_slots
+        )
+        return result
 
     def recommend_batch(
         self,
@@ -329,7 +330,8 @@ class Recommender:
         for j, rows in enumerate(kept):
             item_ids[j, item_ids.shape[1] - len(rows) :] = rows + NUM_RESERVED
             if self._gaps is not None:  # gaps over the whole known history, then its most recent rows
-                gaps[j, gaps.shape[1] - len(rows) :] = _gaps(seconds[j])[len(known[j]) - len(rows) :]  # type: ignore[arg-type]
+                history_gaps = _gaps(seconds[j])  # type: ignore[arg-type]
+                gaps[j, gaps.shape[1] - len(rows) :] = history_gaps[len(history_gaps) - len(rows) :]
         (shoppers,) = self._session.run([self._output], self._feeds(item_ids, gaps))
 
         bought = [np.unique(rows) for rows in known]
