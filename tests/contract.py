@@ -78,6 +78,26 @@ class Run:
     metrics: dict[str, Any]  # its metrics.json
 
 
+def small_run(model: str, lr: float, *overrides: str) -> list[str]:
+    """Overrides for a quick job through the real configs: ``model`` on a 600-shopper synthetic world,
+    dim 32, 3 epochs at ``lr``, CSV logs (what :func:`training_losses` reads), plus ``overrides``."""
+    return [
+        "data=synthetic",
+        f"model={model}",
+        "trainer=cpu",
+        "logger=csv",
+        "data.receipts.config.num_shoppers=600",
+        "data.receipts.config.num_products=300",
+        "model.net.dim=32",
+        f"model.lr={lr}",
+        "model.warmup_steps=20",
+        "trainer.max_epochs=3",
+        "trainer.log_every_n_steps=5",
+        "trainer.enable_progress_bar=false",
+        *overrides,
+    ]
+
+
 def train_run(path: Path, overrides: list[str]) -> Run:
     """Compose ``conf/train.yaml`` with ``overrides``, train with outputs in ``path``, return the run."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

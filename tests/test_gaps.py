@@ -42,6 +42,7 @@ from tests.contract import (
     check_causal,
     check_finite_with_heavy_padding,
     check_prefix_states,
+    small_run,
     train_run,
     training_losses,
 )
@@ -197,22 +198,7 @@ def test_export_takes_gaps_with_parity(name: str) -> None:
 
 # --- trained through the real configs, exported, served --------------------------------------------------
 
-SMALL = [
-    "data=synthetic",
-    "model=sasrec",
-    "model.net.time_gaps=true",
-    "trainer=cpu",
-    "logger=csv",
-    "data.receipts.config.num_shoppers=600",
-    "data.receipts.config.num_products=300",
-    "model.net.dim=32",
-    "model.net.num_layers=1",
-    "model.lr=1e-2",
-    "model.warmup_steps=20",
-    "trainer.max_epochs=3",
-    "trainer.log_every_n_steps=5",
-    "trainer.enable_progress_bar=false",
-]
+SMALL = small_run("sasrec", 1e-2, "model.net.time_gaps=true", "model.net.num_layers=1")
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from tests.contract import (
     Run,
     check_finite_with_heavy_padding,
     check_prefix_states,
+    small_run,
     train_run,
     training_losses,
 )
@@ -118,20 +119,8 @@ def test_a_second_export_in_one_process_keeps_the_sequence_axis(stacked: tuple[G
 
 # --- trained through the real Hydra configs ------------------------------------------------------------
 
-SMALL = [
-    "data=synthetic",
-    "model=gru4rec",
-    "trainer=cpu",
-    "logger=csv",
-    "data.receipts.config.num_shoppers=600",
-    "data.receipts.config.num_products=300",
-    "model.net.dim=32",
-    "model.lr=3e-2",  # ~60 steps in all: at the config's 3e-3 the GRU is still near popularity
-    "model.warmup_steps=20",
-    "trainer.max_epochs=3",
-    "trainer.log_every_n_steps=5",
-    "trainer.enable_progress_bar=false",
-]
+# ~60 steps in all: at the config's 3e-3 the GRU is still near popularity
+SMALL = small_run("gru4rec", 3e-2)
 
 
 @pytest.fixture(scope="module")

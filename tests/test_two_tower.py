@@ -34,6 +34,7 @@ from tests.contract import (
     Run,
     check_finite_with_heavy_padding,
     check_prefix_states,
+    small_run,
     train_run,
     training_losses,
 )
@@ -136,20 +137,7 @@ def test_onnx_export_matches_torch() -> None:
 
 # --- trained through the real Hydra configs ------------------------------------------------------------
 
-SMALL = [
-    "data=synthetic",
-    "model=two_tower",
-    "trainer=cpu",
-    "logger=csv",
-    "data.receipts.config.num_shoppers=600",
-    "data.receipts.config.num_products=300",
-    "model.net.dim=32",
-    "model.lr=3e-3",
-    "model.warmup_steps=20",
-    "trainer.max_epochs=3",
-    "trainer.log_every_n_steps=5",
-    "trainer.enable_progress_bar=false",
-]
+SMALL = small_run("two_tower", 3e-3)
 
 
 @pytest.fixture(scope="module")
