@@ -1,5 +1,6 @@
-"""Checks every sequence model must pass (the ``forward`` / ``encode`` / ``item_embeddings`` contract), and
-a training run through the real configs."""
+"""Checks every sequence model must pass (the ``forward`` / ``encode`` / ``item_embeddings`` contract), the
+inputs they are checked on, the exact-loss check of a training step, and a training run through the real
+configs."""
 
 from __future__ import annotations
 
@@ -16,7 +17,32 @@ from torch import Tensor, nn
 
 from recsys.data.vocabulary import NUM_RESERVED, PAD
 from tests.conftest import CONF
+from training.module import NextItemModule
 from training.train import train
+
+
+def random_items(num_items: int, batch: int, length: int, seed: int = 0) -> Tensor:
+    """[batch, length] random product indices of a ``num_items`` vocabulary (no padding, no MASK)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(NUM_RESERVED, num_items, (batch, length), generator=g)
+
+
+def other_item(items: Tensor, num_items: int) -> Tensor:
+    """Each product index replaced by the next product (wrapping), never a reserved index."""
+    return (items + 1 - NUM_RESERVED) % (num_items - NUM_RESERVED) + NUM_RESERVED
+
+
+def check_shapes(model: nn.Module, num_items: int, dim: int, max_len: int) -> None:
+    """``forward`` is [B, L, d] and ``encode`` its last position for lengths 1, 5 and ``max_len``;
+    ``item_embeddings`` is [V, d] with a zero padding row."""
+    for length in (1, 5, max_len):
+        x = random_items(num_items, 3, length)
+        hidden = model(x)
+        assert hidden.shape == (3, length, dim)
+        assert torch.equal(model.encode(x), hidden[:, -1])
+    items = model.item_embeddings()
+    assert items.shape == (num_items, dim)
+    assert torch.equal(items[PAD], torch.zeros(dim))
 
 
 def check_causal(
@@ -28,7 +54,7 @@ def check_causal(
         states = model(x, gaps)
         for t in range(x.shape[1]):
             changed = x.clone()
-            changed[:, t] = (x[:, t] + 1 - NUM_RESERVED) % (num_items - NUM_RESERVED) + NUM_RESERVED
+            changed[:, t] = other_item(x[:, t], num_items)
             changes = [model(changed, gaps)]
             if gaps is not None and t > 0:  # (a history's first gap only marks it as the first)
                 later = gaps.clone()
@@ -67,6 +93,31 @@ def check_finite_with_heavy_padding(
     for name, param in model.named_parameters():
         if name not in no_grad:
             assert param.grad is not None and torch.isfinite(param.grad).all(), name
+
+
+def exact_loss_drop(
+    module: NextItemModule, batch: tuple[Tensor, Tensor], steps: int, lr: float
+) -> tuple[float, float]:
+    """The exact (full softmax) loss of ``batch`` before and after ``steps`` Adam steps on it with the
+    module's configured loss. Measured with the same seed each time, so a masked objective masks alike and
+    dropout drops alike."""
+    loss = module.hparams.loss
+
+    def exact() -> float:
+        module.hparams.loss = "softmax"
+        torch.manual_seed(1)
+        with torch.no_grad():
+            value = module.training_step(batch, 0).item()
+        module.hparams.loss = loss
+        return value
+
+    before = exact()
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        module.training_step(batch, 0).backward()
+        optimizer.step()
+    return before, exact()
 
 
 @dataclass(frozen=True)

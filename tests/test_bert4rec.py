@@ -3,6 +3,7 @@ objective checks, and a real Hydra training run that is checkpointed, exported t
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,6 @@ import pyarrow.compute as pc
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from torch import Tensor
 
 from export import index as indexes
 from export.export import export_bundle
@@ -28,6 +28,7 @@ from recsys.evaluation.protocol import EvaluationData, evaluate, prepare
 from recsys.models.bert4rec import BERT4Rec, BERT4RecConfig
 from serving.recommender import Recommender
 from tests.conftest import CONF
+from tests.contract import other_item, random_items
 from training.module import NextItemModule, load_module, mask_items, recommend
 from training.train import train
 
@@ -42,10 +43,7 @@ def _model(seed: int = 0) -> BERT4Rec:
     return CFG.build()
 
 
-def _items(batch: int, length: int, seed: int = 0) -> Tensor:
-    """[batch, length] random product indices (no padding, no MASK)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(NUM_RESERVED, CFG.num_items, (batch, length), generator=g)
+_items = partial(random_items, CFG.num_items)  # (batch, length, seed=0) -> [batch, length] products
 
 
 def test_output_shapes_and_the_appended_mask() -> None:
@@ -70,7 +68,7 @@ def test_attention_is_bidirectional() -> None:
     model = _model().eval()
     x = _items(2, CFG.max_len)
     changed = x.clone()
-    changed[:, -1] = (x[:, -1] + 1 - NUM_RESERVED) % (CFG.num_items - NUM_RESERVED) + NUM_RESERVED
+    changed[:, -1] = other_item(x[:, -1], CFG.num_items)
     with torch.no_grad():
         before, after = model(x), model(changed)
     assert (after[:, :-1] - before[:, :-1]).abs().amax(dim=-1).min() > 1e-4  # every earlier position

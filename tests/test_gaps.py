@@ -27,7 +27,7 @@ from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
 from recsys.data.sequences import FIRST_PURCHASE, build_sequences, product_histories, purchase_gaps
 from recsys.data.split import parse_cutoff
 from recsys.data.synthetic import BLOCK_SHOPPERS, generate_table
-from recsys.data.vocabulary import NUM_RESERVED, PAD, Vocabulary
+from recsys.data.vocabulary import PAD, Vocabulary
 from recsys.evaluation import baselines
 from recsys.evaluation.protocol import evaluate, prepare
 from recsys.models.bert4rec import BERT4RecConfig
@@ -42,6 +42,7 @@ from tests.contract import (
     check_causal,
     check_finite_with_heavy_padding,
     check_prefix_states,
+    random_items,
     small_run,
     train_run,
     training_losses,
@@ -136,8 +137,8 @@ def _model(name: str, seed: int = 0) -> nn.Module:
 
 def _inputs(batch: int, length: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Random products and gaps: a first purchase, then half same-basket rows and half 0-20 days."""
-    g = torch.Generator().manual_seed(seed)
-    items = torch.randint(NUM_RESERVED, V, (batch, length), generator=g)
+    items = random_items(V, batch, length, seed)
+    g = torch.Generator().manual_seed(seed + 1)
     gaps = torch.where(
         torch.rand(batch, length, generator=g) < 0.5, 0.0, 20 * torch.rand(batch, length, generator=g)
     )

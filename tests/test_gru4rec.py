@@ -4,6 +4,7 @@ shoppers vs popularity, checkpoints, ONNX export and serving from a bundle."""
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -11,7 +12,6 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
-from torch import Tensor
 
 from export import index as indexes
 from export.export import export_bundle
@@ -20,7 +20,7 @@ from recsys.bundle import read_bundle
 from recsys.data.schema import SHOPPER
 from recsys.data.split import parse_cutoff
 from recsys.data.synthetic import BLOCK_SHOPPERS, generate_table
-from recsys.data.vocabulary import NUM_RESERVED, PAD
+from recsys.data.vocabulary import PAD
 from recsys.evaluation import baselines
 from recsys.evaluation.protocol import evaluate, prepare
 from recsys.models.gru4rec import GRU4Rec, GRU4RecConfig
@@ -29,6 +29,8 @@ from tests.contract import (
     Run,
     check_finite_with_heavy_padding,
     check_prefix_states,
+    check_shapes,
+    random_items,
     small_run,
     train_run,
     training_losses,
@@ -44,23 +46,13 @@ def _model(seed: int = 0) -> GRU4Rec:
     return CFG.build()
 
 
-def _items(batch: int, length: int, seed: int = 0) -> Tensor:
-    """[batch, length] random product indices (no padding)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(NUM_RESERVED, CFG.num_items, (batch, length), generator=g)
+_items = partial(random_items, CFG.num_items)  # (batch, length, seed=0) -> [batch, length] products
 
 
 def test_output_shapes_and_tied_embeddings() -> None:
     model = _model().eval()
-    for length in (1, 5, CFG.max_len):
-        x = _items(3, length)
-        hidden = model(x)
-        assert hidden.shape == (3, length, CFG.dim)
-        assert torch.equal(model.encode(x), hidden[:, -1])
-    items = model.item_embeddings()
-    assert items.shape == (CFG.num_items, CFG.dim)
-    assert torch.equal(items[PAD], torch.zeros(CFG.dim))
-    assert torch.equal(items[1:], model.item_emb.weight[1:])
+    check_shapes(model, CFG.num_items, CFG.dim, CFG.max_len)
+    assert torch.equal(model.item_embeddings()[1:], model.item_emb.weight[1:])
 
 
 def test_num_layers_must_be_positive() -> None:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
 
-from recsys.data.vocabulary import NUM_RESERVED, PAD
+from recsys.data.vocabulary import PAD
 from recsys.models.sasrec import SASRec, SASRecConfig
-from tests.contract import check_causal
+from tests.contract import check_causal, check_shapes, random_items
 
 CFG = SASRecConfig(num_items=50, max_len=8, dim=16, num_layers=2, num_heads=2, dropout=0.2)
 
@@ -21,10 +22,7 @@ def _model(seed: int = 0) -> SASRec:
     return CFG.build()
 
 
-def _items(batch: int, length: int, seed: int = 0) -> Tensor:
-    """[batch, length] random product indices (no padding)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(NUM_RESERVED, CFG.num_items, (batch, length), generator=g)
+_items = partial(random_items, CFG.num_items)  # (batch, length, seed=0) -> [batch, length] products
 
 
 def _padded_batch() -> Tensor:
@@ -37,14 +35,7 @@ def _padded_batch() -> Tensor:
 
 
 def test_output_shapes() -> None:
-    model = _model().eval()
-    for length in (1, 5, CFG.max_len):
-        x = _items(3, length)
-        hidden = model(x)
-        assert hidden.shape == (3, length, CFG.dim)
-        assert model.encode(x).shape == (3, CFG.dim)
-        assert torch.equal(model.encode(x), hidden[:, -1])
-    assert model.item_embeddings().shape == (CFG.num_items, CFG.dim)
+    check_shapes(_model().eval(), CFG.num_items, CFG.dim, CFG.max_len)
 
 
 def test_longer_than_max_len_raises() -> None:

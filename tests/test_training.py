@@ -19,6 +19,7 @@ from recsys.data.split import parse_cutoff
 from recsys.data.synthetic import SyntheticConfig, generate_table
 from recsys.evaluation import baselines
 from recsys.evaluation.protocol import evaluate, prepare
+from tests.contract import exact_loss_drop
 from training import repeat
 from training.datamodule import ReceiptsDataModule
 from training.module import NextItemModule, load_module, recommend
@@ -106,21 +107,8 @@ def test_sampled_softmax_trains(world: pa.Table) -> None:
         net, datamodule.vocab.to_dict(), loss="sampled_softmax", num_negatives=64, lr=3e-3
     )
     batch = next(iter(datamodule.train_dataloader()))
-
-    def exact_loss() -> float:
-        module.hparams.loss = "softmax"
-        with torch.no_grad():
-            value = module.training_step(batch, 0).item()
-        module.hparams.loss = "sampled_softmax"
-        return value
-
-    before = exact_loss()
-    optimizer = torch.optim.Adam(module.parameters(), lr=3e-3)
-    for _ in range(30):
-        optimizer.zero_grad()
-        module.training_step(batch, 0).backward()
-        optimizer.step()
-    assert exact_loss() < before - 0.5
+    before, after = exact_loss_drop(module, batch, steps=30, lr=3e-3)
+    assert after < before - 0.5
     assert np.isfinite(before)
 
 

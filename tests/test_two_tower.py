@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -14,7 +15,6 @@ import pyarrow.compute as pc
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch import Tensor
 
 from export import index as indexes
 from export.export import export_bundle
@@ -34,6 +34,8 @@ from tests.contract import (
     Run,
     check_finite_with_heavy_padding,
     check_prefix_states,
+    check_shapes,
+    random_items,
     small_run,
     train_run,
     training_losses,
@@ -53,21 +55,12 @@ def _model(seed: int = 0, **overrides: float) -> TwoTower:
     return model
 
 
-def _items(batch: int, length: int, seed: int = 0) -> Tensor:
-    """[batch, length] random product indices (no padding)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(NUM_RESERVED, CFG.num_items, (batch, length), generator=g)
+_items = partial(random_items, CFG.num_items)  # (batch, length, seed=0) -> [batch, length] products
 
 
 def test_shapes_and_padding_row() -> None:
     model = _model().eval()
-    for length in (1, 5, CFG.max_len):
-        x = _items(3, length)
-        assert model(x).shape == (3, length, CFG.dim)
-        assert torch.equal(model.encode(x), model(x)[:, -1])
-    items = model.item_embeddings()
-    assert items.shape == (CFG.num_items, CFG.dim)
-    assert torch.equal(items[PAD], torch.zeros(CFG.dim))
+    check_shapes(model, CFG.num_items, CFG.dim, CFG.max_len)
     assert model.embed_features(model.item_codes[:5]).shape == (5, CFG.dim)
 
 
