@@ -145,7 +145,7 @@ class TorchEngine(Engine):
         import torch
 
         from training import repeat
-        from training.module import load_module
+        from training.module import module_from_checkpoint, read_checkpoint
 
         path = Path(checkpoint)
         if not path.is_file():
@@ -155,8 +155,11 @@ class TorchEngine(Engine):
             raise RuntimeError(f"device={device} but torch sees no CUDA device; use device=cpu")
         if self._device.type == "cpu" and threads:
             torch.set_num_threads(threads)
-        module = load_module(str(path))
-        super().__init__(module.vocab, int(module.model.config.max_len), unavailable, repeat.load(path))
+        state = read_checkpoint(path)
+        module = module_from_checkpoint(state)
+        super().__init__(
+            module.vocab, int(module.model.config.max_len), unavailable, repeat.from_checkpoint(state)
+        )
         self._model = module.model.to(self._device).eval()
         with torch.no_grad():
             self._items = self._model.item_embeddings()[NUM_RESERVED:].float().contiguous()  # [N, d]

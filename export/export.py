@@ -41,7 +41,7 @@ from export.onnx import (
 from recsys.bundle import BundleError, write_bundle
 from recsys.data.vocabulary import NUM_RESERVED, Vocabulary
 from training import repeat
-from training.module import NextItemModule, load_module
+from training.module import NextItemModule, module_from_checkpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,8 @@ def export_bundle(
     # write_bundle refuses too, but only after all the work below
     if output.exists() and not overwrite:
         raise BundleError(f"{output} already exists; pass overwrite=True to replace it")
-    module = load_module(str(checkpoint))
+    state = read_checkpoint(checkpoint)
+    module = module_from_checkpoint(state)
     model, vocab = module.model, module.vocab
     items = items_table(vocab, products() if products is not None else None)
 
@@ -185,7 +186,7 @@ def export_bundle(
         "parity": {"max_abs_diff": max_abs_diff, "tolerance": PARITY_TOLERANCE},
         "source": {"checkpoint": str(checkpoint.resolve())},
     }
-    scorer = repeat.load(checkpoint)
+    scorer = repeat.from_checkpoint(state)
     log.info("repeat-aware scorer: %s", "included" if scorer is not None else "none in the checkpoint")
     return write_bundle(
         output,

@@ -12,6 +12,7 @@ is self-describing and loads with ``torch.load(..., weights_only=True)``.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -209,12 +210,21 @@ class NextItemModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def load_module(path: str, map_location: str = "cpu") -> NextItemModule:
-    """A trained module from a checkpoint, read with ``weights_only=True`` (no pickled code)."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's dictionary on the CPU, read with ``weights_only=True`` (no pickled code)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def module_from_checkpoint(checkpoint: dict[str, Any]) -> NextItemModule:
+    """The trained module of a checkpoint dictionary (:func:`read_checkpoint`), in eval mode."""
     module = NextItemModule(**checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
+
+
+def load_module(path: str | Path) -> NextItemModule:
+    """A trained module from the checkpoint file at ``path``."""
+    return module_from_checkpoint(read_checkpoint(path))
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from recsys.evaluation.protocol import EvaluationData, evaluate
 from recsys.io import atomic_path
 from recsys.repeat import Histories, RepeatScorer, features, item_statistics
 from recsys.scoring import pair_member, select
-from training.module import NextItemModule, load_module
+from training.module import NextItemModule, module_from_checkpoint, read_checkpoint
 
 CHECKPOINT_KEY = "repeat_scorer"
 NEW_CANDIDATES = 50  # the model's best new products per shopper the fit sees (serving searches more)
@@ -93,9 +93,12 @@ def rank(
     return module.vocab.decode(picked + NUM_RESERVED), picked_scores  # row -1 decodes to -1
 
 
-def save(checkpoint: str | Path, scorer: RepeatScorer) -> None:
-    """Add ``scorer`` to a checkpoint (plain values, so it still loads with ``weights_only=True``)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+def save(checkpoint: str | Path, scorer: RepeatScorer, state: dict | None = None) -> None:
+    """Add ``scorer`` to a checkpoint (plain values, so it still loads with ``weights_only=True``).
+
+    ``state`` is the checkpoint's dictionary if the caller has already read it (:func:`read_checkpoint`).
+    """
+    state = dict(read_checkpoint(checkpoint) if state is None else state)
     state[CHECKPOINT_KEY] = scorer.to_dict() | {"repeat_rate": scorer.repeat_rate.tolist()}
     with atomic_path(Path(checkpoint)) as tmp:
         torch.save(state, tmp)
@@ -103,8 +106,7 @@ def save(checkpoint: str | Path, scorer: RepeatScorer) -> None:
 
 def load(checkpoint: str | Path) -> RepeatScorer | None:
     """The scorer kept in a checkpoint, or None if it has none."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    return from_checkpoint(state)
+    return from_checkpoint(read_checkpoint(checkpoint))
 
 
 def from_checkpoint(state: dict) -> RepeatScorer | None:
@@ -123,9 +125,10 @@ def fit_and_test(
 
     The metrics are the protocol's for the repeat-aware ranking, keyed ``test/repeat_aware/<metric>``.
     """
-    module = load_module(best_checkpoint)
+    state = read_checkpoint(best_checkpoint)
+    module = module_from_checkpoint(state)
     scorer = fit(module, val_data, test_data)
-    save(best_checkpoint, scorer)
+    save(best_checkpoint, scorer, state)
     ranked, _ = rank(module, scorer, test_data, max(ks))
     metrics = evaluate(ranked, test_data, ks)
     return {f"test/repeat_aware/{name}": float(value) for name, value in metrics.items()}
