@@ -29,10 +29,10 @@ demo: $(STAMP)
 		hydra.run.dir=$(DEMO)/export
 	$(PY) -m training.evaluate 'checkpoints=[$(DEMO)/train/checkpoints/best.ckpt]' \
 		'bundles=[$(DEMO)/bundle]' hydra.run.dir=$(DEMO)/evaluate
-	$(PY) -m export.preview --bundle $(DEMO)/bundle --households 3 --k 10
+	$(PY) -m training.preview --bundle $(DEMO)/bundle --households 3 --k 10
 	$(PY) -c "from recsys.data.completejourney import load_complete_journey as load; \
 		import pyarrow.parquet as pq; pq.write_table(load(), '$(DEMO)/receipts.parquet')"
-	$(PY) -m export.candidates receipts=$(DEMO)/receipts.parquet bundle=$(DEMO)/bundle \
+	$(PY) -m batch.candidates receipts=$(DEMO)/receipts.parquet bundle=$(DEMO)/bundle \
 		output=$(DEMO)/candidates k=50 progress=false hydra.run.dir=$(DEMO)/candidates_run
 
 test: $(STAMP)

@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import torch
 from hydra import compose, initialize_config_dir
 
-from export.candidates import run
+from batch.candidates import run
 from export.export import export_bundle
 from export.index import flat
 from recsys.data.loader import open_dataset
@@ -72,7 +72,7 @@ def ensure_checkpoint(path: Path, num_products: int, dim: int, seed: int) -> Non
     torch.manual_seed(seed)
     module = NextItemModule(net, vocab.to_dict())
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+    save_module(module, path)
 
 
 def job(receipts: Path, output: Path, args: argparse.Namespace, **model: str) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """How much can similar households add to a household's own decayed purchase frequency on Complete Journey?
 
-A TIFU-kNN-style blend (Hu et al., 2020), scored on EVALUATION.md's test split:
+A TIFU-kNN-style blend (Hu et al., 2020), scored on docs/evaluation.md's test split:
 ``score = alpha * own + (1 - alpha) * neighbours``, where ``own`` is the household's 120-day-decayed basket
 counts divided by their sum and ``neighbours`` the similarity-weighted mean of that vector over its ``k``
 most cosine-similar households. Every (k, alpha) of the grid is scored on the test split itself, so the

@@ -29,6 +29,7 @@ import onnxruntime as ort
 
 from recsys.bundle import read_bundle
 from recsys.data.vocabulary import NUM_RESERVED
+from recsys.rules import Rules
 from serving.recommender import Recommender
 
 T = TypeVar("T")
@@ -148,7 +149,7 @@ def main() -> None:
     print(f"median {np.median(lengths):.0f}, {np.mean(lengths > recommender.max_len):.0%} above max_len")
 
     for history in singles[:100]:  # warm-up: allocator, caches, thread pools
-        recommender.recommend(history, k=args.k)
+        recommender.recommend(history, Rules(k=args.k))
     report(f"single k={args.k}", timed(lambda h: recommender.recommend(h, args.k), singles))
     excluding = timed(lambda h: recommender.recommend(h, args.k, exclude_purchased=True), singles)
     report(f"single k={args.k} exclude_purchased", excluding)
@@ -165,8 +166,8 @@ def main() -> None:
     report(f"  faiss search alone k={args.k}", timed(lambda q: bundle.index.search(q, args.k), queries))
 
     chunks = [batched[i : i + args.batch] for i in range(0, len(batched), args.batch)]
-    recommender.recommend_batch(chunks[0], k=args.k)
-    times = timed(lambda chunk: recommender.recommend_batch(chunk, k=args.k), chunks)
+    recommender.recommend_batch(chunks[0], Rules(k=args.k))
+    times = timed(lambda chunk: recommender.recommend_batch(chunk, Rules(k=args.k)), chunks)
     rate = args.batch * len(chunks) / sum(times)
     report(f"batch {args.batch} k={args.k}", times, f"  -> {rate:,.0f} requests/s")
 

@@ -2,11 +2,14 @@
 
     python -m export.export checkpoint=artifacts/demo/train/checkpoints/best.ckpt output=artifacts/bundle
     python -m export.export checkpoint=... output=... index=hnsw index.ef_search=256 overwrite=true
-    python -m export.export checkpoint=... output=... products=null      # no product metadata
+    python -m export.export checkpoint=... output=... allow_unfinished=true   # a run killed before its scorer
 
 Nothing is written unless the export passes its checks: ONNX Runtime vs torch shopper embeddings within
 ``PARITY_TOLERANCE``, and for an exact index, top-10 of the index on ONNX embeddings = torch's top-10.
-The index's recall@10 against exact search is measured and recorded in the manifest.
+The index's recall@10 against exact search is measured and recorded in the manifest. The products'
+metadata is the one the checkpoint kept from its training data (none if that data had none). A checkpoint
+whose run was to fit a repeat-aware scorer but stopped before it is refused: its bundle would rank by the
+network alone, a fraction of the quality; ``allow_unfinished=true`` exports it anyway, with a warning.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import faiss
 import hydra
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from omegaconf import DictConfig
 
@@ -38,10 +40,10 @@ from export.onnx import (
     random_histories,
     takes_gaps,
 )
-from recsys.bundle import BundleError, write_bundle
-from recsys.data.vocabulary import NUM_RESERVED, Vocabulary
-from training import repeat
-from training.module import NextItemModule, module_from_checkpoint, read_checkpoint
+from recsys.bundle import BundleError, sha256_file, write_bundle
+from recsys.data.vocabulary import PRODUCTS, Vocabulary, to_indices
+from training import checkpoint as checkpoints
+from training.module import NextItemModule, module_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +51,20 @@ K = 10
 NUM_QUERIES = 1000  # shopper embeddings the index's recall is measured on
 NUM_TOP_K_CHECKS = 64  # of those, histories whose top-K is compared with torch (scores are [n, V])
 TIE_TOLERANCE = 1e-5  # torch scores this close count as a tie, whose order the check ignores
+MAX_METRICS_BYTES = 1 << 20  # a run's metrics.json, copied into the manifest
 
 
 def item_vectors(module: NextItemModule) -> np.ndarray:
-    """[N, d] float32 product embeddings: row i = vocabulary index i + NUM_RESERVED."""
+    """[N, d] float32 product embeddings, one per item row."""
     with torch.no_grad():
-        return np.ascontiguousarray(module.model.item_embeddings()[NUM_RESERVED:].float().numpy())
+        return np.ascontiguousarray(module.model.item_embeddings()[PRODUCTS].float().numpy())
 
 
-def items_table(vocab: Vocabulary, products: pa.Table | None = None) -> pa.Table:
-    """Bundle rows in vocabulary order: product_id, popularity, then ``products``' other columns.
+def items_table(vocab: Vocabulary, metadata: pa.Table | None = None) -> pa.Table:
+    """Bundle rows in vocabulary order: product_id, popularity, then ``metadata``'s other columns.
 
-    A left join on ``product_id``: products without metadata get nulls, and the row order is kept.
+    ``metadata`` is the checkpoint's (``recsys.data.features.product_metadata``: one row per vocabulary
+    product, in vocabulary order).
     """
     items = pa.table(
         {
@@ -68,18 +72,15 @@ def items_table(vocab: Vocabulary, products: pa.Table | None = None) -> pa.Table
             "popularity": pa.array(vocab.popularity, pa.int64()),
         }
     )
-    if products is None:
+    if metadata is None:
         return items
-    ids = products.column("product_id").cast(pa.int64())
-    if pc.count_distinct(ids).as_py() != len(ids):
-        raise ValueError("products: product_id must be unique (one metadata row per product)")
-    metadata = products.drop_columns(["product_id"])
-    clash = set(metadata.column_names) & set(items.column_names)
+    if not np.array_equal(metadata.column("product_id").to_numpy(), vocab.product_ids):
+        raise ExportError("the checkpoint's product metadata does not follow its vocabulary")
+    extra = metadata.drop_columns(["product_id"])
+    clash = set(extra.column_names) & set(items.column_names)
     if clash:
-        raise ValueError(f"products: column(s) {sorted(clash)} clash with the bundle's own")
-    # Table.join does not keep row order; taking rows by position does (a null position -> a null row).
-    metadata = metadata.take(pc.index_in(items.column("product_id"), value_set=ids))
-    for name, column in zip(metadata.column_names, metadata.columns, strict=True):
+        raise ExportError(f"product metadata column(s) {sorted(clash)} clash with the bundle's own")
+    for name, column in zip(extra.column_names, extra.columns, strict=True):
         items = items.append_column(name, column)
     return items
 
@@ -93,30 +94,35 @@ def check_top_k(
     Compared by torch score at each rank, so two items in an exact tie may come in either order.
     """
     k = min(K, index.ntotal)
-    _, rows = index.search(shoppers, k)
-    found = rows + NUM_RESERVED  # index row -> vocabulary index
+    _, found = index.search(shoppers, k)
     item_ids, item_gaps = torch.from_numpy(histories), torch.from_numpy(gaps)
-    expected = module.rank(item_ids, k, item_gaps).numpy()
+    expected = module.top_k(item_ids, k, item_gaps)[0].numpy()
     with torch.no_grad():
         shopper = module.model.encode(item_ids, item_gaps)
-        scores = (shopper @ module.model.item_embeddings().T).float().numpy()  # [n, V]
+        scores = (shopper @ module.model.item_embeddings()[PRODUCTS].T).float().numpy()  # [n, N]
     got = np.take_along_axis(scores, found.clip(0), 1)
     want = np.take_along_axis(scores, expected, 1)
-    wrong = np.flatnonzero((rows < 0).any(axis=1) | (np.abs(got - want) > TIE_TOLERANCE).any(axis=1))
+    wrong = np.flatnonzero((found < 0).any(axis=1) | (np.abs(got - want) > TIE_TOLERANCE).any(axis=1))
     if len(wrong):
         bad = wrong[0]
         raise ExportError(
             f"top-{k} of the index differs from torch for {len(wrong)} of {len(histories)} histories, e.g. "
-            f"{histories[bad].tolist()}: vocabulary indices {found[bad].tolist()} vs {expected[bad].tolist()}"
+            f"{histories[bad].tolist()}: item rows {found[bad].tolist()} vs {expected[bad].tolist()}"
         )
 
 
 def training_metrics(checkpoint: Path) -> dict[str, Any] | None:
-    """``metrics.json`` of the training run, beside the checkpoint or in its run dir (<run>/checkpoints/)."""
+    """``metrics.json`` of the training run, beside the checkpoint or in its run dir (<run>/checkpoints/),
+    without the file paths it records (a bundle's manifest is shown to clients)."""
     for directory in (checkpoint.parent, checkpoint.parent.parent):
         path = directory / "metrics.json"
-        if path.exists():
-            return json.loads(path.read_text())
+        if path.is_file() and path.stat().st_size <= MAX_METRICS_BYTES:
+            metrics = json.loads(path.read_text())
+            return (
+                {k: v for k, v in metrics.items() if k != "best_checkpoint"}
+                if isinstance(metrics, dict)
+                else None
+            )
     return None
 
 
@@ -124,24 +130,33 @@ def export_bundle(
     checkpoint: str | Path,
     output: str | Path,
     index_builder: Callable[[np.ndarray], faiss.Index],
-    products: Callable[[], pa.Table] | None = None,
     overwrite: bool = False,
     seed: int = 0,
+    allow_unfinished: bool = False,
 ) -> Path:
     """Export ``checkpoint`` as a bundle at ``output`` and return its path.
 
-    ``index_builder`` maps item vectors [N, d] to a filled inner-product index (``export.index``);
-    ``products`` loads metadata joined onto the items by ``product_id``. Raises ``ExportError`` when a
-    check fails, ``BundleError`` when ``output`` exists and ``overwrite`` is false.
+    ``index_builder`` maps item vectors [N, d] to a filled inner-product index (``export.index``). Raises
+    ``ExportError`` when a check fails or the checkpoint's run did not finish (unless
+    ``allow_unfinished``), ``BundleError`` when ``output`` exists and ``overwrite`` is false.
     """
     checkpoint, output = Path(checkpoint), Path(output)
     # write_bundle refuses too, but only after all the work below
     if output.exists() and not overwrite:
         raise BundleError(f"{output} already exists; pass overwrite=True to replace it")
-    state = read_checkpoint(checkpoint)
+    state = checkpoints.read(checkpoint)
+    scorer = checkpoints.scorer(state)
+    if scorer is None and checkpoints.expects_scorer(state):
+        message = (
+            f"{checkpoint} comes from a run that stopped before fitting its repeat-aware scorer: its bundle "
+            "would rank by the network alone"
+        )
+        if not allow_unfinished:
+            raise ExportError(f"{message}; finish the run, or pass allow_unfinished=true to export it anyway")
+        log.warning("%s (exported anyway: allow_unfinished=true)", message)
     module = module_from_checkpoint(state)
     model, vocab = module.model, module.vocab
-    items = items_table(vocab, products() if products is not None else None)
+    items = items_table(vocab, module.products)
 
     # The encoder first: its export and parity check take seconds, the index build can take minutes.
     onnx_bytes = export_encoder(model)
@@ -165,7 +180,7 @@ def export_bundle(
     # Queries: the exported encoder's embeddings of histories drawn by product popularity, a stand-in
     # for real shoppers that needs no receipts at export time.
     weights = np.zeros(vocab.size)
-    weights[NUM_RESERVED:] = vocab.popularity / vocab.popularity.sum()
+    weights[to_indices(np.arange(vocab.num_products))] = vocab.popularity / vocab.popularity.sum()
     rng = np.random.default_rng(seed)
     histories = random_histories(rng, NUM_QUERIES, max_len(model), vocab.size, weights)
     gaps = random_gaps(rng, histories)
@@ -184,9 +199,9 @@ def export_bundle(
         "training": {"metrics": training_metrics(checkpoint), "data": module.hparams.get("data")},
         "index": {**description, f"recall_at_{K}": recall},
         "parity": {"max_abs_diff": max_abs_diff, "tolerance": PARITY_TOLERANCE},
-        "source": {"checkpoint": str(checkpoint.resolve())},
+        # the checkpoint's name and digest, not its path: a bundle's manifest is shown to clients
+        "source": {"checkpoint": checkpoint.name, "sha256": sha256_file(checkpoint)},
     }
-    scorer = repeat.from_checkpoint(state)
     log.info("repeat-aware scorer: %s", "included" if scorer is not None else "none in the checkpoint")
     return write_bundle(
         output,
@@ -209,9 +224,9 @@ def main(cfg: DictConfig) -> None:
         cfg.checkpoint,
         cfg.output,
         hydra.utils.instantiate(cfg.index),
-        products=hydra.utils.instantiate(cfg.products),
         overwrite=cfg.overwrite,
         seed=cfg.seed,
+        allow_unfinished=cfg.allow_unfinished,
     )
     log.info("bundle written to %s", path)
 

@@ -14,8 +14,6 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -72,8 +70,8 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def export_encoder(model: nn.Module, path_or_buffer: str | Path | BinaryIO | None = None) -> bytes:
-    """The model's ``encode`` as ONNX bytes, also written to ``path_or_buffer`` when given.
+def export_encoder(model: nn.Module) -> bytes:
+    """The model's ``encode`` as ONNX bytes (one self-contained graph: no external data).
 
     Raises ``ExportError`` if the exported graph's names, types or dynamic axes are not the bundle's.
     """
@@ -106,10 +104,6 @@ def export_encoder(model: nn.Module, path_or_buffer: str | Path | BinaryIO | Non
         )
     onnx_bytes = buffer.getvalue()
     _check_signature(onnx_bytes, names)
-    if isinstance(path_or_buffer, (str, Path)):
-        Path(path_or_buffer).write_bytes(onnx_bytes)
-    elif path_or_buffer is not None:
-        path_or_buffer.write(onnx_bytes)
     return onnx_bytes
 
 

@@ -5,12 +5,19 @@
       items.faiss     product embeddings, inner-product metric; FAISS id i = row i of items.parquet
       items.parquet   row-aligned products: product_id, popularity, [repeat_rate,] then metadata columns
       bundle.json     format version, model, sizes, metrics, library versions, sha256 of every file, and
-                      the repeat-aware scorer's parameters when the model has one (``recsys.repeat``)
+                      the repeat-aware scorer's parameters when the model has one (``recsys.repeat_scorer``)
 
-The encoder's inputs are vocabulary indices: product at items.parquet row ``i`` has index
-``i + NUM_RESERVED`` (0 is padding, 1 unknown). A bundle is written to a temporary directory and renamed
-into place, so readers never see half of one; reading verifies the format version and every checksum.
-No torch here: production installs read bundles with numpy, pyarrow and faiss only.
+The encoder's inputs are vocabulary indices of items.parquet's rows (``recsys.data.vocabulary``). A
+bundle is written to a temporary directory and swapped into place in one atomic exchange, so readers see
+the old bundle or the new one at every instant, never half of one or none. Reading verifies the format
+version, every checksum and every manifest value (types, ranges, finite numbers; errors name the key);
+:func:`bundle_id` hashes ``bundle.json`` itself, which lists every file's sha256, so the id covers every
+byte. The model runs only from the verified bytes (:func:`onnx_session`), as one self-contained file:
+ONNX external data is refused. No torch here: production reads bundles with numpy, pyarrow, faiss and
+onnxruntime only.
+
+Size limits: ``bundle.json`` at most :data:`MAX_MANIFEST_BYTES`; each data file at most its declared size
+and all of them at most ``max_bytes`` (:data:`MAX_BUNDLE_BYTES` by default), checked before reading.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,13 +36,19 @@ from typing import Any
 
 import faiss
 import numpy as np
+import onnxruntime as ort
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from recsys.repeat import RepeatScorer
+from recsys.io import exchange_directory, remove_stale_temporaries
+from recsys.repeat_scorer import RepeatScorer
 
 FORMAT = "caddie-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the repeat scorer's new-product pool size, and the id over bundle.json
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_BUNDLE_BYTES = 32 << 30
+MAX_LEN_LIMIT = 4096  # longest history a bundle may declare (a model's position table)
 MODEL_FILE = "model.onnx"
 INDEX_FILE = "items.faiss"
 ITEMS_FILE = "items.parquet"
@@ -61,12 +75,8 @@ class Bundle:
     manifest: dict[str, Any]
     items: pa.Table
     index: faiss.Index
-    model_bytes: bytes  # the verified model.onnx, for onnxruntime.InferenceSession(model_bytes)
+    model_bytes: bytes  # the verified model.onnx: the only bytes a session is built from (onnx_session)
     repeat: RepeatScorer | None = None  # the repeat-aware scorer, if the model was exported with one
-
-    @property
-    def model_path(self) -> Path:
-        return self.path / MODEL_FILE
 
     @property
     def product_ids(self) -> np.ndarray:
@@ -86,6 +96,10 @@ class Bundle:
         """The model's purchase-gap input (basket-aware models), or None for a model of item ids only."""
         return self.manifest.get(GAPS_KEY)
 
+    @property
+    def bundle_id(self) -> str:
+        return bundle_id(self.manifest)
+
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in blocks."""
@@ -97,8 +111,38 @@ def sha256_file(path: Path) -> str:
 
 
 def bundle_id(manifest: dict[str, Any]) -> str:
-    """Short content id of a bundle: equal files share it, any new file changes it."""
-    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()[:16]
+    """Short content id of a bundle: a hash of its whole manifest, which holds every file's sha256, so a
+    change to any file or any manifest value (``max_len``, the scorer's weights, ...) changes it."""
+    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def onnx_session(bundle: Bundle, intra_op_threads: int = 1) -> ort.InferenceSession:
+    """An ONNX Runtime session (CPU) over the bundle's verified model bytes, never re-read from disk.
+
+    ``intra_op_threads`` is 1 for serving's single requests and the core count for batch throughput.
+    External data is refused: the lookup folder is an empty directory that lives only while the
+    session is built, so a model naming external data fails instead of reading files beside the server.
+    Raises :class:`BundleError` naming the problem.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # spinning intra-op workers would burn the cores that FAISS, the server or the job's other threads need
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="caddie-no-external-data-") as empty:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", empty)
+        try:
+            return ort.InferenceSession(
+                bundle.model_bytes, sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as error:  # onnxruntime raises several unrelated pybind exception types
+            raise BundleError(
+                f"{MODEL_FILE} cannot be loaded by onnxruntime (a bundle's model must be one "
+                f"self-contained file, without external data): {error}"
+            ) from error
 
 
 def library_versions() -> dict[str, str]:
@@ -149,13 +193,16 @@ def write_bundle(
     for key in ("model", "max_len", "embedding_dim"):
         if key not in manifest:
             raise BundleError(f"{MANIFEST_FILE}: manifest needs {key!r}")
+    if os.path.islink(path):
+        raise BundleError(f"{path} is a symbolic link; write the bundle to a real directory")
     if index.d != manifest["embedding_dim"]:
         raise BundleError(f"{INDEX_FILE} has dimension {index.d}, manifest says {manifest['embedding_dim']}")
     if path.exists() and not overwrite:
         raise BundleError(f"{path} already exists; pass overwrite=True to replace it")
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    remove_stale_temporaries(path)  # left by exports killed mid-write
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
         (tmp / MODEL_FILE).write_bytes(model_onnx)
@@ -176,12 +223,11 @@ def write_bundle(
                 for name in FILES
             },
         }
-        (tmp / MANIFEST_FILE).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
+        text = json.dumps(full, indent=2, sort_keys=True, default=str, allow_nan=False)
+        (tmp / MANIFEST_FILE).write_text(text)
+        _check_manifest(json.loads(text))  # what a reader will refuse is refused before it lands
         if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old)
+            exchange_directory(tmp, path)  # tmp now holds the old bundle, removed below
         else:
             os.rename(tmp, path)
     finally:
@@ -190,44 +236,100 @@ def write_bundle(
     return path
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """``bundle.json`` of the bundle at ``path``, with its format checked (not the other files)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise BundleError(f"{path} is not a bundle directory")
-    manifest_path = path / MANIFEST_FILE
-    if not manifest_path.exists():
-        raise BundleError(f"{MANIFEST_FILE} is missing from {path}")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BundleError(f"{MANIFEST_FILE} is not valid JSON: {error}") from error
+def _reject_constant(name: str) -> float:
+    raise BundleError(f"{MANIFEST_FILE} holds {name}: every number must be finite")
+
+
+def _positive_int(manifest: dict[str, Any], key: str, limit: int | None = None) -> int:
+    value = manifest.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BundleError(f"{MANIFEST_FILE}: {key!r} must be a positive integer, got {value!r}")
+    if limit is not None and value > limit:
+        raise BundleError(f"{MANIFEST_FILE}: {key!r} is {value}, above this reader's limit of {limit}")
+    return value
+
+
+def _check_manifest(manifest: Any) -> dict[str, Any]:
+    """The manifest's format, version and the values readers rely on; errors name the key."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{MANIFEST_FILE} does not describe a {FORMAT}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(
             f"{MANIFEST_FILE} has format_version {manifest.get('format_version')!r}; "
-            f"this reader supports {FORMAT_VERSION}"
+            f"this reader supports {FORMAT_VERSION} (re-export the checkpoint)"
         )
+    _positive_int(manifest, "max_len", MAX_LEN_LIMIT)
+    _positive_int(manifest, "embedding_dim")
+    _positive_int(manifest, "num_items")
+    for key, expected in (("input_name", INPUT_NAME), ("output_name", OUTPUT_NAME)):
+        if manifest.get(key) != expected:
+            raise BundleError(
+                f"{MANIFEST_FILE}: {key!r} is {manifest.get(key)!r}; this reader knows {expected!r}"
+            )
+    if manifest.get(GAPS_KEY, GAPS_NAME) != GAPS_NAME:
+        raise BundleError(
+            f"{MANIFEST_FILE} names gap input {manifest[GAPS_KEY]!r}; this reader knows {GAPS_NAME!r}"
+        )
+    model = manifest.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        raise BundleError(f"{MANIFEST_FILE}: 'model' must be a mapping with a 'name'")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or sorted(files) != sorted(FILES):
+        raise BundleError(f"{MANIFEST_FILE}: 'files' must list exactly {list(FILES)}")
+    for name, entry in files.items():
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        size = entry.get("bytes") if isinstance(entry, dict) else None
+        if (
+            not isinstance(digest, str)
+            or len(digest) != 64
+            or any(c not in "0123456789abcdef" for c in digest)
+        ):
+            raise BundleError(f"{MANIFEST_FILE}: files.{name}.sha256 must be a hex sha256")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise BundleError(f"{MANIFEST_FILE}: files.{name}.bytes must be a byte count")
     return manifest
 
 
-def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """``bundle.json`` of the bundle at ``path``, with its format and values checked (not the other files)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"{path} is not a bundle directory")
+    manifest_path = path / MANIFEST_FILE
+    if manifest_path.is_symlink() or not manifest_path.is_file():
+        raise BundleError(f"{MANIFEST_FILE} is missing from {path} (or is not a regular file)")
+    if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{MANIFEST_FILE} is larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        manifest = json.loads(manifest_path.read_text(), parse_constant=_reject_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(f"{MANIFEST_FILE} is not valid JSON: {error}") from error
+    return _check_manifest(manifest)
+
+
+def read_bundle(path: str | Path, verify: bool = True, max_bytes: int = MAX_BUNDLE_BYTES) -> Bundle:
     """Load a bundle; with ``verify`` (the default) every file's sha256 must match the manifest.
 
     Each file is read once and the bytes that were hashed are the bytes that are loaded, so a bundle
-    replaced while it is being read cannot mix versions unnoticed.
+    replaced while it is being read cannot mix versions unnoticed. Files must be regular files (no
+    symbolic links out of the bundle) of their declared size, ``max_bytes`` at most together.
     """
     path = Path(path)
     manifest = read_manifest(path)
+    declared = {name: manifest["files"][name]["bytes"] for name in FILES}
+    if sum(declared.values()) > max_bytes:
+        raise BundleError(f"{path} declares {sum(declared.values())} bytes, above the limit of {max_bytes}")
     contents = {}
     for name in FILES:
         file = path / name
-        if not file.exists():
-            raise BundleError(f"{name} is missing from {path}")
+        if file.is_symlink() or not file.is_file():
+            raise BundleError(f"{name} is missing from {path} (or is not a regular file)")
+        if file.stat().st_size != declared[name]:
+            raise BundleError(
+                f"{name} is {file.stat().st_size} bytes, {MANIFEST_FILE} says {declared[name]}: corrupt"
+            )
         contents[name] = file.read_bytes()
-        expected = manifest.get("files", {}).get(name, {}).get("sha256")
-        if verify and hashlib.sha256(contents[name]).hexdigest() != expected:
+        if verify and hashlib.sha256(contents[name]).hexdigest() != manifest["files"][name]["sha256"]:
             raise BundleError(f"{name} is corrupt: its sha256 does not match {MANIFEST_FILE}")
     try:
         index = faiss.deserialize_index(np.frombuffer(contents[INDEX_FILE], dtype=np.uint8))
@@ -237,19 +339,26 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
         items = pq.read_table(pa.BufferReader(contents[ITEMS_FILE]))
     except (pa.ArrowInvalid, OSError) as error:
         raise BundleError(f"{ITEMS_FILE} cannot be read: {error}") from error
-    if index.ntotal != items.num_rows or index.ntotal != manifest.get("num_items"):
+    missing = [c for c in REQUIRED_ITEM_COLUMNS if c not in items.column_names]
+    if missing:
+        raise BundleError(f"{ITEMS_FILE}: missing column(s) {missing}")
+    if index.ntotal != items.num_rows or index.ntotal != manifest["num_items"]:
         raise BundleError(
             f"{INDEX_FILE} ({index.ntotal}), {ITEMS_FILE} ({items.num_rows}) and {MANIFEST_FILE} "
-            f"({manifest.get('num_items')}) disagree on the number of items"
+            f"({manifest['num_items']}) disagree on the number of items"
         )
-    if index.d != manifest.get("embedding_dim"):
+    if index.d != manifest["embedding_dim"]:
         raise BundleError(
-            f"{INDEX_FILE} has dimension {index.d}, {MANIFEST_FILE} says {manifest.get('embedding_dim')}"
+            f"{INDEX_FILE} has dimension {index.d}, {MANIFEST_FILE} says {manifest['embedding_dim']}"
         )
-    if manifest.get(GAPS_KEY, GAPS_NAME) != GAPS_NAME:
-        raise BundleError(
-            f"{MANIFEST_FILE} names gap input {manifest[GAPS_KEY]!r}; this reader knows {GAPS_NAME!r}"
-        )
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise BundleError(f"{INDEX_FILE} does not search by inner product")
+    ids = items.column("product_id")
+    if ids.null_count or not pa.types.is_integer(ids.type) or len(np.unique(ids.to_numpy())) != len(ids):
+        raise BundleError(f"{ITEMS_FILE}: product_id must be unique non-null integers")
+    popularity = items.column("popularity")
+    if popularity.null_count or not pa.types.is_integer(popularity.type) or pc.min(popularity).as_py() < 0:
+        raise BundleError(f"{ITEMS_FILE}: popularity must be non-negative integers")
     return Bundle(path, manifest, items, index, contents[MODEL_FILE], _repeat_scorer(manifest, items))
 
 

@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from recsys.data.vocabulary import NUM_RESERVED
+from recsys.data.vocabulary import PRODUCTS, RESERVED, index_count, product_count
 
 
 def full_softmax(hidden: Tensor, targets: Tensor, item_embeddings: Tensor) -> Tensor:
     """Mean cross-entropy of ``targets`` [N] given ``hidden`` [N, d] against all items [V, d]."""
     logits = hidden @ item_embeddings.T  # [N, V]
-    logits[:, :NUM_RESERVED] = float("-inf")  # padding / unknown are never a valid next product
+    logits[:, RESERVED] = float("-inf")  # padding / unknown are never a valid next product
     return F.cross_entropy(logits.float(), targets)
 
 
@@ -49,12 +49,12 @@ def sampled_softmax(
 def popularity_log_q(popularity: Tensor, alpha: float = 0.75) -> Tensor:
     """log q over vocabulary indices with ``q ∝ popularity ** alpha``; reserved indices get ``-inf``.
 
-    ``popularity`` [V - NUM_RESERVED] counts per product; alpha < 1 flattens the proposal so the tail
+    ``popularity`` [num products] counts per product; alpha < 1 flattens the proposal so the tail
     still gets sampled (word2vec's 0.75).
     """
     weights = popularity.double().clamp_min(1) ** alpha
-    log_q = torch.full((len(popularity) + NUM_RESERVED,), float("-inf"), dtype=torch.float64)
-    log_q[NUM_RESERVED:] = (weights / weights.sum()).log()
+    log_q = torch.full((index_count(len(popularity)),), float("-inf"), dtype=torch.float64)
+    log_q[PRODUCTS] = (weights / weights.sum()).log()
     return log_q.float()
 
 
@@ -64,13 +64,13 @@ def uniform_negatives(
     device: torch.device | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Product indices of shape ``size``, uniform with replacement over ``NUM_RESERVED .. num_items - 1``.
+    """Product indices of shape ``size``, uniform with replacement over the products below ``num_items``.
 
     ``num_items`` is the number of scored rows (``item_embeddings`` rows): padding, unknown and anything a
     model keeps past the vocabulary (BERT4Rec's MASK) are never drawn.
     """
     size = (size,) if isinstance(size, int) else size
-    return torch.randint(NUM_RESERVED, num_items, size, device=device, generator=generator)
+    return torch.randint(PRODUCTS.start, num_items, size, device=device, generator=generator)
 
 
 def gbce(
@@ -89,7 +89,7 @@ def gbce(
     pushed down by every row in the same step, and in a probe on synthetic data (one batch, 16 negatives,
     240 steps) that raised the exact softmax loss where per-row negatives lowered it.
     """
-    num_products = item_embeddings.shape[0] - NUM_RESERVED
+    num_products = product_count(item_embeddings.shape[0])
     alpha = negatives.shape[1] / (num_products - 1)
     if not 0 < alpha <= 1:
         raise ValueError(
@@ -125,7 +125,7 @@ def mixed_softmax(
     one of the ``N`` targets (deduplicated) is the item, with ``p = exp(log_p)``, plus ``M / P`` from the
     uniform draw over ``P`` products. A uniform negative equal to a row's positive is left out of that row.
     """
-    num_products = item_embeddings.shape[0] - NUM_RESERVED
+    num_products = product_count(item_embeddings.shape[0])
     in_batch, positive = torch.unique(targets, return_inverse=True)  # [U], [N]: row i's column positive[i]
     candidates = torch.cat([in_batch, negatives])  # [U + M]
     p = log_p[candidates].double().exp()

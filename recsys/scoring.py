@@ -1,15 +1,21 @@
 """The one scorer: searched candidates in, final recommendations out.
 
-Online serving and the batch candidate job both call :func:`select`, so the rules below (exclusions,
-score floor, explore slots, tie order) cannot drift apart between them. Rows are item rows of a bundle
-(``items.parquet`` row = FAISS id); scores are higher-is-better. numpy only.
+Serving, the batch candidate job and training's metrics all call :func:`recommend` (after searching
+:func:`search_size` candidates per shopper), so the rules (``recsys.rules``: exclusions, score floor,
+explore slots), the repeat-aware scorer, the popularity fallback and the tie order cannot drift apart.
+Rows are item rows (``items.parquet`` row = FAISS id); scores are higher-is-better. numpy only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+
+from recsys.inputs import Histories, pair_member
+from recsys.repeat_scorer import RepeatScorer
+from recsys.rules import Rules
 
 
 def popularity_order(product_ids: np.ndarray, popularity: np.ndarray) -> np.ndarray:
@@ -17,54 +23,7 @@ def popularity_order(product_ids: np.ndarray, popularity: np.ndarray) -> np.ndar
     return np.lexsort((product_ids, -np.asarray(popularity)))
 
 
-def candidates_needed(
-    k: int,
-    exclude_sizes: Sequence[int] | np.ndarray,
-    history_sizes: Sequence[int] | np.ndarray | None = None,
-    explore_slots: int = 0,
-    repeat_aware: bool = False,
-) -> int:
-    """How many candidates per shopper to search so that :func:`select` can still fill ``k`` positions.
-
-    ``exclude_sizes`` (and ``history_sizes``) hold one count of distinct rows per shopper. Each excluded row
-    can knock out one candidate, so ``k + max(exclude)`` suffices; explore slots also need the best
-    ``explore_slots`` rows outside the history among the candidates, which can take
-    ``explore_slots + exclude + history``. The repeat-aware scorer (``recsys.repeat``) scores history rows
-    itself and drops them from the search, so it needs ``k + history`` to keep ``k`` new ones. Callers
-    clamp the result to the catalogue size.
-    """
-    if k < 0 or explore_slots < 0:
-        raise ValueError(f"k ({k}) and explore_slots ({explore_slots}) must be >= 0")
-    excluded = np.asarray(exclude_sizes, dtype=np.int64).reshape(-1)
-    needed = k + int(excluded.max(initial=0))
-    if explore_slots > 0 and history_sizes is not None:
-        history = np.asarray(history_sizes, dtype=np.int64).reshape(-1)
-        if excluded.size and excluded.shape != history.shape:
-            raise ValueError("exclude_sizes and history_sizes need one entry per shopper")
-        both = history + excluded if excluded.size else history
-        needed = max(needed, min(explore_slots, k) + int(both.max(initial=0)))
-    if repeat_aware and history_sizes is not None:
-        needed = max(needed, k + int(np.asarray(history_sizes, dtype=np.int64).max(initial=0)))
-    return needed
-
-
-def pair_member(
-    owner: np.ndarray, rows: np.ndarray, set_owner: np.ndarray, set_rows: np.ndarray
-) -> np.ndarray:
-    """Whether each (``owner``, ``rows``) pair (arrays broadcast together) is one of the pairs
-    (``set_owner``, ``set_rows``); negative rows never are. One vectorised ``isin`` over pairs packed into
-    a single int64 key, shared by every "did this shopper buy that item" question."""
-    owner, rows = np.broadcast_arrays(np.asarray(owner, np.int64), np.asarray(rows, np.int64))
-    set_owner, set_rows = np.asarray(set_owner, np.int64), np.asarray(set_rows, np.int64)
-    keep = set_rows >= 0
-    set_owner, set_rows = set_owner[keep], set_rows[keep]
-    if set_rows.size == 0 or rows.size == 0:
-        return np.zeros(rows.shape, dtype=bool)
-    span = max(int(rows.max()), int(set_rows.max())) + 1
-    return np.isin(owner * span + rows, set_owner * span + set_rows) & (rows >= 0)
-
-
-def _member(rows: np.ndarray, sets: Sequence[np.ndarray]) -> np.ndarray:
+def _in_row_sets(rows: np.ndarray, sets: Sequence[np.ndarray]) -> np.ndarray:
     """[B, C] bool: ``rows[b, c]`` is in ``sets[b]`` (negative rows never are)."""
     if len(sets) != rows.shape[0]:
         raise ValueError(f"need one row set per shopper: got {len(sets)} for {rows.shape[0]} shoppers")
@@ -117,7 +76,7 @@ def select(
         floor = np.broadcast_to(np.asarray(min_score, dtype=np.float64), (num_shoppers,))[:, None]
         valid &= np.isnan(floor) | (scores >= floor)
     if exclude is not None:
-        valid &= ~_member(rows, exclude)
+        valid &= ~_in_row_sets(rows, exclude)
 
     # Per shopper: valid first, then score descending, then row ascending (the deterministic tie order).
     order = np.lexsort((rows, -scores, ~valid), axis=-1)
@@ -134,7 +93,7 @@ def select(
 
     reserved = np.zeros_like(valid)
     if (explore > 0).any():
-        novel = valid if history is None else valid & ~_member(rows, history)
+        novel = valid if history is None else valid & ~_in_row_sets(rows, history)
         reserved = novel & (np.cumsum(novel, axis=1) <= np.minimum(explore, k)[:, None])
     others = valid & ~reserved
     room = k - reserved.sum(axis=1, keepdims=True)
@@ -149,3 +108,112 @@ def select(
     out_rows[:, :width] = np.where(kept, np.take_along_axis(rows, front, axis=1), -1)
     out_scores[:, :width] = np.where(kept, np.take_along_axis(scores, front, axis=1), np.nan)
     return out_rows, out_scores
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """Each shopper's final list, best first."""
+
+    rows: np.ndarray  # [S, K] int64 item rows, -1 padding (K = the largest k asked for)
+    scores: np.ndarray  # [S, K] float32, NaN padding
+    fallback: np.ndarray  # [S] bool: no known product, so the most popular products, scored by popularity
+    repeat_aware: np.ndarray  # [S] bool: scored by the repeat-aware scorer (P(in the next basket))
+
+
+def _per_shopper(rules: Rules | Sequence[Rules], count: int) -> list[Rules]:
+    if isinstance(rules, Rules):
+        return [rules] * count
+    if len(rules) != count:
+        raise ValueError(f"{len(rules)} rules for {count} shoppers")
+    return list(rules)
+
+
+def repeat_aware(
+    histories: Histories, rules: Rules | Sequence[Rules], scorer: RepeatScorer | None
+) -> np.ndarray:
+    """[S] bool: which shoppers the repeat-aware scorer ranks (it exists, the rules ask for it, the
+    shopper's purchase times are known and it has a known product)."""
+    wanted = np.array([r.repeat_aware for r in _per_shopper(rules, histories.num_shoppers)], dtype=bool)
+    return wanted & histories.timed & (histories.lengths > 0) & (scorer is not None)
+
+
+def search_size(
+    histories: Histories, rules: Rules | Sequence[Rules], scorer: RepeatScorer | None, num_items: int
+) -> int:
+    """How many candidates per shopper to search so that :func:`recommend` can fill every list.
+
+    Each excluded history product can knock out one candidate, so ``k + distinct`` suffices with
+    ``exclude_purchased``; explore slots need the best ``explore_slots`` products outside the history,
+    ``explore_slots + distinct``; the repeat-aware scorer weighs its pool of ``new_candidates`` new
+    products, ``new_candidates + distinct``. Clamped to the catalogue.
+    """
+    every = _per_shopper(rules, histories.num_shoppers)
+    if not every:
+        return 0
+    distinct = histories.distinct_sizes()
+    k = np.array([r.k for r in every])
+    excluded = np.array([r.exclude_purchased for r in every]) * distinct
+    explore = np.where(
+        [r.explore_slots > 0 for r in every], np.minimum([r.explore_slots for r in every], k), 0
+    )
+    needed = np.maximum(k + excluded, np.where(explore > 0, explore + distinct, 0))
+    if scorer is not None:
+        aware = repeat_aware(histories, every, scorer)
+        needed = np.maximum(needed, np.where(aware, scorer.new_candidates + distinct, 0))
+    return int(min(num_items, needed.max()))
+
+
+def recommend(
+    histories: Histories,
+    rows: np.ndarray,
+    scores: np.ndarray,
+    rules: Rules | Sequence[Rules],
+    scorer: RepeatScorer | None,
+    fallback: np.ndarray,
+    popularity: np.ndarray,
+) -> Ranked:
+    """Every shopper's list from its searched candidates, by one set of rules or one per shopper.
+
+    Args:
+        histories: the shoppers (``recsys.inputs``); those with no known product get the fallback.
+        rows, scores: [S, C] searched item rows (-1 for none) and model scores, at least
+            :func:`search_size` of them per shopper (ignored for fallback shoppers).
+        rules: one :class:`~recsys.rules.Rules` for all, or one per shopper.
+        scorer: the model's repeat-aware scorer, or None; used where :func:`repeat_aware` says.
+        fallback: item rows in fallback order (most popular first; unavailable ones already removed).
+        popularity: [N] per item row, the fallback's scores.
+    """
+    every = _per_shopper(rules, histories.num_shoppers)
+    count = histories.num_shoppers
+    width = max((r.k for r in every), default=0)
+    out_rows = np.full((count, width), -1, dtype=np.int64)
+    out_scores = np.full((count, width), np.nan, dtype=np.float32)
+    empty = histories.lengths == 0
+    aware = repeat_aware(histories, every, scorer)
+    for i in np.flatnonzero(empty):
+        top = fallback[: every[i].k]
+        out_rows[i, : len(top)], out_scores[i, : len(top)] = top, np.asarray(popularity)[top]
+    groups: dict[tuple[bool, int], list[int]] = {}
+    for i in np.flatnonzero(~empty):
+        groups.setdefault((bool(aware[i]), every[i].k), []).append(int(i))
+    # one select per (scorer, k): explore slots are reserved within each shopper's own k
+    for (scored, k), members in groups.items():
+        group = np.asarray(members)
+        part = histories.take(group)
+        owner, bought = part.distinct()
+        history = np.split(bought, np.searchsorted(owner, np.arange(1, len(group))))
+        candidates = rows[group], scores[group]
+        if scored:
+            assert scorer is not None  # repeat_aware() is False everywhere without a scorer
+            candidates = scorer.blend(part, *candidates)
+        group_rules = [every[i] for i in members]
+        floor = np.array([np.nan if r.min_score is None else r.min_score for r in group_rules])
+        out_rows[group, :k], out_scores[group, :k] = select(
+            *candidates,
+            k,
+            exclude=[h if r.exclude_purchased else h[:0] for h, r in zip(history, group_rules, strict=True)],
+            min_score=floor,
+            history=history,
+            explore_slots=np.array([r.explore_slots for r in group_rules]),
+        )
+    return Ranked(out_rows, out_scores, empty, aware)

@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from recsys.bundle import INPUT_NAME, OUTPUT_NAME, write_bundle
 from recsys.data.vocabulary import NUM_RESERVED
-from recsys.repeat import RepeatScorer
+from recsys.repeat_scorer import RepeatScorer
 
 
 def encoder_onnx(item_table: np.ndarray, position_weights: np.ndarray) -> bytes:

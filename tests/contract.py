@@ -10,15 +10,44 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from recsys.data.sequences import build_sequences
 from recsys.data.vocabulary import NUM_RESERVED, PAD
+from recsys.inputs import Histories
+from recsys.rules import Rules
 from tests.conftest import CONF
-from training.module import NextItemModule
+from training.module import NextItemModule, recommend
 from training.train import train
+
+
+def network_ranking(
+    module: NextItemModule, receipts: pa.Table, shopper_ids: np.ndarray, k: int
+) -> np.ndarray:
+    """Product ids [n, k] that ``module``'s network ranks first for ``shopper_ids`` given their
+    ``receipts``, through the model-input front-end and the one scorer, as training's metrics rank."""
+    sequences = build_sequences(receipts, module.vocab).select(shopper_ids)
+    return recommend(module, Histories.from_sequences(sequences), Rules(k=k, repeat_aware=False))
+
+
+def stage_metrics(module: NextItemModule, datamodule: Any, stage: str = "test", ks: tuple = (10, 20)) -> dict:
+    """The protocol metrics training logs for ``stage``, recomputed from ``module`` on ``datamodule``'s
+    loader (its searched rows and scores, then the data module's one scorer)."""
+    loader = datamodule.test_dataloader() if stage == "test" else datamodule.val_dataloader()
+    searched = [module.top_k(x, max(ks), gaps) for x, gaps in loader]
+    rows = torch.cat([r for r, _ in searched]).numpy()
+    scores = torch.cat([s for _, s in searched]).numpy()
+    return datamodule.evaluate(stage, rows, scores, ks)
+
+
+def top_indices(module: NextItemModule, item_ids: Tensor, k: int, gaps: Tensor | None = None) -> Tensor:
+    """The module's top-``k`` vocabulary indices [B, k] for histories ``item_ids`` [B, L]."""
+    return module.top_k(item_ids, k, gaps)[0] + NUM_RESERVED
 
 
 def random_items(num_items: int, batch: int, length: int, seed: int = 0) -> Tensor:

@@ -25,16 +25,17 @@ from recsys.data.synthetic import SyntheticConfig, generate_table
 from recsys.data.vocabulary import NUM_RESERVED, PAD, UNK
 from recsys.evaluation import baselines
 from recsys.evaluation.protocol import EvaluationData, evaluate, prepare
+from recsys.inputs import Histories
 from recsys.models.bert4rec import BERT4Rec, BERT4RecConfig
 from serving.recommender import Recommender
 from tests.conftest import CONF
-from tests.contract import other_item, random_items
-from training.module import NextItemModule, load_module, mask_items, recommend
+from tests.contract import network_ranking, other_item, random_items
+from training.module import NextItemModule, load_module, mask_items
 from training.train import train
 
 CFG = BERT4RecConfig(num_items=50, max_len=8, dim=16, num_layers=2, num_heads=2, dropout=0.2)
-SASREC_NET = {"_target_": "recsys.models.sasrec.SASRecConfig", "num_items": 10}
-BERT4REC_NET = {"_target_": "recsys.models.bert4rec.BERT4RecConfig", "num_items": 10}
+SASREC_NET = {"name": "sasrec", "num_items": 10}
+BERT4REC_NET = {"name": "bert4rec", "num_items": 10}
 VOCAB = {"product_ids": list(range(8)), "popularity": [1] * 8}
 
 
@@ -184,12 +185,13 @@ def test_masked_training_learns_and_beats_popularity_on_held_out_shoppers(
     checkpoint = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     trained = load_module(str(run / "checkpoints" / "best.ckpt"))
     torch.manual_seed(0)
-    untrained = NextItemModule(**checkpoint["hyper_parameters"]).eval()
+    untrained = NextItemModule(**checkpoint["hyper_parameters"], vocab=trained.vocab).eval()
 
     # masked loss on held-out windows (the most recent max_len + 1 items), the same masks for both
     max_len = trained.model.config.max_len
     sequences = build_sequences(held_out.train, trained.vocab)
-    windows = tuple(torch.from_numpy(a) for a in sequences.model_inputs(max_len + 1))  # items, gaps
+    inputs = Histories.from_sequences(sequences).model_inputs(max_len + 1)
+    windows = tuple(torch.from_numpy(a) for a in inputs)  # items, gaps
 
     def masked_loss(module: NextItemModule) -> float:
         torch.manual_seed(1)
@@ -199,7 +201,7 @@ def test_masked_training_learns_and_beats_popularity_on_held_out_shoppers(
     assert masked_loss(trained) < masked_loss(untrained) - 1.0
 
     shoppers = held_out.targets.shopper_ids
-    model = evaluate(recommend(trained, held_out.train, shoppers, 10), held_out, ks=(10,))
+    model = evaluate(network_ranking(trained, held_out.train, shoppers, 10), held_out, ks=(10,))
     popular = baselines.popularity(trained.vocab, len(shoppers), 10)
     popular = evaluate(trained.vocab.decode(popular), held_out, ks=(10,))
     # measured 0.32 vs 0.15 recall@10; SASRec, trained the same way, reaches 0.43
@@ -210,13 +212,13 @@ def test_masked_training_learns_and_beats_popularity_on_held_out_shoppers(
 def test_checkpoint_is_plain_values_and_reloads(run: Path) -> None:
     path = run / "checkpoints" / "best.ckpt"
     hparams = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"]
-    assert hparams["net"]["_target_"] == "recsys.models.bert4rec.BERT4RecConfig"
+    assert hparams["net"]["name"] == "bert4rec"
     assert (hparams["objective"], hparams["mask_prob"]) == ("masked", 0.2)
-    assert len(hparams["vocab"]["product_ids"]) + NUM_RESERVED == hparams["net"]["num_items"]
+    assert "vocab" not in hparams  # a checkpoint entry of its own (training.checkpoint)
     module, reloaded = load_module(str(path)), load_module(str(path))
     assert isinstance(module.model, BERT4Rec)
     history = torch.tensor([[0, 0, 5, 6, 7]])
-    assert torch.equal(module.rank(history, 10), reloaded.rank(history, 10))
+    assert torch.equal(module.top_k(history, 10)[0], reloaded.top_k(history, 10)[0])
 
 
 def test_exported_bundle_matches_torch_and_serves(
@@ -237,14 +239,16 @@ def test_exported_bundle_matches_torch_and_serves(
 
     # real held-out histories of very different lengths, served in one batch padded to the longest
     max_len = module.model.config.max_len
-    sequences = build_sequences(held_out.train, module.vocab).last(max_len)[:64]
+    sequences = Histories.from_sequences(build_sequences(held_out.train, module.vocab)).model_inputs(max_len)[
+        0
+    ][:64]
     rows = [row[row > UNK] for row in sequences]  # serving drops unknown products, so torch does too
     rows = [row for row in rows if len(row)]
     item_ids = np.zeros((len(rows), max_len), dtype=np.int64)
     for i, row in enumerate(rows):
         item_ids[i, max_len - len(row) :] = row
     assert len({len(row) for row in rows}) > 5
-    expected = module.vocab.decode(module.rank(torch.from_numpy(item_ids), 10).numpy())
+    expected = module.vocab.product_ids_of(module.top_k(torch.from_numpy(item_ids), 10)[0].numpy())
     served = Recommender.load(bundle_path).recommend_batch(
         [module.vocab.decode(row).tolist() for row in rows]
     )

@@ -9,7 +9,6 @@ from typing import Any
 import faiss
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pyarrow as pa
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -24,6 +23,7 @@ from recsys.bundle import (
     MANIFEST_FILE,
     OUTPUT_NAME,
     BundleError,
+    onnx_session,
     read_bundle,
     read_manifest,
     write_bundle,
@@ -86,7 +86,7 @@ def test_round_trip(written: Path) -> None:
     assert set(manifest["files"]) == set(FILES)
 
     # the stored encoder runs, and searching the stored index gives the original's results
-    session = ort.InferenceSession(str(loaded.model_path), providers=["CPUExecutionProvider"])
+    session = onnx_session(loaded)
     histories = np.array([[0, 0, 2, 3, 4], [5, 6, 7, 8, 9], [0, 0, 0, 0, 11]], dtype=np.int64)
     shoppers = session.run([OUTPUT_NAME], {INPUT_NAME: histories})[0]
     assert shoppers.shape == (3, DIM)

@@ -19,20 +19,21 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-import export.candidates as candidates
+from batch import pipeline
+from batch.candidates import MANIFEST_FILE, CandidatesError, run
+from batch.partition import Layout
 from export import index as indexes
-from export.candidates import MANIFEST_FILE, CandidatesError, run
 from export.export import export_bundle
-from export.partition import Layout
 from recsys.bundle import BundleError, read_bundle
 from recsys.data.schema import PRODUCT, SHOPPER, ReceiptsError
 from recsys.data.sequences import product_histories
 from recsys.data.synthetic import SyntheticConfig, generate_table
 from recsys.data.vocabulary import Vocabulary
-from recsys.repeat import FEATURES, RepeatScorer
+from recsys.repeat_scorer import FEATURES, RepeatScorer
+from recsys.rules import Rules
 from serving.recommender import Recommender
-from training import repeat
-from training.module import NextItemModule
+from training import checkpoint as checkpoints
+from training.module import NextItemModule, save_module
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 10
@@ -56,14 +57,14 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     keep = np.arange(full.num_products) % 10 != 3  # a tenth of the products are unknown to the model
     vocab = Vocabulary(full.product_ids[keep], full.popularity[keep])
-    net = {"_target_": "recsys.models.sasrec.SASRecConfig", "num_items": vocab.size, "max_len": 8, "dim": 16,
+    net = {"name": "sasrec", "num_items": vocab.size, "max_len": 8, "dim": 16,
            "num_layers": 1, "num_heads": 2, "dropout": 0.0}  # fmt: skip
     torch.manual_seed(0)
     module = NextItemModule(net, vocab.to_dict())
     with torch.no_grad():
         module.model.item_emb.weight.mul_(30)  # spread the scores: no near-ties between engines
     checkpoint = root / "model.ckpt"
-    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, checkpoint)
+    save_module(module, checkpoint)
     bundle = export_bundle(checkpoint, root / "bundle", indexes.flat)
     return {"receipts": receipts, "dir": root / "receipts", "checkpoint": checkpoint, "bundle": bundle}
 
@@ -98,7 +99,7 @@ def assert_equal_to_serving(
 ) -> None:
     history = histories(receipts)
     assert output.column(SHOPPER).to_pylist() == sorted(history)  # one row per shopper, no gaps
-    expected = recommender.recommend_batch([history[s] for s in sorted(history)], K, **rules)
+    expected = recommender.recommend_batch([history[s] for s in sorted(history)], Rules(k=K, **rules))
     for row, want in zip(output.to_pylist(), expected, strict=True):
         assert row["product_ids"] == want.product_ids, row[SHOPPER]
         np.testing.assert_allclose(row["scores"], want.scores, rtol=1e-5, atol=1e-5)
@@ -192,7 +193,7 @@ def test_shards_cover_every_shopper_exactly_once(job: Job, data: dict[str, Any],
 def test_killed_job_resumes_without_duplicates_or_gaps(
     job: Job, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    write_part = candidates.write_part
+    write_part = pipeline.write_part
     written: list[str] = []
 
     def dies_on_the_third_part(directory: Path, name: str, batches: list[pa.RecordBatch]) -> dict[str, Any]:
@@ -202,7 +203,7 @@ def test_killed_job_resumes_without_duplicates_or_gaps(
         written.append(name)
         return write_part(directory, name, batches)
 
-    monkeypatch.setattr(candidates, "write_part", dies_on_the_third_part)
+    monkeypatch.setattr(pipeline, "write_part", dies_on_the_third_part)
     with pytest.raises(RuntimeError, match="killed"):
         job(parts=5, batch_size=32)
     shard = tmp_path / "out" / "shard=00000-of-00001"
@@ -210,7 +211,7 @@ def test_killed_job_resumes_without_duplicates_or_gaps(
     assert not manifest["complete"] and sorted(manifest["parts"]) == sorted(written)
     finished = {name: (shard / name).stat() for name in written}
 
-    monkeypatch.setattr(candidates, "write_part", write_part)
+    monkeypatch.setattr(pipeline, "write_part", write_part)
     manifest = job(parts=5, batch_size=32)
     assert manifest["complete"] and len(manifest["parts"]) == 5
     for name, before in finished.items():  # finished parts are kept, not rewritten
@@ -263,7 +264,7 @@ def test_command_line(data: dict[str, Any], tmp_path: Path) -> None:
     code = (
         "import runpy, sys\n"
         "sys.argv = sys.argv[1:]\n"
-        "runpy.run_module('export.candidates', run_name='__main__')\n"
+        "runpy.run_module('batch.candidates', run_name='__main__')\n"
         "assert 'torch' not in sys.modules"
     )
     args = [f"receipts={data['dir']}", f"output={tmp_path / 'out'}", f"bundle={data['bundle']}", "k=5"]
@@ -296,14 +297,15 @@ def test_repeat_aware_job_equals_serving(job: Job, data: dict[str, Any], tmp_pat
     """With a repeat-aware scorer in the checkpoint, both engines and serving give the same answers."""
     checkpoint = tmp_path / "repeat.ckpt"
     shutil.copy(data["checkpoint"], checkpoint)
-    vocab = Vocabulary.from_dict(torch.load(checkpoint, weights_only=True)["hyper_parameters"]["vocab"])
+    state = checkpoints.read(checkpoint)
+    vocab = checkpoints.vocabulary(state)
     rng = np.random.default_rng(0)
     features = len(FEATURES)
     scorer = RepeatScorer(
         rng.standard_normal(features), -3.0, rng.standard_normal(features), np.ones(features),
         rng.uniform(0.1, 0.9, vocab.num_products), vocab.popularity.astype(np.float64),
     )  # fmt: skip
-    repeat.save(checkpoint, scorer)
+    checkpoints.write_scorer(checkpoint, scorer, state)
     bundle = export_bundle(checkpoint, tmp_path / "repeat-bundle", indexes.flat)
     manifest = job("aware", bundle=bundle, parts=2, batch_size=40, **{"rules.exclude_purchased": "true"})
     assert manifest["job"]["rules"]["repeat_aware"]
@@ -311,7 +313,9 @@ def test_repeat_aware_job_equals_serving(job: Job, data: dict[str, Any], tmp_pat
     timed = histories(data["receipts"], with_seconds=True)
     shoppers = sorted(timed)
     expected = Recommender.load(bundle).recommend_batch(
-        [timed[s][0] for s in shoppers], K, exclude_purchased=True, timestamps=[timed[s][1] for s in shoppers]
+        [timed[s][0] for s in shoppers],
+        Rules(k=K, exclude_purchased=True),
+        timestamps=[timed[s][1] for s in shoppers],
     )
     assert output.column(SHOPPER).to_pylist() == shoppers
     for row, want in zip(output.to_pylist(), expected, strict=True):
@@ -327,21 +331,22 @@ def test_repeat_aware_job_equals_serving(job: Job, data: dict[str, Any], tmp_pat
 def test_basket_aware_job_equals_serving(job: Job, data: dict[str, Any], tmp_path: Path) -> None:
     """A model reading purchase gaps: both engines compute them from the receipts, serving from the
     request's timestamps, and all three agree."""
-    hparams = torch.load(data["checkpoint"], weights_only=True)["hyper_parameters"]
+    state = checkpoints.read(data["checkpoint"])
     torch.manual_seed(1)
-    module = NextItemModule(hparams["net"] | {"time_gaps": True}, hparams["vocab"])
+    net = state["hyper_parameters"]["net"] | {"time_gaps": True}
+    module = NextItemModule(net, checkpoints.vocabulary(state))
     with torch.no_grad():
         module.model.item_emb.weight.mul_(30)
         module.model.gap_emb.table.weight.mul_(30)  # gaps move the rankings visibly
     checkpoint = tmp_path / "gaps.ckpt"
-    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, checkpoint)
+    save_module(module, checkpoint)
     bundle = export_bundle(checkpoint, tmp_path / "gaps-bundle", indexes.flat)
     job("gaps", bundle=bundle, parts=2, batch_size=40)
     output = read_output(tmp_path / "gaps")
     timed = histories(data["receipts"], with_seconds=True)
     shoppers = sorted(timed)
     expected = Recommender.load(bundle).recommend_batch(
-        [timed[s][0] for s in shoppers], K, timestamps=[timed[s][1] for s in shoppers]
+        [timed[s][0] for s in shoppers], Rules(k=K), timestamps=[timed[s][1] for s in shoppers]
     )
     assert output.column(SHOPPER).to_pylist() == shoppers
     for row, want in zip(output.to_pylist(), expected, strict=True):
@@ -351,7 +356,7 @@ def test_basket_aware_job_equals_serving(job: Job, data: dict[str, Any], tmp_pat
     # differently: the gaps were read
     trips = Recommender.load(bundle).recommend_batch(
         [timed[s][0] for s in shoppers],
-        K,
+        Rules(k=K),
         timestamps=[(3 * 86_400 * np.arange(len(timed[s][0]))).tolist() for s in shoppers],
     )
     pairs = [(a, b) for a, b in zip(expected, trips, strict=True) if not a.fallback]

@@ -10,7 +10,6 @@ from pathlib import Path
 import hydra
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pyarrow as pa
 import pytest
 import pytorch_lightning as pl
@@ -21,13 +20,21 @@ from torch.utils.data import DataLoader, TensorDataset
 from export import index as indexes
 from export.export import check_top_k, export_bundle, item_vectors
 from export.onnx import PARITY_TOLERANCE, ExportError, onnx_encoder, parity, random_gaps, random_histories
-from recsys.bundle import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, BundleError, read_bundle
-from recsys.data.completejourney import load_products
+from recsys.bundle import (
+    INPUT_NAME,
+    MODEL_FILE,
+    OUTPUT_NAME,
+    BundleError,
+    onnx_session,
+    read_bundle,
+    sha256_file,
+)
+from recsys.data.features import product_metadata
 from recsys.data.vocabulary import NUM_RESERVED, PAD, Vocabulary
 from training.module import NextItemModule, load_module
 
 NUM_PRODUCTS, MAX_LEN, DIM = 300, 8, 16
-NET = {"_target_": "recsys.models.sasrec.SASRecConfig", "num_items": NUM_PRODUCTS + NUM_RESERVED,
+NET = {"name": "sasrec", "num_items": NUM_PRODUCTS + NUM_RESERVED,
        "max_len": MAX_LEN, "dim": DIM, "num_layers": 1, "num_heads": 2, "dropout": 0.1}  # fmt: skip
 METRICS = {"val/ndcg@10": 0.125, "test/recall@10": 0.25}
 
@@ -43,6 +50,12 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     module = NextItemModule(
         NET, vocab.to_dict(), data={"cutoff": "2017-12-01", "max_len": MAX_LEN}, warmup_steps=1
+    )
+    # the training data's metadata for every other vocabulary product, shuffled, plus a product outside
+    ids = np.random.default_rng(1).permutation(vocab.product_ids[::2])
+    departments = [f"d{i}" for i in [*ids, 99_999]]
+    module.products = product_metadata(
+        pa.table({"product_id": [*ids.tolist(), 99_999], "department": departments}), vocab.product_ids
     )
     tokens = random_histories(rng, 64, MAX_LEN + 1, vocab.size)
     windows = TensorDataset(torch.from_numpy(tokens), torch.from_numpy(random_gaps(rng, tokens)))
@@ -66,17 +79,8 @@ def module(checkpoint: Path) -> NextItemModule:
 
 
 @pytest.fixture(scope="module")
-def products(module: NextItemModule) -> pa.Table:
-    """Metadata for every other vocabulary product, shuffled, plus a product outside the vocabulary."""
-    ids = np.random.default_rng(1).permutation(module.vocab.product_ids[::2])
-    return pa.table({"product_id": [*ids.tolist(), 99_999], "department": [f"d{i}" for i in [*ids, 99_999]]})
-
-
-@pytest.fixture(scope="module")
-def bundle_path(checkpoint: Path, products: pa.Table, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_bundle(
-        checkpoint, tmp_path_factory.mktemp("out") / "bundle", indexes.flat, lambda: products
-    )
+def bundle_path(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_bundle(checkpoint, tmp_path_factory.mktemp("out") / "bundle", indexes.flat)
 
 
 def test_onnx_matches_torch_across_batches_and_lengths(bundle_path: Path, module: NextItemModule) -> None:
@@ -98,10 +102,10 @@ def test_flat_top10_from_bundle_equals_torch(bundle_path: Path, module: NextItem
     bundle = read_bundle(bundle_path)
     histories = random_histories(np.random.default_rng(2), 64, MAX_LEN, module.vocab.size)
     histories[0] = PAD
-    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    session = onnx_session(bundle)
     shoppers = session.run([OUTPUT_NAME], {INPUT_NAME: histories})[0]
     _, rows = bundle.index.search(shoppers, 10)
-    expected = module.vocab.decode(module.rank(torch.from_numpy(histories), 10).numpy())
+    expected = module.vocab.product_ids_of(module.top_k(torch.from_numpy(histories), 10)[0].numpy())
     assert np.array_equal(bundle.product_ids[rows], expected)
     assert bundle.manifest["index"] == {"type": "Flat", "params": {}, "recall_at_10": 1.0}
 
@@ -141,7 +145,9 @@ def test_items_and_manifest(bundle_path: Path, module: NextItemModule, checkpoin
         vocab.size,
     )
     assert manifest["training"] == {"metrics": METRICS, "data": {"cutoff": "2017-12-01", "max_len": MAX_LEN}}
-    assert manifest["source"] == {"checkpoint": str(checkpoint.resolve())}
+    # the checkpoint's name and digest, never a path of the machine that exported it
+    assert manifest["source"] == {"checkpoint": checkpoint.name, "sha256": sha256_file(checkpoint)}
+    assert str(checkpoint.parent) not in json.dumps(manifest)
 
 
 def test_existing_output_is_refused_before_any_work(bundle_path: Path, checkpoint: Path) -> None:
@@ -189,8 +195,4 @@ def test_export_config_composes(compose_config: Callable[..., DictConfig], optio
     builder = hydra.utils.instantiate(cfg.index)
     vectors = np.random.default_rng(6).normal(size=(400, DIM)).astype(np.float32)
     assert indexes.describe_index(builder(vectors))["type"] == kind
-    assert hydra.utils.instantiate(cfg.products).func is load_products  # not called: no download here
-    assert cfg.output.endswith("/bundle")
-    assert (
-        hydra.utils.instantiate(compose_config("export", ["checkpoint=x", "products=null"]).products) is None
-    )
+    assert cfg.output.endswith("/bundle") and cfg.allow_unfinished is False

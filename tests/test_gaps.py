@@ -29,12 +29,14 @@ from recsys.data.split import parse_cutoff
 from recsys.data.synthetic import BLOCK_SHOPPERS, generate_table
 from recsys.data.vocabulary import PAD, Vocabulary
 from recsys.evaluation import baselines
-from recsys.evaluation.protocol import evaluate, prepare
+from recsys.evaluation.protocol import evaluate, evaluated_histories, prepare
+from recsys.inputs import Histories
 from recsys.models.bert4rec import BERT4RecConfig
 from recsys.models.gaps import FIRST, LOG_START, NUM_BUCKETS, PADDING, SAME_BASKET, gap_buckets
 from recsys.models.gru4rec import GRU4RecConfig
 from recsys.models.sasrec import SASRecConfig
 from recsys.models.two_tower import TwoTowerConfig
+from recsys.rules import Rules
 from serving.app import create_app
 from serving.recommender import Recommender
 from tests.contract import (
@@ -42,14 +44,15 @@ from tests.contract import (
     check_causal,
     check_finite_with_heavy_padding,
     check_prefix_states,
+    network_ranking,
     random_items,
     small_run,
     train_run,
     training_losses,
 )
-from training import repeat
+from training import checkpoint as checkpoints
 from training.datamodule import WindowBatches
-from training.module import load_module, recommend
+from training.module import load_module, module_from_checkpoint, recommend
 
 DAY = 86_400_000_000  # microseconds
 
@@ -80,11 +83,17 @@ def test_sequences_carry_gaps_aligned_with_items() -> None:
     )
     vocab = Vocabulary(np.array([5, 6, 7]), np.array([2, 1, 1]))
     sequences = build_sequences(receipts, vocab)
-    items, gaps = sequences.model_inputs(4)
-    assert items.tolist() == [[PAD, 2, 3, 2], [PAD, PAD, PAD, 4]]
+    histories = Histories.from_sequences(sequences)
+    items, gaps = histories.model_inputs(4)  # as wide as the longest history: 3
+    assert items.tolist() == [[2, 3, 2], [PAD, PAD, 4]]
     # gaps of the known rows only: shopper 2's unknown product leaves no trace
-    assert gaps.tolist() == [[0.0, FIRST_PURCHASE, 0.0, 2.0], [0.0, 0.0, 0.0, FIRST_PURCHASE]]
-    assert sequences.last(2, sequences.gaps()).tolist() == [[0.0, 2.0], [0.0, FIRST_PURCHASE]]
+    assert gaps.tolist() == [[FIRST_PURCHASE, 0.0, 2.0], [0.0, 0.0, FIRST_PURCHASE]]
+    assert histories.model_inputs(2)[1].tolist() == [[0.0, 2.0], [0.0, FIRST_PURCHASE]]
+    # the same shoppers as serving receives them: product ids and seconds, unknown products counted
+    seconds = [[t0 / 1e6, t0 / 1e6, (t0 + 2 * DAY) / 1e6], [t0 / 1e6, (t0 + DAY) / 1e6]]
+    requests = Histories.from_requests(vocab, [[5, 6, 5], [7, 99]], seconds)
+    assert [a.tolist() for a in requests.model_inputs(4)] == [items.tolist(), gaps.tolist()]
+    assert requests.unknown.tolist() == [0, 1] and histories.unknown.tolist() == [0, 0]
 
 
 def test_gap_buckets() -> None:
@@ -223,7 +232,7 @@ def test_basket_aware_training_learns_and_beats_popularity(run: Run, held_out: A
     module = load_module(str(run.metrics["best_checkpoint"]))
     assert module.hparams["net"]["time_gaps"] and module.model.gap_emb is not None
     shoppers = held_out.targets.shopper_ids
-    model = evaluate(recommend(module, held_out.train, shoppers, 10), held_out, ks=(10,))
+    model = evaluate(network_ranking(module, held_out.train, shoppers, 10), held_out, ks=(10,))
     popular = evaluate(
         module.vocab.decode(baselines.popularity(module.vocab, len(shoppers), 10)), held_out, (10,)
     )
@@ -242,24 +251,25 @@ def test_served_with_timestamps_equals_torch(run: Run, held_out: Any, bundle: Pa
     recommender = Recommender.load(bundle)
     assert recommender.needs_timestamps
     checkpoint = run.metrics["best_checkpoint"]
-    module, scorer = load_module(checkpoint), repeat.load(checkpoint)
+    state = checkpoints.read(checkpoint)
+    module, scorer = module_from_checkpoint(state), checkpoints.scorer(state)
     assert scorer is not None
     shoppers = held_out.targets.shopper_ids
     products, seconds = product_histories(held_out.train, shoppers)
 
     # repeat-aware: serving (gaps from request timestamps) = training's ranking (gaps from receipts)
-    served = recommender.recommend_batch(products, k=10, timestamps=seconds)
-    expected, _ = repeat.rank(module, scorer, held_out, 10)
+    served = recommender.recommend_batch(products, Rules(k=10), timestamps=seconds)
+    expected = recommend(module, evaluated_histories(held_out, module.vocab), Rules(k=10), scorer)
     assert all(r.repeat_aware for r in served)
     assert [r.product_ids for r in served] == [row[row >= 0].tolist() for row in expected]
 
     # the network alone: a bundle of the same weights without the scorer
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    del state[repeat.CHECKPOINT_KEY]
+    state["caddie"] = {**state["caddie"], "expects_scorer": False}
+    del state["caddie"][checkpoints.SCORER_KEY]
     torch.save(state, tmp_path / "plain.ckpt")
     plain = Recommender.load(export_bundle(tmp_path / "plain.ckpt", tmp_path / "plain", indexes.flat))
-    served = plain.recommend_batch(products, k=10, timestamps=seconds)
-    assert [r.product_ids for r in served] == recommend(module, held_out.train, shoppers, 10).tolist()
+    served = plain.recommend_batch(products, Rules(k=10), timestamps=seconds)
+    assert [r.product_ids for r in served] == network_ranking(module, held_out.train, shoppers, 10).tolist()
 
 
 def test_serving_refuses_a_history_without_timestamps(bundle: Path) -> None:
@@ -269,7 +279,7 @@ def test_serving_refuses_a_history_without_timestamps(bundle: Path) -> None:
         recommender.recommend([product, product])
     with pytest.raises(ValueError, match="oldest first"):
         recommender.recommend([product, product], timestamps=[2.0, 1.0])
-    assert recommender.recommend([], k=3).fallback  # nothing to encode: the popularity fallback
+    assert recommender.recommend([], Rules(k=3)).fallback  # nothing to encode: the popularity fallback
     client = TestClient(create_app(bundle))
     answer = client.post("/recommend", json={"history": [product], "k": 3})
     assert answer.status_code == 422 and "needs timestamps" in answer.json()["detail"]

@@ -24,19 +24,22 @@ from recsys.data.vocabulary import PAD
 from recsys.evaluation import baselines
 from recsys.evaluation.protocol import evaluate, prepare
 from recsys.models.gru4rec import GRU4Rec, GRU4RecConfig
+from recsys.rules import Rules
 from serving.recommender import Recommender
 from tests.contract import (
     Run,
     check_finite_with_heavy_padding,
     check_prefix_states,
     check_shapes,
+    network_ranking,
     random_items,
     small_run,
+    stage_metrics,
     train_run,
     training_losses,
 )
 from training.datamodule import ReceiptsDataModule
-from training.module import load_module, recommend
+from training.module import load_module
 
 CFG = GRU4RecConfig(num_items=50, max_len=8, dim=16, num_layers=2, dropout=0.2)
 
@@ -125,13 +128,12 @@ def test_train_job_learns_and_its_checkpoint_reproduces_the_test_scores(run: Run
     assert len(losses) >= 4 and np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.5, losses
 
     checkpoint = torch.load(run.metrics["best_checkpoint"], map_location="cpu", weights_only=True)
-    assert checkpoint["hyper_parameters"]["net"]["_target_"] == "recsys.models.gru4rec.GRU4RecConfig"
+    assert checkpoint["hyper_parameters"]["net"]["name"] == "gru4rec"
     module = load_module(str(run.metrics["best_checkpoint"]))
     assert isinstance(module.model, GRU4Rec)
     datamodule: ReceiptsDataModule = hydra.utils.instantiate(run.cfg.data)
     datamodule.setup()
-    ranked = torch.cat([module.rank(x, 20, gaps) for x, gaps in datamodule.test_dataloader()]).numpy()
-    recomputed = datamodule.evaluate("test", ranked, (10, 20))
+    recomputed = stage_metrics(module, datamodule)
     assert recomputed["recall@10"] == pytest.approx(run.metrics["test/recall@10"], abs=1e-6)
 
 
@@ -144,7 +146,7 @@ def test_beats_popularity_on_held_out_shoppers(run: Run) -> None:
     module = load_module(str(run.metrics["best_checkpoint"]))
     data = prepare(unseen, parse_cutoff(run.cfg.data.cutoff, run.cfg.data.timezone), min_baskets=1)
     shoppers = data.targets.shopper_ids
-    model = evaluate(recommend(module, data.train, shoppers, 10), data, ks=(10,))
+    model = evaluate(network_ranking(module, data.train, shoppers, 10), data, ks=(10,))
     popular = evaluate(
         module.vocab.decode(baselines.popularity(module.vocab, len(shoppers), 10)), data, (10,)
     )
@@ -164,9 +166,9 @@ def test_bundle_from_the_checkpoint_serves_the_torch_rankings(run: Run, tmp_path
     rng = np.random.default_rng(0)
     histories = [vocab.product_ids[rng.integers(0, vocab.num_products, n)].tolist() for n in (1, 4, 12, 30)]
     # one ONNX run over the histories left-padded to the longest gives each its own ranking
-    for history, result in zip(histories, recommender.recommend_batch(histories, k=10), strict=True):
-        expected = vocab.decode(
-            module.rank(torch.from_numpy(vocab.encode(np.array(history)))[None], 10).numpy()
+    for history, result in zip(histories, recommender.recommend_batch(histories, Rules(k=10)), strict=True):
+        expected = vocab.product_ids_of(
+            module.top_k(torch.from_numpy(vocab.encode(np.array(history)))[None], 10)[0].numpy()
         )
         assert result.product_ids == expected[0].tolist()
         assert not result.fallback

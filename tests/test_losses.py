@@ -195,8 +195,8 @@ def receipts() -> pa.Table:
 
 @pytest.mark.parametrize(
     ("model", "loss"),
-    [("sasrec.SASRecConfig", name) for name in ("gbce", "in_batch", "mixed")]
-    + [("bert4rec.BERT4RecConfig", name) for name in ("sampled_softmax", "gbce", "in_batch", "mixed")],
+    [("sasrec", name) for name in ("gbce", "in_batch", "mixed")]
+    + [("bert4rec", name) for name in ("sampled_softmax", "gbce", "in_batch", "mixed")],
 )
 def test_module_trains_with_each_loss(receipts: pa.Table, model: str, loss: str) -> None:
     """40 steps of a loss on one batch lower the exact softmax loss of the module's own objective.
@@ -207,7 +207,7 @@ def test_module_trains_with_each_loss(receipts: pa.Table, model: str, loss: str)
         lambda: receipts, cutoff="2017-12-01", timezone="UTC", val_days=0, batch_size=64
     )
     datamodule.setup("fit")
-    net = {"_target_": f"recsys.models.{model}", "num_items": datamodule.vocab.size, "dim": 32,
+    net = {"name": model, "num_items": datamodule.vocab.size, "dim": 32,
            "num_layers": 1, "num_heads": 1, "dropout": 0.1}  # fmt: skip
     objective = "masked" if model.startswith("bert4rec") else "causal"
     torch.manual_seed(0)

@@ -11,16 +11,19 @@ import pytest
 from fastapi.testclient import TestClient
 
 from recsys.bundle import BundleError, read_bundle
-from recsys.repeat import FEATURES, Histories, RepeatScorer, item_statistics
+from recsys.inputs import Histories
+from recsys.repeat_scorer import FEATURES, RepeatScorer, features, item_statistics
+from recsys.rules import Rules
 from recsys.scoring import select
 from serving.app import create_app
 from serving.recommender import Recommender
 from tests.bundles import SyntheticBundle, make_bundle
+from tests.histories import histories_of
 
 F = {name: i for i, name in enumerate(FEATURES)}
 
 
-def scorer(num_items: int, seed: int = 0) -> RepeatScorer:
+def scorer(num_items: int, seed: int = 0, new_candidates: int = 50) -> RepeatScorer:
     rng = np.random.default_rng(seed)
     return RepeatScorer(
         rng.standard_normal(len(FEATURES)),
@@ -29,14 +32,16 @@ def scorer(num_items: int, seed: int = 0) -> RepeatScorer:
         rng.uniform(0.5, 2.0, len(FEATURES)),
         rng.uniform(0.05, 0.9, num_items),
         rng.integers(1, 50, num_items).astype(np.float64),
+        new_candidates,
     )
 
 
 def test_features_match_a_hand_computation() -> None:
     # one shopper: item 3 on days 0, 10, 30 (twice on day 10: one basket), item 5 on day 30 only
-    histories = Histories.from_lists([np.array([3, 3, 3, 3, 5])], [np.array([0.0, 10.0, 10.0, 30.0, 30.0])])
+    histories = histories_of([[3, 3, 3, 3, 5]], [[0.0, 10.0, 10.0, 30.0, 30.0]])
     model = scorer(8)
-    owner, rows, x = model.features(histories, np.array([[5, 6, -1]]), np.array([[9.0, 2.5, np.nan]]))
+    searched = np.array([[5, 6, -1]]), np.array([[9.0, 2.5, np.nan]])
+    owner, rows, x = features(histories, *searched, model.repeat_rate, model.popularity)
     assert owner.tolist() == [0, 0, 0] and rows.tolist() == [3, 5, 6]  # 5 is scored once, as a repeat
     item3, item5, new6 = x
     assert item3[F["log_baskets"]] == pytest.approx(math.log1p(3))
@@ -57,9 +62,7 @@ def test_features_match_a_hand_computation() -> None:
 
 def test_item_statistics() -> None:
     # item 0: shopper 0 twice, shopper 1 once; item 1: shopper 1 once
-    histories = Histories.from_lists(
-        [np.array([0, 0]), np.array([0, 1])], [np.array([1.0, 2.0]), np.zeros(2)]
-    )
+    histories = histories_of([[0, 0], [0, 1]], [[1.0, 2.0], [0.0, 0.0]])
     rate, popularity = item_statistics(histories, 3)
     np.testing.assert_allclose(rate, [(1 + 1) / (2 + 4), (0 + 1) / (1 + 4), 1 / 4])
     np.testing.assert_array_equal(popularity, [3, 1, 0])
@@ -72,8 +75,8 @@ def test_scores_need_no_clock_and_are_probabilities() -> None:
     candidates = rng.integers(0, 30, (5, 20))
     candidate_scores = rng.standard_normal((5, 20)).astype(np.float32)
     model = scorer(30)
-    a = model.blend(Histories.from_lists(rows, days), candidates, candidate_scores, 10)
-    b = model.blend(Histories.from_lists(rows, [d + 12345.5 for d in days]), candidates, candidate_scores, 10)
+    a = model.blend(histories_of(rows, days), candidates, candidate_scores)
+    b = model.blend(histories_of(rows, [d + 12345.5 for d in days]), candidates, candidate_scores)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_allclose(a[1], b[1], rtol=1e-6)
     valid = a[0] >= 0
@@ -87,13 +90,11 @@ def test_blend_does_not_depend_on_how_many_candidates_were_searched() -> None:
     days = [np.arange(6.0) * 7 for _ in range(4)]
     scores = rng.standard_normal((4, n)).astype(np.float32)
     order = np.argsort(-scores, axis=1)
-    model = scorer(n, seed=3)
+    model = scorer(n, seed=3, new_candidates=k)
     answers = []
-    for searched in (k + 6, 40, n):
+    for searched in (k + 6, 40, n):  # the pool needs new_candidates + distinct history products
         rows = order[:, :searched]
-        blended = model.blend(
-            Histories.from_lists(history, days), rows, np.take_along_axis(scores, rows, 1), k
-        )
+        blended = model.blend(histories_of(history, days), rows, np.take_along_axis(scores, rows, 1))
         answers.append(select(*blended, k))
     for rows, values in answers[1:]:
         np.testing.assert_array_equal(rows, answers[0][0])
@@ -109,12 +110,18 @@ def test_bad_scorers_and_histories_are_refused() -> None:
     data = good.to_dict() | {"features": ["log_baskets"]}
     with pytest.raises(ValueError, match="differ from this library"):
         RepeatScorer.from_dict(data, good.repeat_rate, good.popularity)
-    with pytest.raises(ValueError, match="purchase time"):
-        Histories.from_lists([np.array([1])], [None])
-    with pytest.raises(ValueError, match="must be < 5"):
-        good.features(
-            Histories.from_lists([np.array([7])], [np.zeros(1)]), np.zeros((1, 1), np.int64), np.ones((1, 1))
+    with pytest.raises(ValueError, match="finite"):
+        RepeatScorer(
+            np.full(len(FEATURES), np.nan), 0.0, good.mean, good.scale, good.repeat_rate, good.popularity
         )
+    with pytest.raises(ValueError, match="new_candidates"):
+        RepeatScorer.from_dict(good.to_dict() | {"new_candidates": "50"}, good.repeat_rate, good.popularity)
+    untimed = histories_of([[1]])
+    untimed = Histories(untimed.offsets, untimed.rows, untimed.micros, np.zeros(1, bool), untimed.unknown)
+    with pytest.raises(ValueError, match="purchase times"):
+        good.blend(untimed, np.zeros((1, 1), np.int64), np.ones((1, 1)))
+    with pytest.raises(ValueError, match="must be < 5"):
+        good.blend(histories_of([[7]]), np.zeros((1, 1), np.int64), np.ones((1, 1)))
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +146,8 @@ def test_serving_uses_the_scorer_given_timestamps(repeat_bundle: SyntheticBundle
     ids = repeat_bundle.product_ids
     history = [int(ids[i]) for i in (3, 7, 3, 9, 3)]
     seconds = [0.0, 0.0, 86_400.0 * 7, 86_400.0 * 7, 86_400.0 * 14]
-    aware = recommender.recommend(history, k=8, timestamps=seconds)
-    plain = recommender.recommend(history, k=8)
+    aware = recommender.recommend(history, Rules(k=8), timestamps=seconds)
+    plain = recommender.recommend(history, Rules(k=8))
     assert aware.repeat_aware and not plain.repeat_aware
     assert all(0 < s < 1 for s in aware.scores) and aware.scores == sorted(aware.scores, reverse=True)
 
@@ -148,16 +155,17 @@ def test_serving_uses_the_scorer_given_timestamps(repeat_bundle: SyntheticBundle
     scores = repeat_bundle.brute_force_scores(history).astype(np.float32)
     model = read_bundle(repeat_bundle.path).repeat
     assert model is not None
-    histories = Histories.from_lists([np.array([3, 7, 3, 9, 3])], [np.array(seconds) / 86_400.0])
+    histories = histories_of([[3, 7, 3, 9, 3]], [np.array(seconds) / 86_400.0])
     rows, values = select(
-        *model.blend(histories, np.argsort(-scores)[None, :], np.sort(scores)[::-1][None, :], 8), 8
+        *model.blend(histories, np.argsort(-scores)[None, :], np.sort(scores)[::-1][None, :]), 8
     )
     assert aware.product_ids == ids[rows[0]].tolist()
     np.testing.assert_allclose(aware.scores, values[0], rtol=1e-5)
 
     floor = aware.scores[2]
-    assert len(recommender.recommend(history, k=8, min_score=floor, timestamps=seconds).product_ids) == 3
-    batch = recommender.recommend_batch([history, history, []], k=8, timestamps=[seconds, None, []])
+    floored = recommender.recommend(history, Rules(k=8, min_score=floor), timestamps=seconds)
+    assert len(floored.product_ids) == 3
+    batch = recommender.recommend_batch([history, history, []], Rules(k=8), timestamps=[seconds, None, []])
     assert batch[0] == aware and batch[1] == plain and batch[2].fallback
     with pytest.raises(ValueError, match="one finite number per history entry"):
         recommender.recommend(history, timestamps=seconds[:-1])

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recsys.scoring import candidates_needed, select
+from recsys.rules import Rules
+from recsys.scoring import recommend, search_size, select
+from tests.histories import histories_of
 
 NONE: np.ndarray = np.empty(0, dtype=np.int64)
 
@@ -118,24 +120,41 @@ def test_rejects_bad_shapes_and_arguments() -> None:
         select(np.zeros((2, 3), np.int64), np.zeros((2, 3), np.float32), -1)
 
 
-def test_candidates_needed() -> None:
-    assert candidates_needed(10, []) == 10
-    assert candidates_needed(10, [0, 3, 7]) == 17
-    # Explore slots need the best new rows past everything excluded and bought before.
-    assert candidates_needed(10, [2, 0], history_sizes=[5, 30], explore_slots=3) == 33
-    assert candidates_needed(10, [2, 0], history_sizes=[5, 30], explore_slots=0) == 12
+def test_search_size() -> None:
+    histories = histories_of([[1, 2], [3, 4, 5, 6, 7, 3, 3]])  # 2 and 5 distinct products
+    assert search_size(histories, Rules(k=10), None, 1000) == 10
+    assert search_size(histories, Rules(k=10, exclude_purchased=True), None, 1000) == 15
+    # Explore slots need the best new rows past everything bought before.
+    assert search_size(histories, Rules(k=10, explore_slots=3), None, 1000) == 10
+    assert search_size(histories, Rules(k=2, explore_slots=3), None, 1000) == 7
+    assert search_size(histories, [Rules(k=4), Rules(k=1)], None, 1000) == 4
+    assert search_size(histories, Rules(k=10, exclude_purchased=True), None, 12) == 12  # the catalogue
 
 
-def test_candidates_needed_is_enough() -> None:
+def test_search_size_is_enough() -> None:
     rng = np.random.default_rng(1)
     num_items, k = 200, 10
     for _ in range(20):
         scores = rng.standard_normal(num_items).astype(np.float32)
-        exclude = rng.choice(num_items, size=rng.integers(0, 40), replace=False)
-        history = rng.choice(num_items, size=rng.integers(0, 40), replace=False)
-        c = candidates_needed(k, [len(exclude)], history_sizes=[len(history)], explore_slots=3)
-        order = np.argsort(-scores)
-        args = {"exclude": [exclude], "history": [history], "explore_slots": 3}
-        full = select(order[None], scores[order][None], k, **args)[0]
-        truncated = select(order[None, :c], scores[order][None, :c], k, **args)[0]
-        assert np.array_equal(full, truncated)
+        history = rng.choice(num_items, size=rng.integers(1, 40), replace=False)
+        for rules in (Rules(k=k, exclude_purchased=True), Rules(k=k, explore_slots=3)):
+            c = search_size(histories_of([history.tolist()]), rules, None, num_items)
+            order = np.argsort(-scores)
+            bought = [history] if rules.exclude_purchased else None
+            args = {"exclude": bought, "history": [history], "explore_slots": rules.explore_slots}
+            full = select(order[None], scores[order][None], k, **args)[0]
+            truncated = select(order[None, :c], scores[order][None, :c], k, **args)[0]
+            assert np.array_equal(full, truncated)
+
+
+def test_recommend_gives_the_fallback_to_empty_histories_and_applies_each_shoppers_rules() -> None:
+    histories = histories_of([[0, 1], [], [2]])
+    rows = np.array([[1, 3, 4, 0], [-1] * 4, [2, 4, 0, 3]])
+    scores = np.array([[0.9, 0.8, 0.7, 0.6], [np.nan] * 4, [0.9, 0.8, 0.7, 0.6]], np.float32)
+    popularity = np.array([5, 9, 7, 1, 0])
+    fallback = np.array([1, 2, 0, 3, 4])
+    every = [Rules(k=2, exclude_purchased=True), Rules(k=3), Rules(k=3, min_score=0.75)]
+    ranked = recommend(histories, rows, scores, every, None, fallback, popularity)
+    assert ranked.rows.tolist() == [[3, 4, -1], [1, 2, 0], [2, 4, -1]]
+    assert ranked.scores[1].tolist() == [9.0, 7.0, 5.0]  # popularity
+    assert ranked.fallback.tolist() == [False, True, False] and not ranked.repeat_aware.any()

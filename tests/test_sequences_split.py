@@ -11,6 +11,7 @@ import pytest
 from recsys.data.sequences import build_sequences, concat_ranges, training_windows
 from recsys.data.split import next_basket_targets, parse_cutoff, temporal_split
 from recsys.data.vocabulary import PAD, UNK, Vocabulary
+from recsys.inputs import Histories
 
 DAY = timedelta(days=1)
 T0 = datetime(2017, 1, 1, tzinfo=timezone.utc)
@@ -57,16 +58,16 @@ def test_vocabulary_min_baskets_counts_distinct_baskets() -> None:
 def test_sequences_order_baskets_by_time_then_id() -> None:
     vocab = Vocabulary.build(receipts(ROWS))
     seqs = build_sequences(receipts(ROWS), vocab)
-    first = vocab.decode(seqs.history(0)).tolist()
+    first = vocab.decode(seqs.items[seqs.offsets[0] : seqs.offsets[1]]).tolist()
     assert first == [100, 101, 102]  # basket 12 (day 0) before basket 11 (day 5)
     assert seqs.basket[seqs.offsets[0] : seqs.offsets[1]].tolist() == [0, 0, 1]
     assert seqs.shopper_ids.tolist() == [1, 2, 3, 4]
 
 
-def test_last_keeps_most_recent_items_left_padded() -> None:
+def test_model_inputs_keep_most_recent_items_left_padded() -> None:
     vocab = Vocabulary.build(receipts(ROWS))
     seqs = build_sequences(receipts(ROWS), vocab)
-    last = seqs.last(2)
+    last, _ = Histories.from_sequences(seqs).model_inputs(2)
     assert last.shape == (4, 2)
     assert vocab.decode(last[1]).tolist() == [999, 102]
     assert last[2].tolist() == [PAD, vocab.encode(np.array([100]))[0]]
@@ -76,7 +77,10 @@ def test_select_keeps_order_and_gives_unknown_shoppers_empty_rows() -> None:
     seqs = build_sequences(receipts(ROWS), Vocabulary.build(receipts(ROWS)))
     sub = seqs.select(np.array([3, 77, 1]))
     assert sub.lengths.tolist() == [1, 0, 3]
-    assert sub.history(2).tolist() == seqs.history(0).tolist()
+    assert (
+        sub.items[sub.offsets[2] : sub.offsets[3]].tolist()
+        == seqs.items[seqs.offsets[0] : seqs.offsets[1]].tolist()
+    )
 
 
 def test_concat_ranges() -> None:

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 
 from recsys.bundle import BundleError, write_bundle
+from recsys.rules import Rules
 from serving.recommender import Recommender
 from tests.bundles import SyntheticBundle, encoder_onnx, make_bundle
 
@@ -45,7 +46,7 @@ def _expected(bundle: SyntheticBundle, history: list[int], k: int, drop: set[int
 @pytest.mark.parametrize("rows", [[0], [3, 7, 1], [5, 5, 5, 9], [11, 2, 30, 17, 4, 8]])
 def test_matches_brute_force(bundle: SyntheticBundle, recommender: Recommender, rows: list[int]) -> None:
     history = _history(bundle, rows)
-    result = recommender.recommend(history, k=7)
+    result = recommender.recommend(history, Rules(k=7))
     assert result.product_ids == _expected(bundle, history, 7)
     scores = bundle.brute_force_scores(history)
     row_of = {int(p): i for i, p in enumerate(bundle.product_ids)}
@@ -56,28 +57,32 @@ def test_matches_brute_force(bundle: SyntheticBundle, recommender: Recommender, 
 def test_unknown_products_are_dropped_and_counted(bundle: SyntheticBundle, recommender: Recommender) -> None:
     history = _history(bundle, [3, 7, 1])
     mixed = [UNKNOWN[0], history[0], UNKNOWN[1], UNKNOWN[2], history[1], history[2], UNKNOWN[3]]
-    result = recommender.recommend(mixed, k=5)
+    result = recommender.recommend(mixed, Rules(k=5))
     assert result.unknown == 4
-    assert result.product_ids == recommender.recommend(history, k=5).product_ids
+    assert result.product_ids == recommender.recommend(history, Rules(k=5)).product_ids
 
 
 def test_long_history_keeps_the_most_recent_max_len(
     bundle: SyntheticBundle, recommender: Recommender
 ) -> None:
     history = _history(bundle, list(range(bundle.max_len + 4)))
-    long, recent = recommender.recommend(history, k=5), recommender.recommend(history[-bundle.max_len :], k=5)
+    long, recent = (
+        recommender.recommend(history, Rules(k=5)),
+        recommender.recommend(history[-bundle.max_len :], Rules(k=5)),
+    )
     assert long.truncated and not recent.truncated
     assert long.product_ids == recent.product_ids == _expected(bundle, history, 5)
     np.testing.assert_allclose(long.scores, recent.scores, rtol=1e-6)
     # Unknown entries do not use up the window: max_len known products after dropping them is not truncated.
-    assert not recommender.recommend([*UNKNOWN, *history[-bundle.max_len :]], k=5).truncated
+    assert not recommender.recommend([*UNKNOWN, *history[-bundle.max_len :]], Rules(k=5)).truncated
 
 
 @pytest.mark.parametrize("history", [[], UNKNOWN])
 def test_empty_or_unknown_history_falls_back_to_popularity(
     bundle: SyntheticBundle, recommender: Recommender, history: list[int]
 ) -> None:
-    result = recommender.recommend(history, k=6, min_score=1e9)  # the floor applies to model scores only
+    # the floor applies to model scores only
+    result = recommender.recommend(history, Rules(k=6, min_score=1e9))
     assert result.fallback and result.unknown == len(history) and not result.truncated
     assert result.product_ids == bundle.popular_product_ids()[:6].tolist()
     assert result.scores == sorted(result.scores, reverse=True)
@@ -85,8 +90,8 @@ def test_empty_or_unknown_history_falls_back_to_popularity(
 
 def test_exclude_purchased(bundle: SyntheticBundle, recommender: Recommender) -> None:
     history = _history(bundle, [3, 7, 1, 3])
-    assert set(history) & set(recommender.recommend(history, k=10).product_ids)  # own items score high
-    result = recommender.recommend(history, k=10, exclude_purchased=True)
+    assert set(history) & set(recommender.recommend(history, Rules(k=10)).product_ids)  # own items score high
+    result = recommender.recommend(history, Rules(k=10, exclude_purchased=True))
     assert result.product_ids == _expected(bundle, history, 10, drop=set(history))
 
 
@@ -94,30 +99,30 @@ def test_min_score_gives_fewer_or_zero_items(bundle: SyntheticBundle, recommende
     history = _history(bundle, [3, 7, 1])
     scores = np.sort(bundle.brute_force_scores(history))[::-1]
     floor = float(scores[3] + scores[4]) / 2  # between the 4th and 5th best
-    result = recommender.recommend(history, k=10, min_score=floor)
+    result = recommender.recommend(history, Rules(k=10, min_score=floor))
     assert result.product_ids == _expected(bundle, history, 4) and min(result.scores) >= floor
-    nothing = recommender.recommend(history, k=10, min_score=float(scores[0]) + 1)
+    nothing = recommender.recommend(history, Rules(k=10, min_score=float(scores[0]) + 1))
     assert nothing.product_ids == [] and nothing.scores == [] and not nothing.fallback
 
 
 def test_k_above_catalogue_returns_everything(bundle: SyntheticBundle, recommender: Recommender) -> None:
-    result = recommender.recommend(_history(bundle, [1]), k=1000, exclude_purchased=True)
+    result = recommender.recommend(_history(bundle, [1]), Rules(k=1000, exclude_purchased=True))
     assert len(result.product_ids) == len(bundle.product_ids) - 1
     with pytest.raises(ValueError, match="k must be"):
-        recommender.recommend(_history(bundle, [1]), k=0)
+        Rules(k=0)
 
 
 def test_explore_slots_show_new_products(bundle: SyntheticBundle, recommender: Recommender) -> None:
     history = _history(bundle, [3, 7, 1, 3])
-    plain = recommender.recommend(history, k=6)
+    plain = recommender.recommend(history, Rules(k=6))
     assert len(set(plain.product_ids) - set(history)) < 5  # own items score high: few new ones
-    result = recommender.recommend(history, k=6, explore_slots=5)
+    result = recommender.recommend(history, Rules(k=6, explore_slots=5))
     new = _expected(bundle, history, 5, drop=set(history))  # the 5 best products new to the shopper
     assert set(new) <= set(result.product_ids)
     assert result.product_ids == [p for p in _expected(bundle, history, 100) if p in result.product_ids]
     assert set(result.product_ids) - set(new) <= set(plain.product_ids[:1])  # the one other: the best
     with pytest.raises(ValueError, match="explore_slots must be"):
-        recommender.recommend(history, explore_slots=-1)
+        Rules(explore_slots=-1)
 
 
 def test_batch_equals_single(bundle: SyntheticBundle, recommender: Recommender) -> None:
@@ -128,9 +133,13 @@ def test_batch_equals_single(bundle: SyntheticBundle, recommender: Recommender) 
     excludes = [False, True, False, True, False, True]
     floors = [None, 0.0, None, None, -1.0, None]
     explores = [1, 0, 2, 3, 0, 1]
-    batch = recommender.recommend_batch(histories, ks, excludes, floors, explore_slots=explores)
+    rules = [
+        Rules(k=k, exclude_purchased=e, min_score=f, explore_slots=x)
+        for k, e, f, x in zip(ks, excludes, floors, explores, strict=True)
+    ]
+    batch = recommender.recommend_batch(histories, rules)
     for i, got in enumerate(batch):
-        single = recommender.recommend(histories[i], ks[i], excludes[i], floors[i], explore_slots=explores[i])
+        single = recommender.recommend(histories[i], rules[i])
         assert got.product_ids == single.product_ids
         assert (got.fallback, got.unknown, got.truncated) == (
             single.fallback,
@@ -167,11 +176,15 @@ def test_missing_file_is_refused(bundle: SyntheticBundle, tmp_path: Path) -> Non
     ("key", "value", "message"),
     [
         ("format_version", 99, r"bundle\.json has format_version 99"),
-        ("max_len", 0, r"bundle\.json has max_len 0"),
+        ("max_len", 0, r"bundle\.json: 'max_len' must be a positive integer, got 0"),
+        ("max_len", 1.5, r"'max_len' must be a positive integer"),
+        ("max_len", 10**6, r"above this reader's limit"),
+        ("embedding_dim", "4", r"'embedding_dim' must be a positive integer"),
+        ("input_name", "ids", r"'input_name' is 'ids'"),
     ],
 )
 def test_bad_manifest_is_refused(
-    bundle: SyntheticBundle, tmp_path: Path, key: str, value: int, message: str
+    bundle: SyntheticBundle, tmp_path: Path, key: str, value: object, message: str
 ) -> None:
     path = _copy(bundle, tmp_path)
     manifest = json.loads((path / "bundle.json").read_text())
@@ -211,7 +224,7 @@ def test_duplicate_product_ids_are_refused(tmp_path: Path) -> None:
     items = pa.table({"product_id": np.array([1, 2, 3, 2, 5]), "popularity": np.ones(5, dtype=np.int64)})
     manifest = {"model": {"name": "dupes"}, "max_len": 4, "embedding_dim": 8}
     write_bundle(tmp_path / "b", model, items, _index(5, 8), manifest)
-    with pytest.raises(BundleError, match="duplicate product_id"):
+    with pytest.raises(BundleError, match="product_id must be unique"):
         Recommender.load(tmp_path / "b")
 
 
@@ -226,10 +239,11 @@ def test_serving_never_imports_torch(bundle: SyntheticBundle) -> None:
     code = (
         "import sys\n"
         "import serving, serving.app\n"
+        "from recsys.rules import Rules\n"
         "from serving.recommender import Recommender\n"
         f"r = Recommender.load({str(bundle.path)!r})\n"
-        f"assert r.recommend({_history(bundle, [1, 2])!r}, k=3).product_ids\n"
-        "r.recommend([], k=3)\n"
+        f"assert r.recommend({_history(bundle, [1, 2])!r}, Rules(k=3)).product_ids\n"
+        "r.recommend([], Rules(k=3))\n"
         "heavy = ('torch', 'lightning', 'pytorch_lightning')\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
         "assert not bad, bad\n"

@@ -19,10 +19,10 @@ from recsys.data.split import parse_cutoff
 from recsys.data.synthetic import SyntheticConfig, generate_table
 from recsys.evaluation import baselines
 from recsys.evaluation.protocol import evaluate, prepare
-from tests.contract import exact_loss_drop
-from training import repeat
+from tests.contract import exact_loss_drop, network_ranking
+from training import checkpoint as checkpoints
 from training.datamodule import ReceiptsDataModule
-from training.module import NextItemModule, load_module, recommend
+from training.module import NextItemModule, load_module
 from training.train import train
 
 SMALL = ["data.receipts.config.num_shoppers=600", "data.receipts.config.num_products=300", "logger=csv"]
@@ -44,7 +44,7 @@ def test_sasrec_beats_popularity_on_held_out_shoppers(world: pa.Table) -> None:
         lambda: seen, cutoff="2017-12-01", timezone="UTC", val_days=28, batch_size=64
     )
     datamodule.setup("fit")
-    net = {"_target_": "recsys.models.sasrec.SASRecConfig", "num_items": datamodule.vocab.size, "dim": 32,
+    net = {"name": "sasrec", "num_items": datamodule.vocab.size, "dim": 32,
            "num_layers": 1, "num_heads": 1, "dropout": 0.1, "max_len": 50}  # fmt: skip
     module = NextItemModule(net, datamodule.vocab.to_dict(), lr=3e-3, warmup_steps=20)
     trainer = pl.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False)
@@ -53,7 +53,7 @@ def test_sasrec_beats_popularity_on_held_out_shoppers(world: pa.Table) -> None:
     # shoppers the model never saw: their pre-cutoff history in, their next basket out
     data = prepare(unseen, parse_cutoff("2017-12-01", "UTC"), min_baskets=1)
     shoppers = data.targets.shopper_ids
-    model = evaluate(recommend(module.eval(), data.train, shoppers, 10), data, ks=(10,))
+    model = evaluate(network_ranking(module.eval(), data.train, shoppers, 10), data, ks=(10,))
     popular = evaluate(
         datamodule.vocab.decode(baselines.popularity(datamodule.vocab, len(shoppers), 10)), data, (10,)
     )
@@ -77,20 +77,28 @@ def test_train_job_writes_a_self_describing_checkpoint(
     path = tmp_path / "checkpoints" / "best.ckpt"
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # plain values only
     hparams = checkpoint["hyper_parameters"]
-    assert hparams["net"]["_target_"] == "recsys.models.sasrec.SASRecConfig"
-    assert len(hparams["vocab"]["product_ids"]) + 2 == hparams["net"]["num_items"]
+    assert hparams["net"]["name"] == "sasrec" and "vocab" not in hparams
+    assert len(checkpoint["caddie"]["vocabulary"]["product_ids"]) + 2 == hparams["net"]["num_items"]
     assert hparams["data"]["cutoff"].startswith("2017-12-01")
+    assert hparams["net"]["max_len"] == cfg.data.max_len  # injected from the data, its one source
 
-    assert repeat.load(path) is not None
+    state = checkpoints.read(path)
+    assert checkpoints.scorer(state) is not None and checkpoints.expects_scorer(state)
+    assert (
+        checkpoints.products(state).column("product_id").to_pylist()
+        == state["caddie"]["vocabulary"]["product_ids"]
+    )
     module = load_module(str(path))
     history = torch.tensor([[0, 0, 5, 6, 7]])
     reloaded = load_module(str(path))
-    assert torch.equal(module.rank(history, 10), reloaded.rank(history, 10))
-    assert (tmp_path / "csv").exists()  # CSV logs are always written
+    assert torch.equal(module.top_k(history, 10)[0], reloaded.top_k(history, 10)[0])
+    # the logged hyperparameters stay small: the vocabulary is a checkpoint entry, not a hyperparameter
+    (hparams_file,) = (tmp_path / "csv").glob("version_*/hparams.yaml")
+    assert hparams_file.stat().st_size < 10_000 and "product_ids" not in hparams_file.read_text()
 
 
 def test_unknown_loss_is_refused() -> None:
-    net = {"_target_": "recsys.models.sasrec.SASRecConfig", "num_items": 10}
+    net = {"name": "sasrec", "num_items": 10}
     vocab = {"product_ids": list(range(8)), "popularity": [1] * 8}
     with pytest.raises(ValueError, match="unknown loss 'bpr'"):
         NextItemModule(net, vocab, loss="bpr")
@@ -102,7 +110,7 @@ def test_sampled_softmax_trains(world: pa.Table) -> None:
         lambda: world, cutoff="2017-12-01", timezone="UTC", val_days=0, batch_size=64
     )
     datamodule.setup("fit")
-    net = {"_target_": "recsys.models.sasrec.SASRecConfig", "num_items": datamodule.vocab.size, "dim": 32}
+    net = {"name": "sasrec", "num_items": datamodule.vocab.size, "dim": 32}
     module = NextItemModule(
         net, datamodule.vocab.to_dict(), loss="sampled_softmax", num_negatives=64, lr=3e-3
     )

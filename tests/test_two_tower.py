@@ -28,20 +28,24 @@ from recsys.data.synthetic import SyntheticConfig, generate_table, products
 from recsys.data.vocabulary import NUM_RESERVED, PAD
 from recsys.evaluation import baselines
 from recsys.evaluation.protocol import EvaluationData, evaluate, prepare
+from recsys.inputs import Histories
 from recsys.models.two_tower import TwoTower, TwoTowerConfig
+from recsys.rules import Rules
 from serving.recommender import Recommender
 from tests.contract import (
     Run,
     check_finite_with_heavy_padding,
     check_prefix_states,
     check_shapes,
+    network_ranking,
     random_items,
     small_run,
+    stage_metrics,
     train_run,
     training_losses,
 )
 from training.datamodule import ReceiptsDataModule
-from training.module import NextItemModule, load_module, recommend
+from training.module import NextItemModule, load_module, save_module
 
 CFG = TwoTowerConfig(num_items=50, max_len=8, dim=16, feature_cardinalities=[4, 6], num_decays=2)
 
@@ -145,7 +149,7 @@ def test_train_job_learns_and_its_checkpoint_reproduces_the_test_scores(run: Run
 
     checkpoint = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
     net = checkpoint["hyper_parameters"]["net"]
-    assert net["_target_"] == "recsys.models.two_tower.TwoTowerConfig"
+    assert net["name"] == "two_tower"
     mappings = ProductFeatures.from_dict(net["features"])
     assert mappings.names == ["department", "category", "brand", "price_band"]
     assert net["feature_cardinalities"] == mappings.cardinalities
@@ -157,16 +161,14 @@ def test_train_job_learns_and_its_checkpoint_reproduces_the_test_scores(run: Run
     assert features is not None
     module = load_module(metrics["best_checkpoint"])
     assert torch.equal(module.model.item_codes, torch.from_numpy(features[1]))
-    ranked = torch.cat([module.rank(x, 20, gaps) for x, gaps in datamodule.test_dataloader()]).numpy()
-    recomputed = datamodule.evaluate("test", ranked, (10, 20))
+    recomputed = stage_metrics(module, datamodule)
     assert recomputed["recall@10"] == pytest.approx(metrics["test/recall@10"], abs=1e-6)
     assert recomputed["ndcg@10"] > 0.1
 
 
 def test_bundle_from_the_checkpoint_serves_the_torch_rankings(run: Run, tmp_path: Path) -> None:
     metrics = run.metrics
-    catalogue = hydra.utils.instantiate(run.cfg.data.products)
-    path = export_bundle(metrics["best_checkpoint"], tmp_path / "bundle", indexes.flat, catalogue)
+    path = export_bundle(metrics["best_checkpoint"], tmp_path / "bundle", indexes.flat)
     assert read_bundle(path).manifest["parity"]["max_abs_diff"] <= PARITY_TOLERANCE
     recommender = Recommender.load(path)
     module = load_module(metrics["best_checkpoint"])
@@ -174,8 +176,10 @@ def test_bundle_from_the_checkpoint_serves_the_torch_rankings(run: Run, tmp_path
     rng = np.random.default_rng(0)
     for length in (1, 4, 12):
         history = vocab.product_ids[rng.integers(0, vocab.num_products, length)]
-        result = recommender.recommend(history.tolist(), k=10)
-        expected = vocab.decode(module.rank(torch.from_numpy(vocab.encode(history))[None], 10).numpy())[0]
+        result = recommender.recommend(history.tolist(), Rules(k=10))
+        expected = vocab.product_ids_of(
+            module.top_k(torch.from_numpy(vocab.encode(history))[None], 10)[0].numpy()
+        )[0]
         assert result.product_ids == expected.tolist()
         assert not result.fallback
 
@@ -227,7 +231,7 @@ def cold() -> ColdStart:
     features = datamodule.item_features()
     assert features is not None
     mappings, codes = features
-    net = {"_target_": "recsys.models.two_tower.TwoTowerConfig", "num_items": datamodule.vocab.size,
+    net = {"name": "two_tower", "num_items": datamodule.vocab.size,
            "max_len": 50, "dim": 32, "feature_cardinalities": mappings.cardinalities,
            "features": mappings.to_dict()}  # fmt: skip
     module = NextItemModule(net, datamodule.vocab.to_dict(), lr=3e-3, warmup_steps=20)
@@ -245,7 +249,7 @@ def _unseen_data(cold: ColdStart) -> EvaluationData:
 def test_beats_popularity_on_held_out_shoppers(cold: ColdStart) -> None:
     data = _unseen_data(cold)
     shoppers = data.targets.shopper_ids
-    model = evaluate(recommend(cold.module, data.train, shoppers, 10), data, ks=(10,))
+    model = evaluate(network_ranking(cold.module, data.train, shoppers, 10), data, ks=(10,))
     vocab = cold.datamodule.vocab
     popular = evaluate(vocab.decode(baselines.popularity(vocab, len(shoppers), 10)), data, (10,))
     assert model["recall@10"] > 2 * popular["recall@10"], (model, popular)
@@ -254,10 +258,10 @@ def test_beats_popularity_on_held_out_shoppers(cold: ColdStart) -> None:
 
 def test_weights_only_checkpoint_gives_identical_scores(cold: ColdStart, tmp_path: Path) -> None:
     path = tmp_path / "two_tower.ckpt"
-    torch.save({"hyper_parameters": dict(cold.module.hparams), "state_dict": cold.module.state_dict()}, path)
+    save_module(cold.module, path)
     torch.manual_seed(1)  # a different init: only the loaded weights and codes can make the scores match
     loaded = load_module(str(path))
-    histories = cold.datamodule.inputs(cold.datamodule.test_data)[0][:64]
+    histories = torch.from_numpy(cold.datamodule.histories("test").model_inputs(50)[0][:64])
     with torch.no_grad():
         expected = cold.module.model.encode(histories) @ cold.module.model.item_embeddings().T
         got = loaded.model.encode(histories) @ loaded.model.item_embeddings().T
@@ -290,11 +294,10 @@ def test_cold_start_products_land_among_their_category(cold: ColdStart) -> None:
 
     # unseen shoppers whose most bought category is the new product's rank it above most products
     data = _unseen_data(cold)
-    sequences = build_sequences(data.train, vocab).select(data.targets.shopper_ids)
-    histories = torch.from_numpy(sequences.last(50))
-    favourite = np.array(
-        [_most_common(vocab_categories[sequences.history(i) - NUM_RESERVED]) for i in range(len(sequences))]
-    )
+    sequences = Histories.from_sequences(build_sequences(data.train, vocab).select(data.targets.shopper_ids))
+    histories = torch.from_numpy(sequences.model_inputs(50)[0])
+    owned = np.split(sequences.rows, sequences.offsets[1:-1])
+    favourite = np.array([_most_common(vocab_categories[rows]) for rows in owned])
     with torch.no_grad():
         shoppers = model.encode(histories)  # [S, d]
         known_scores = shoppers @ model.item_embeddings()[NUM_RESERVED:].T  # [S, N]

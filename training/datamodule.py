@@ -1,6 +1,6 @@
 """Receipts -> training windows and evaluation inputs, following the evaluation protocol.
 
-The test split is EVALUATION.md's (cutoff, vocabulary, next-basket targets). Model selection never
+The test split is docs/evaluation.md's (cutoff, vocabulary, next-basket targets). Model selection never
 sees it: with ``val_days > 0`` the model trains on data before ``cutoff - val_days`` and is validated
 on the next basket after that earlier cutoff; the test inputs are then histories up to the real cutoff.
 """
@@ -17,11 +17,14 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from recsys.data.features import ProductFeatures
+from recsys.data.features import ProductFeatures, product_metadata
 from recsys.data.sequences import Sequences, build_sequences, concat_ranges, training_windows
 from recsys.data.split import next_basket_targets, parse_cutoff, temporal_split
 from recsys.data.vocabulary import Vocabulary
-from recsys.evaluation.protocol import EvaluationData, evaluate, prepare
+from recsys.evaluation.protocol import EvaluationData, evaluate, evaluated_histories, prepare
+from recsys.inputs import Histories
+from recsys.rules import Rules
+from recsys.scoring import popularity_order, recommend
 
 
 class WindowBatches:
@@ -92,6 +95,7 @@ class ReceiptsDataModule(pl.LightningDataModule):
         self.shuffle_baskets, self.num_workers, self.seed = shuffle_baskets, num_workers, seed
         self.test_data: EvaluationData | None = None
         self.val_data: EvaluationData | None = None
+        self._histories: dict[str, Histories] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.test_data is not None:
@@ -121,12 +125,21 @@ class ReceiptsDataModule(pl.LightningDataModule):
         """
         if self.load_products is None:
             return None
-        assert self.test_data is not None, "call setup() first"
+        if self.test_data is None:
+            raise RuntimeError("call setup() first")
         products, receipts = self.load_products(), self.test_data.train
         features = ProductFeatures.fit(
             products, self.vocab.product_ids, self.product_features, receipts, self.price_bands
         )
         return features, features.vocabulary_codes(self.vocab, products, receipts)
+
+    def product_metadata(self) -> pa.Table | None:
+        """The products table's rows for the vocabulary's products, in vocabulary order (``product_id``
+        then the table's other columns), or None without a ``products`` loader: checkpoints keep it, so
+        an exported bundle carries the metadata of the data its model was trained on."""
+        if self.load_products is None:
+            return None
+        return product_metadata(self.load_products(), self.vocab.product_ids)
 
     def describe(self) -> dict[str, Any]:
         """Plain description of the data protocol, stored in checkpoints."""
@@ -151,25 +164,43 @@ class ReceiptsDataModule(pl.LightningDataModule):
             drop_last=len(self.windows) > self.batch_size,
         )
 
-    def inputs(self, data: EvaluationData) -> tuple[torch.Tensor, torch.Tensor]:
-        """[n, max_len] most recent training items of each evaluated shopper, left-padded, and their gaps."""
-        sequences = build_sequences(data.train, self.vocab).select(data.targets.shopper_ids)
-        items, gaps = sequences.model_inputs(self.max_len)
-        return torch.from_numpy(items), torch.from_numpy(gaps)
+    def histories(self, stage: str) -> Histories:
+        """The evaluated shoppers of ``"val"`` or ``"test"``: their training histories before the stage's
+        cutoff, through the model-input front-end serving uses (``recsys.inputs``)."""
+        data = self.val_data if stage == "val" else self.test_data
+        if data is None:
+            raise RuntimeError(f"no {stage} split: call setup() first (and set val_days > 0 for val)")
+        if stage not in self._histories:
+            self._histories[stage] = evaluated_histories(data, self.vocab)
+        return self._histories[stage]
 
-    def _eval_loader(self, data: EvaluationData) -> DataLoader:
-        return DataLoader(TensorDataset(*self.inputs(data)), batch_size=self.eval_batch_size, shuffle=False)
+    def _eval_loader(self, stage: str) -> DataLoader:
+        items, gaps = self.histories(stage).model_inputs(self.max_len)
+        dataset = TensorDataset(torch.from_numpy(items), torch.from_numpy(gaps))
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         # no validation split (val_days=0): Lightning skips validation given no loaders
-        return [] if self.val_data is None else self._eval_loader(self.val_data)
+        return [] if self.val_data is None else self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        assert self.test_data is not None
-        return self._eval_loader(self.test_data)
+        return self._eval_loader("test")
 
-    def evaluate(self, stage: str, ranked_indices: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
-        """Protocol metrics of ranked vocabulary indices for the ``"val"`` or ``"test"`` shoppers."""
+    def rank(self, stage: str, rows: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
+        """Product ids [n, k] (-1 padding) of the ``"val"`` or ``"test"`` shoppers from the model's searched
+        item rows and scores [n, >= k], ranked by the one scorer serving uses (``recsys.scoring``): a
+        shopper without a known product gets the popularity fallback here too."""
+        vocab = self.vocab
+        fallback = popularity_order(vocab.product_ids, vocab.popularity)
+        rules = Rules(k=k, repeat_aware=False)
+        ranked = recommend(self.histories(stage), rows, scores, rules, None, fallback, vocab.popularity)
+        return vocab.product_ids_of(ranked.rows)
+
+    def evaluate(
+        self, stage: str, rows: np.ndarray, scores: np.ndarray, ks: tuple[int, ...]
+    ) -> dict[str, float]:
+        """Protocol metrics of :meth:`rank` for the ``"val"`` or ``"test"`` shoppers."""
         data = self.val_data if stage == "val" else self.test_data
-        assert data is not None
-        return evaluate(self.vocab.decode(ranked_indices), data, ks)
+        if data is None:
+            raise RuntimeError(f"no {stage} split to evaluate")
+        return evaluate(self.rank(stage, rows, scores, max(ks)), data, ks)

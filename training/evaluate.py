@@ -23,8 +23,9 @@ from omegaconf import DictConfig
 
 from recsys.data.sequences import product_histories
 from recsys.evaluation.metrics import EMPTY
-from recsys.evaluation.protocol import EvaluationData, baseline_rankings, evaluate
+from recsys.evaluation.protocol import EvaluationData, baseline_rankings, evaluate, evaluated_histories
 from recsys.io import atomic_path, write_json
+from recsys.rules import Rules
 from serving.recommender import Recommender
 from training.datamodule import ReceiptsDataModule
 from training.module import load_module, recommend
@@ -72,7 +73,7 @@ def bundle_rankings(path: str, data: EvaluationData, k: int, batch_size: int = 2
     for first in range(0, len(products), batch_size):
         span = range(first, min(first + batch_size, len(products)))
         results = recommender.recommend_batch(
-            [products[i] for i in span], k, timestamps=[seconds[i] for i in span]
+            [products[i] for i in span], Rules(k=k), timestamps=[seconds[i] for i in span]
         )
         for i, result in zip(span, results, strict=True):
             ranked[i, : len(result.product_ids)] = result.product_ids
@@ -84,14 +85,16 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     datamodule: ReceiptsDataModule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("test")
     data = datamodule.test_data
-    assert data is not None
+    if data is None:
+        raise RuntimeError("the data module prepared no test split")
     ks = tuple(cfg.ks)
     rankings = baseline_rankings(data, max(ks), cfg.half_life_days, cfg.knn_neighbours)
     for path in cfg.checkpoints:
         module = load_module(path)
-        rankings[f"{module.model.__class__.__name__.lower()} ({Path(path).parent.parent.name})"] = recommend(
-            module, data.train, data.targets.shopper_ids, max(ks)
-        )
+        name = f"{module.model.__class__.__name__.lower()} ({Path(path).parent.parent.name})"
+        # the network alone: the repeat-aware ranking is the bundle's (bundles=[...])
+        histories = evaluated_histories(data, module.vocab)
+        rankings[name] = recommend(module, histories, Rules(k=max(ks), repeat_aware=False))
     for path in cfg.bundles:
         rankings[f"bundle ({Path(path).name})"] = bundle_rankings(path, data, max(ks))
     return {name: evaluate(ranked, data, ks) for name, ranked in rankings.items()}

@@ -11,7 +11,6 @@ is self-describing and loads with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,12 @@ import pyarrow as pa
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from hydra.utils import get_class
-from torch import Tensor, nn
+from hydra.utils import instantiate
+from torch import Tensor
 
-from recsys.data.sequences import build_sequences
-from recsys.data.vocabulary import NUM_RESERVED, PAD, UNK, Vocabulary
+from recsys.data.vocabulary import PAD, PRODUCTS, UNK, Vocabulary
+from recsys.inputs import Histories
+from recsys.io import atomic_path
 from recsys.losses import (
     full_softmax,
     gbce,
@@ -34,15 +34,15 @@ from recsys.losses import (
     sampled_softmax,
     uniform_negatives,
 )
+from recsys.models import build_model
+from recsys.repeat_scorer import RepeatScorer
+from recsys.rules import Rules
+from recsys.scoring import popularity_order, search_size
+from recsys.scoring import recommend as score_candidates
+from training import checkpoint as checkpoints
 
 LOSSES = ("softmax", "sampled_softmax", "gbce", "in_batch", "mixed")
 OBJECTIVES = ("causal", "masked")
-
-
-def build_model(net: dict[str, Any]) -> nn.Module:
-    """A model from its plain config: ``{"_target_": "<config dataclass>", **fields}``."""
-    fields = {k: v for k, v in net.items() if k != "_target_"}
-    return get_class(net["_target_"])(**fields).build()
 
 
 def mask_items(
@@ -69,13 +69,34 @@ def mask_items(
     return tokens.masked_fill(masked, mask_token), masked
 
 
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 200, min_lr_ratio: float = 0.1
+) -> torch.optim.lr_scheduler.SequentialLR:
+    """Linear warmup, then cosine decay to ``min_lr_ratio`` x the peak lr: torch's schedulers, stepped once
+    per optimizer step over ``total_steps`` (``conf/model/*.yaml``'s ``scheduler``).
+
+    The warmup is ``w = min(warmup_steps, total_steps // 10 + 1)`` steps (at least 1), so a short run still
+    spends most of its steps decaying. ``LinearLR`` runs step ``t < w`` at ``(t + 1) / w`` of the optimizer's
+    lr (the peak at step ``w - 1``); ``CosineAnnealingLR`` then goes from the peak at step ``w`` to
+    ``min_lr_ratio`` x the peak at step ``total_steps``; ``SequentialLR`` switches between them at ``w``.
+    """
+    warmup = max(1, min(warmup_steps, total_steps // 10 + 1))
+    peak = optimizer.param_groups[0]["lr"]  # every group starts at the optimizer's lr
+    schedulers = torch.optim.lr_scheduler
+    linear = schedulers.LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup - 1)
+    cosine = schedulers.CosineAnnealingLR(
+        optimizer, T_max=max(1, total_steps - warmup), eta_min=min_lr_ratio * peak
+    )
+    return schedulers.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+
+
 class NextItemModule(pl.LightningModule):
     """Trains a model exposing ``forward`` [B, L, d], ``encode`` [B, d] and ``item_embeddings`` [V, d]."""
 
     def __init__(
         self,
         net: dict[str, Any],
-        vocab: dict[str, Any],
+        vocab: Vocabulary | dict[str, Any],
         data: dict[str, Any] | None = None,
         loss: str = "softmax",
         num_negatives: int = 2048,
@@ -87,7 +108,16 @@ class NextItemModule(pl.LightningModule):
         weight_decay: float = 0.1,
         warmup_steps: int = 200,
         ks: tuple[int, ...] = (10, 20),
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
     ) -> None:
+        """``optimizer`` and ``scheduler`` are plain-dict Hydra configs of partials (``conf/model/*.yaml``),
+        instantiated only by :meth:`optimizer_and_scheduler` when training starts, never when a checkpoint
+        is loaded: ``optimizer`` is called with the parameter groups, ``scheduler`` with the optimizer and
+        ``total_steps``. Left ``None`` (direct construction, checkpoints written before they existed), they
+        are AdamW(lr, betas (0.9, 0.98), weight_decay) and :func:`warmup_cosine` (warmup_steps, 10%). The
+        configs' nodes interpolate ``lr``, ``weight_decay`` and ``warmup_steps``, so ``model.lr=...`` and
+        ``model.warmup_steps=...`` overrides keep working."""
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
@@ -97,7 +127,9 @@ class NextItemModule(pl.LightningModule):
             raise ValueError(
                 f"need 0 < mask_prob <= 1 and 0 <= mask_last_prob <= 1; got {mask_prob}, {mask_last_prob}"
             )
-        self.save_hyperparameters()
+        # the vocabulary is a checkpoint entry of its own (training.checkpoint), not a hyperparameter: it
+        # would make every logged config (hparams.yaml, wandb) as large as the catalogue
+        self.save_hyperparameters(ignore=["vocab"])
         self.model = build_model(net)
         required = getattr(self.model, "objective", "causal")
         if objective != required:
@@ -105,14 +137,17 @@ class NextItemModule(pl.LightningModule):
                 f"{type(self.model).__name__} trains with the {required!r} objective, not {objective!r}; "
                 f"set model.objective={required}"
             )
-        self.vocab = Vocabulary.from_dict(vocab)
+        self.vocab = vocab if isinstance(vocab, Vocabulary) else Vocabulary.from_dict(vocab)
+        # product metadata of the vocabulary's products, kept in checkpoints for export (training.train)
+        self.products: pa.Table | None = None
+        self.expects_scorer = False  # whether train() will fit a repeat-aware scorer into the checkpoint
         self.ks = tuple(ks)
         popularity = torch.as_tensor(self.vocab.popularity)
         # sampled_softmax's proposal (flattened popularity), and each item's frequency as a target, which
         # is how often it turns up as an in-batch negative
         self.register_buffer("log_q", popularity_log_q(popularity), persistent=False)
         self.register_buffer("log_p", popularity_log_q(popularity, alpha=1.0), persistent=False)
-        self._ranked: list[Tensor] = []
+        self._searched: list[tuple[Tensor, Tensor]] = []
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         tokens, gaps = batch  # [B, L + 1] items and their gaps (models without time_gaps ignore these)
@@ -150,27 +185,27 @@ class NextItemModule(pl.LightningModule):
 
     @torch.no_grad()
     def top_k(self, item_ids: Tensor, k: int, gaps: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Top-``k`` vocabulary indices [B, k] and their scores (inner products) for histories
-        ``item_ids`` [B, L] (with their ``gaps`` [B, L] for ``time_gaps`` models); reserved ids never."""
-        scores = self.model.encode(item_ids, gaps) @ self.model.item_embeddings().T  # [B, V]
-        scores[:, :NUM_RESERVED] = float("-inf")
-        top = scores.float().topk(min(k, scores.shape[1] - NUM_RESERVED), dim=1)
+        """Top-``k`` item rows [B, k] (``recsys.data.vocabulary``) and their scores (inner products) for
+        histories ``item_ids`` [B, L] (with their ``gaps`` [B, L] for ``time_gaps`` models)."""
+        scores = self.model.encode(item_ids, gaps) @ self.model.item_embeddings()[PRODUCTS].T  # [B, N]
+        top = scores.float().topk(min(k, scores.shape[1]), dim=1)
         return top.indices, top.values
 
-    def rank(self, item_ids: Tensor, k: int, gaps: Tensor | None = None) -> Tensor:
-        """Top-``k`` vocabulary indices [B, k] for histories ``item_ids`` [B, L] (reserved ids never)."""
-        return self.top_k(item_ids, k, gaps)[0]
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[checkpoints.KEY] = checkpoints.entries(self.vocab, self.products, self.expects_scorer)
 
     def _eval_step(self, batch: tuple[Tensor, Tensor]) -> None:
         item_ids, gaps = batch
-        self._ranked.append(self.rank(item_ids, max(self.ks), gaps).cpu())
+        rows, scores = self.top_k(item_ids, max(self.ks), gaps)
+        self._searched.append((rows.cpu(), scores.cpu()))
 
     def _eval_epoch_end(self, stage: str) -> None:
-        ranked = torch.cat(self._ranked).numpy().astype(np.int64)
-        self._ranked.clear()
+        rows = torch.cat([r for r, _ in self._searched]).numpy().astype(np.int64)
+        scores = torch.cat([s for _, s in self._searched]).numpy()
+        self._searched.clear()
         if self.trainer.sanity_checking:
             return
-        metrics = self.trainer.datamodule.evaluate(stage, ranked, self.ks)
+        metrics = self.trainer.datamodule.evaluate(stage, rows, scores, self.ks)
         self.log_dict({f"{stage}/{name}": float(value) for name, value in metrics.items()})
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -185,62 +220,91 @@ class NextItemModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        # no weight decay on embeddings, norms and biases: decaying them only shrinks rare items
+    def optimizer_and_scheduler(
+        self, total_steps: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """The configured optimizer over two parameter groups and its per-step scheduler for ``total_steps``.
+
+        Instantiated here, from the plain ``optimizer`` / ``scheduler`` hyperparameters, and nowhere else.
+        """
+        hparams = self.hparams
+        optimizer_config = hparams.get("optimizer") or {
+            "_target_": "torch.optim.AdamW",
+            "_partial_": True,
+            "lr": hparams.lr,
+            "betas": [0.9, 0.98],
+            "weight_decay": hparams.weight_decay,
+        }
+        scheduler_config = hparams.get("scheduler") or {
+            "_target_": "training.module.warmup_cosine",
+            "_partial_": True,
+            "warmup_steps": hparams.warmup_steps,
+            "min_lr_ratio": 0.1,
+        }
+        # no weight decay on embeddings, norms and biases: decaying them only shrinks rare items; the other
+        # group takes the optimizer's own weight_decay
         decay = [p for n, p in self.named_parameters() if p.ndim >= 2 and "emb" not in n]
         no_decay = [p for n, p in self.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=self.hparams.lr,
-            betas=(0.9, 0.98),
-        )
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = instantiate(optimizer_config, _convert_="all")(groups)
+        scheduler = instantiate(scheduler_config, _convert_="all")(optimizer, total_steps=total_steps)
+        return optimizer, scheduler
+
+    def configure_optimizers(self) -> dict[str, Any]:
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(self.hparams.warmup_steps, total // 10 + 1)
-
-        def schedule(step: int) -> float:  # linear warmup, then cosine decay to 10% of the peak
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        optimizer, scheduler = self.optimizer_and_scheduler(total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's dictionary on the CPU, read with ``weights_only=True`` (no pickled code)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def module_from_checkpoint(state: dict[str, Any]) -> NextItemModule:
+    """The trained module of a checkpoint dictionary (:func:`training.checkpoint.read`), in eval mode.
 
-
-def module_from_checkpoint(checkpoint: dict[str, Any]) -> NextItemModule:
-    """The trained module of a checkpoint dictionary (:func:`read_checkpoint`), in eval mode."""
-    module = NextItemModule(**checkpoint["hyper_parameters"])
-    module.load_state_dict(checkpoint["state_dict"])
+    Only the project's own models are built: the config's ``name`` is looked up in ``recsys.models``.
+    """
+    try:
+        module = NextItemModule(**state["hyper_parameters"], vocab=checkpoints.vocabulary(state))
+    except (TypeError, ValueError) as error:
+        raise checkpoints.CheckpointError(f"the checkpoint's hyperparameters are invalid: {error}") from error
+    module.products = checkpoints.products(state)
+    module.load_state_dict(state["state_dict"])
     return module.eval()
 
 
 def load_module(path: str | Path) -> NextItemModule:
     """A trained module from the checkpoint file at ``path``."""
-    return module_from_checkpoint(read_checkpoint(path))
+    return module_from_checkpoint(checkpoints.read(path))
 
 
-@torch.no_grad()
-def recommend(
-    module: NextItemModule, train: pa.Table, shopper_ids: np.ndarray, k: int, batch_size: int = 1024
-) -> np.ndarray:
-    """Top-``k`` product ids [n, k] for ``shopper_ids`` given their ``train`` receipts.
+def save_module(module: NextItemModule, path: str | Path) -> None:
+    """Write ``module`` as a checkpoint outside a Lightning run (weights, hyperparameters and this
+    project's entries, as a trainer's checkpoint holds them), atomically."""
+    state = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
+    module.on_save_checkpoint(state)
+    with atomic_path(Path(path)) as tmp:
+        torch.save(state, tmp)
 
-    Histories are encoded with the module's own vocabulary, so any receipts can be ranked.
-    """
-    sequences = build_sequences(train, module.vocab).select(shopper_ids)
-    histories, gaps = sequences.model_inputs(module.model.config.max_len)
-    ranked = [
-        module.rank(
-            torch.from_numpy(histories[i : i + batch_size]), k, torch.from_numpy(gaps[i : i + batch_size])
-        )
-        for i in range(0, len(histories), batch_size)
+
+def search(
+    module: NextItemModule, histories: Histories, wanted: int, batch_size: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """The model's best ``wanted`` item rows [S, w] and scores [S, w] (inner products) per shopper."""
+    inputs, gaps = (torch.from_numpy(a) for a in histories.model_inputs(module.model.config.max_len))
+    tops = [
+        module.top_k(inputs[start : start + batch_size], wanted, gaps[start : start + batch_size])
+        for start in range(0, len(inputs), batch_size)
     ]
-    return module.vocab.decode(torch.cat(ranked).numpy())
+    rows = torch.cat([indices for indices, _ in tops]).numpy().astype(np.int64)
+    return rows, torch.cat([scores for _, scores in tops]).numpy()
+
+
+def recommend(
+    module: NextItemModule, histories: Histories, rules: Rules, scorer: RepeatScorer | None = None
+) -> np.ndarray:
+    """Ranked product ids [S, k] (-1 padding) for ``histories``, as serving would rank them: the module's
+    exact search, then the one scorer (``recsys.scoring.recommend``) with ``rules`` and ``scorer``."""
+    vocab = module.vocab
+    wanted = max(1, search_size(histories, rules, scorer, vocab.num_products))
+    rows, scores = search(module, histories, wanted)
+    fallback = popularity_order(vocab.product_ids, vocab.popularity)
+    ranked = score_candidates(histories, rows, scores, rules, scorer, fallback, vocab.popularity)
+    return vocab.product_ids_of(ranked.rows)

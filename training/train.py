@@ -17,11 +17,11 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from recsys.io import write_json
-from training import repeat
+from recsys.models import model_config
+from training import scorer_fit
 from training.datamodule import ReceiptsDataModule
 from training.module import NextItemModule
 
@@ -35,7 +35,21 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
 
 def wants_features(net: dict[str, Any]) -> bool:
     """Whether the model config takes product features (its dataclass has ``feature_cardinalities``)."""
-    return "feature_cardinalities" in {f.name for f in dataclasses.fields(get_class(net["_target_"]))}
+    return "feature_cardinalities" in {f.name for f in dataclasses.fields(model_config(net))}
+
+
+def model_net(cfg: DictConfig, num_items: int, max_len: int) -> dict[str, Any]:
+    """``cfg.model.net`` with what the data decides injected: ``num_items`` (the vocabulary's size) and
+    ``max_len`` (``data.max_len``, its one source). A ``model.net.max_len`` that differs is an error:
+    training would see shorter histories than export and serving feed the model."""
+    net = OmegaConf.to_container(cfg.model.net, resolve=True)
+    given = net.get("max_len")
+    if given is not None and given != max_len:
+        raise ValueError(
+            f"model.net.max_len={given} conflicts with data.max_len={max_len}: the history length has one "
+            "source, set data.max_len instead"
+        )
+    return net | {"num_items": num_items, "max_len": max_len}
 
 
 def train(cfg: DictConfig) -> float:
@@ -44,7 +58,7 @@ def train(cfg: DictConfig) -> float:
     datamodule: ReceiptsDataModule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")
 
-    net = OmegaConf.to_container(cfg.model.net, resolve=True) | {"num_items": datamodule.vocab.size}
+    net = model_net(cfg, datamodule.vocab.size, datamodule.max_len)
     codes = None  # [V, F] item feature codes, for models with an item tower over product features
     if wants_features(net):
         features = datamodule.item_features()
@@ -54,14 +68,13 @@ def train(cfg: DictConfig) -> float:
             mappings, codes = features
             net |= {"feature_cardinalities": mappings.cardinalities, "features": mappings.to_dict()}
             log.info("product features %s, cardinalities %s", mappings.names, mappings.cardinalities)
+    # a partial, then the vocabulary: it is an object, not config, and OmegaConf need not copy it
     module: NextItemModule = hydra.utils.instantiate(
-        cfg.model,
-        net=net,
-        vocab=datamodule.vocab.to_dict(),
-        data=datamodule.describe(),
-        _recursive_=False,
-        _convert_="all",
-    )
+        cfg.model, net=net, data=datamodule.describe(), _partial_=True, _recursive_=False, _convert_="all"
+    )(vocab=datamodule.vocab)
+    module.products = datamodule.product_metadata()
+    fits_scorer = bool(cfg.get("test")) and datamodule.val_data is not None
+    module.expects_scorer = fits_scorer
     if codes is not None:
         module.model.set_item_codes(torch.from_numpy(codes))
     trainer: pl.Trainer = hydra.utils.instantiate(
@@ -95,9 +108,9 @@ def train(cfg: DictConfig) -> float:
     if cfg.get("test"):
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
         results |= {name: float(value) for name, value in tested[0].items()}
-        if best_path and datamodule.val_data is not None and datamodule.test_data is not None:
+        if best_path and fits_scorer and datamodule.test_data is not None:
             # the repeat-aware scorer: fitted on validation, kept in the best checkpoint, tested here
-            results |= repeat.fit_and_test(
+            results |= scorer_fit.fit_and_test(
                 best_path, datamodule.test_data, datamodule.val_data, tuple(cfg.model.ks)
             )
     write_json(Path(cfg.paths.output_dir) / "metrics.json", results)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recsys.data.schema import PRICE, PRODUCT
-from recsys.data.vocabulary import NUM_RESERVED, Vocabulary
+from recsys.data.vocabulary import PRODUCTS, Vocabulary
 
 MISSING = 0
 PRICE_BAND = "price_band"
@@ -47,6 +47,14 @@ def median_prices(receipts: pa.Table) -> pa.Table | None:
 def _rows_of(table: pa.Table, product_ids: np.ndarray) -> pa.Array:
     """Row of each product id in ``table`` (null where absent)."""
     return pc.index_in(pa.array(product_ids, pa.int64()), value_set=table.column(PRODUCT).cast(pa.int64()))
+
+
+def product_metadata(products: pa.Table, product_ids: np.ndarray) -> pa.Table:
+    """The rows of ``products`` for ``product_ids``, in that order: ``product_id``, then every other column
+    of ``products`` (nulls for a product without a row). What checkpoints keep and bundles show."""
+    products = _check_products(products, [c for c in products.column_names if c != PRODUCT])
+    metadata = products.drop_columns([PRODUCT]).take(_rows_of(products, product_ids))
+    return metadata.add_column(0, PRODUCT, pa.array(product_ids, pa.int64()))
 
 
 @dataclass(frozen=True)
@@ -124,7 +132,7 @@ class ProductFeatures:
     ) -> np.ndarray:
         """[V, F] int64 codes of every vocabulary index; the reserved rows (PAD, UNK) are ``MISSING``."""
         codes = np.full((vocab.size, len(self.names)), MISSING, dtype=np.int64)
-        codes[NUM_RESERVED:] = self.encode(products, vocab.product_ids, receipts)
+        codes[PRODUCTS] = self.encode(products, vocab.product_ids, receipts)
         return codes
 
     def to_dict(self) -> dict[str, Any]:

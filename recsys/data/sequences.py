@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
-from recsys.data.vocabulary import PAD, UNK, Vocabulary
+from recsys.data.vocabulary import UNK, Vocabulary
 
 FIRST_PURCHASE = -1.0  # the gap of a shopper's first purchase row: there is no previous one
 MICROSECONDS_PER_DAY = 86_400_000_000
@@ -37,10 +37,6 @@ class Sequences:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def history(self, i: int) -> np.ndarray:
-        """Vocabulary indices bought by shopper ``i``, oldest first."""
-        return self.items[self.offsets[i] : self.offsets[i + 1]]
-
     def select(self, shopper_ids: np.ndarray) -> Sequences:
         """The sequences of ``shopper_ids`` in that order; shoppers without history get empty rows."""
         shopper_ids = np.asarray(shopper_ids, dtype=np.int64)
@@ -59,25 +55,6 @@ class Sequences:
         """[N] float32 days since the shopper's previous purchase row (:func:`purchase_gaps`)."""
         return purchase_gaps(self.timestamps, self.offsets, MICROSECONDS_PER_DAY)
 
-    def last(self, max_len: int, values: np.ndarray | None = None) -> np.ndarray:
-        """[S, max_len] matrix of each shopper's most recent items, left-padded with ``PAD``.
-
-        With ``values`` ([N], aligned with ``items``, e.g. :meth:`gaps`) the same cells hold those
-        instead, padded with zeros.
-        """
-        values = self.items if values is None else values
-        lengths = np.minimum(self.lengths, max_len)
-        out = np.full((len(self), max_len), PAD, dtype=values.dtype)
-        rows = np.repeat(np.arange(len(self)), lengths)
-        cols = max_len - lengths[rows] + concat_ranges(np.zeros_like(lengths), lengths)
-        out[rows, cols] = values[concat_ranges(self.offsets[1:] - lengths, lengths)]
-        return out
-
-    def model_inputs(self, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """What a model encodes per shopper: the ``max_len`` most recent items [S, max_len] int64,
-        left-padded, and their gaps [S, max_len] float32 (read by models built with ``time_gaps``)."""
-        return self.last(max_len), self.last(max_len, self.gaps())
-
 
 def purchase_gaps(times: np.ndarray, offsets: np.ndarray, per_day: float) -> np.ndarray:
     """[N] float32 days between each purchase row and the previous row of the same history.
@@ -86,7 +63,7 @@ def purchase_gaps(times: np.ndarray, offsets: np.ndarray, per_day: float) -> np.
     ``times[offsets[i]:offsets[i + 1]]`` oldest first. Rows of one basket share a time, so a basket's
     first row carries the gap to the previous basket and the others 0; a history's first row gets
     ``FIRST_PURCHASE``. This is the basket-aware input of the sequence models (``recsys.models.gaps``),
-    computed here for training, serving and the batch job alike.
+    computed here for training windows and, through ``recsys.inputs``, for every model input.
     """
     times = np.asarray(times)
     gaps = np.empty(len(times), dtype=np.float32)

@@ -1,4 +1,4 @@
-"""Baselines of EVALUATION.md: global popularity, personal frequency (optionally decayed), item kNN.
+"""Baselines of docs/evaluation.md: global popularity, personal frequency (optionally decayed), item kNN.
 
 Each ranking function returns vocabulary indices ``[n, min(k, vocab.num_products)]`` (int64, best
 first; decode with ``vocab.decode``) for the given shoppers, computed from the train receipts alone.
@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
-from recsys.data.vocabulary import NUM_RESERVED, UNK, Vocabulary
+from recsys.data.vocabulary import PRODUCTS, UNK, Vocabulary, product_count, to_indices
 from recsys.evaluation.metrics import top_k
 
 # Rows of dense [rows, V] scores materialised at once (about 32 MB of float64).
@@ -28,7 +28,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 def popularity(vocab: Vocabulary, num_shoppers: int, k: int) -> np.ndarray:
     """The ``k`` most popular products for everyone: indices ``2 .. 2 + k`` (the all-zero scores' ranking)."""
-    ranked = np.arange(NUM_RESERVED, NUM_RESERVED + min(k, vocab.num_products), dtype=np.int64)
+    ranked = to_indices(np.arange(min(k, vocab.num_products)))
     return np.tile(ranked, (num_shoppers, 1))
 
 
@@ -140,8 +140,8 @@ def _rank(scores: Callable[[slice], sp.csr_matrix], num_rows: int, size: int, k:
     The reserved columns are cut off before ranking, so pad and unknown are never recommended.
     """
     step = max(1, _BLOCK_ELEMENTS // size)
-    blocks = [np.empty((0, min(k, size - NUM_RESERVED)), dtype=np.int64)]
+    blocks = [np.empty((0, min(k, product_count(size))), dtype=np.int64)]
     for start in range(0, num_rows, step):
-        dense = scores(slice(start, start + step)).toarray()[:, NUM_RESERVED:]
-        blocks.append(top_k(dense, k) + NUM_RESERVED)
+        dense = scores(slice(start, start + step)).toarray()[:, PRODUCTS]
+        blocks.append(to_indices(top_k(dense, k)))
     return np.concatenate(blocks)

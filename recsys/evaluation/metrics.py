@@ -1,4 +1,4 @@
-"""Top-k selection and the ranking metrics of EVALUATION.md (pure numpy).
+"""Top-k selection and the ranking metrics of docs/evaluation.md (pure numpy).
 
 Conventions shared by the whole project:
 - a ranking is an ``[n, K]`` int64 array, best first; ``EMPTY`` (-1) marks a slot with nothing in it

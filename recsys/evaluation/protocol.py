@@ -1,4 +1,4 @@
-"""The evaluation protocol of EVALUATION.md: global temporal split, next-basket targets, metrics.
+"""The evaluation protocol of docs/evaluation.md: global temporal split, next-basket targets, metrics.
 
 ``prepare`` turns receipts into everything a ranking needs (train rows, vocabulary, targets);
 ``evaluate`` scores ranked product ids against it, in-vocabulary and "all items" variants alike, so
@@ -14,10 +14,12 @@ from datetime import datetime, timedelta
 import numpy as np
 import pyarrow as pa
 
+from recsys.data.sequences import build_sequences
 from recsys.data.split import Targets, next_basket_targets, temporal_split
 from recsys.data.vocabulary import Vocabulary
 from recsys.evaluation import baselines
 from recsys.evaluation.metrics import ranking_metrics
+from recsys.inputs import Histories
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,12 @@ def prepare(
         raise ValueError(f"no receipts at or after the cutoff {cutoff.isoformat()}")
     vocab = Vocabulary.build(train, min_baskets=min_baskets)
     return EvaluationData(cutoff, train, vocab, next_basket_targets(train, test, vocab, horizon))
+
+
+def evaluated_histories(data: EvaluationData, vocab: Vocabulary) -> Histories:
+    """The training histories of ``data``'s evaluated shoppers (in ``targets`` order) as a model with
+    ``vocab`` reads them, through the model-input front-end (``recsys.inputs``) serving uses."""
+    return Histories.from_sequences(build_sequences(data.train, vocab).select(data.targets.shopper_ids))
 
 
 def evaluate(ranked_ids: np.ndarray, data: EvaluationData, ks: Sequence[int] = (10, 20)) -> dict[str, float]:

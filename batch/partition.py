@@ -153,7 +153,30 @@ def read_part(directory: str | Path, layout: Layout, part: int) -> pa.Table | No
     return pq.read_table(path) if path.exists() else None
 
 
+FOOTER_TAIL = 8  # a parquet file ends with its footer's length (4 bytes, little-endian) and b"PAR1"
+MAX_FOOTER_BYTES = 64 << 20
+
+
+def _footer_digest(path: str) -> str:
+    """sha256 of a parquet file's footer (schema, row groups, their offsets and column statistics): a
+    rewrite with other content changes it, and reading it costs one small read at the file's end."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size < FOOTER_TAIL:
+            raise ValueError(f"{path} is not a parquet file ({size} bytes)")
+        f.seek(size - FOOTER_TAIL)
+        tail = f.read(FOOTER_TAIL)
+        length = int.from_bytes(tail[:4], "little")
+        if tail[4:] != b"PAR1" or not 0 < length <= min(MAX_FOOTER_BYTES, size - FOOTER_TAIL):
+            raise ValueError(f"{path} is not a readable parquet file (no valid footer at its end)")
+        f.seek(size - FOOTER_TAIL - length)
+        return hashlib.sha256(f.read(length)).hexdigest()
+
+
 def fingerprint(files: Iterable[str]) -> str:
-    """Short hash of the names and sizes of ``files``: changes when the input does, without reading it."""
-    entries = sorted((str(f), os.path.getsize(f)) for f in files)
+    """Short hash of the input files' names, sizes, modification times and parquet footers: changes when
+    the input does (also a rewrite of the same size), while reading only each file's footer."""
+    entries = sorted(
+        (str(f), os.path.getsize(f), os.stat(f).st_mtime_ns, _footer_digest(str(f))) for f in files
+    )
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]

@@ -2,12 +2,13 @@
 
 Both engines keep one contract: :meth:`Engine.encode` maps left-padded vocabulary indices [B, L] (and
 their purchase gaps, which basket-aware models read) to shopper embeddings, :meth:`Engine.top` maps
-those to each shopper's best ``wanted`` item rows (bundle rows: vocabulary index - ``NUM_RESERVED``) and
+those to each shopper's best ``wanted`` item rows (``recsys.data.vocabulary``: a bundle's rows) and
 scores, never an unavailable product. Unavailable products are removed inside the engine, so they cost no
 extra candidates downstream.
 
-- :class:`OnnxEngine`: a bundle's ``model.onnx`` under ONNX Runtime and its FAISS index, on CPU: the
-  numbers serving computes. Needs no torch.
+- :class:`OnnxEngine`: a bundle's ``model.onnx`` under ONNX Runtime (built from the very bytes the bundle
+  reader verified, :func:`recsys.bundle.onnx_session`) and its FAISS index, on CPU: the numbers serving
+  computes. Needs no torch.
 - :class:`TorchEngine`: a training checkpoint. On CUDA the encoder runs under bf16 autocast; scores are
   fp32 matmuls against all products, chunked to bound memory, then ``torch.topk``. torch is imported
   only when this engine is built, so the ONNX path runs on a serving install.
@@ -22,11 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
-import onnxruntime as ort
 
-from recsys.bundle import INPUT_NAME, OUTPUT_NAME, BundleError, bundle_id, read_bundle, sha256_file
-from recsys.data.vocabulary import NUM_RESERVED, Vocabulary
-from recsys.repeat import RepeatScorer
+from recsys.bundle import onnx_session, read_bundle, sha256_file
+from recsys.data.vocabulary import PRODUCTS, Vocabulary
+from recsys.repeat_scorer import RepeatScorer
 
 if TYPE_CHECKING:
     import torch
@@ -47,9 +47,9 @@ class Engine(ABC):
         self.vocab = vocab
         self.max_len = max_len
         self.repeat = repeat  # the model's repeat-aware scorer, if it has one
-        rows = vocab.encode(np.asarray(unavailable if unavailable is not None else [], np.int64))
+        rows = vocab.rows(np.asarray(unavailable if unavailable is not None else [], np.int64))
         self.blocked = np.zeros(vocab.num_products, dtype=bool)  # [N] rows never to return
-        self.blocked[rows[rows >= NUM_RESERVED] - NUM_RESERVED] = True
+        self.blocked[rows[rows >= 0]] = True
 
     @property
     def num_items(self) -> int:
@@ -85,30 +85,17 @@ class OnnxEngine(Engine):
             bundle.repeat,
         )
         self.threads = threads or os.cpu_count() or 1
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # spinning workers would take the cores the prefetch and write threads need between batches
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
-        try:
-            self._session = ort.InferenceSession(
-                str(bundle.model_path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as error:  # onnxruntime raises several unrelated pybind exception types
-            raise BundleError(f"{bundle.model_path} cannot be loaded by onnxruntime: {error}") from error
-        self._input = bundle.manifest.get("input_name", INPUT_NAME)
+        self._session = onnx_session(bundle, self.threads)
+        self._input = bundle.manifest["input_name"]
         self._gaps = bundle.gaps_name
-        self._output = bundle.manifest.get("output_name", OUTPUT_NAME)
+        self._output = bundle.manifest["output_name"]
         self._index = bundle.index
         self._identity = {
             "engine": "onnx",
             "bundle": str(bundle.path.resolve()),
             "model": bundle.manifest["model"],
             "index": bundle.manifest.get("index"),
-            "bundle_id": bundle_id(bundle.manifest),  # the id serving reports for the same bundle
-            "sha256": {name: entry["sha256"] for name, entry in sorted(bundle.manifest["files"].items())},
+            "bundle_id": bundle.bundle_id,  # the id serving reports: covers bundle.json and every file
         }
 
     @property
@@ -144,25 +131,23 @@ class TorchEngine(Engine):
     ) -> None:
         import torch
 
-        from training import repeat
-        from training.module import module_from_checkpoint, read_checkpoint
+        from training import checkpoint as checkpoints
+        from training.module import module_from_checkpoint
 
         path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
         self._device = torch.device(device)
         if self._device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device={device} but torch sees no CUDA device; use device=cpu")
         if self._device.type == "cpu" and threads:
             torch.set_num_threads(threads)
-        state = read_checkpoint(path)
+        state = checkpoints.read(path)
         module = module_from_checkpoint(state)
         super().__init__(
-            module.vocab, int(module.model.config.max_len), unavailable, repeat.from_checkpoint(state)
+            module.vocab, int(module.model.config.max_len), unavailable, checkpoints.scorer(state)
         )
         self._model = module.model.to(self._device).eval()
         with torch.no_grad():
-            self._items = self._model.item_embeddings()[NUM_RESERVED:].float().contiguous()  # [N, d]
+            self._items = self._model.item_embeddings()[PRODUCTS].float().contiguous()  # [N, d]
         self._blocked = torch.from_numpy(self.blocked).to(self._device) if self.blocked.any() else None
         self._autocast = self._device.type == "cuda"
         self._identity = {

@@ -8,14 +8,14 @@ repeats, so the final score of a candidate is a calibrated probability that it i
   time-decayed counts (30 and 120 day half-lives), days since last bought, purchase cycle (days since last
   bought over the shopper's mean interval for it), how often shoppers re-buy it at all, its popularity;
 - every searched product new to the shopper gets *explore* features: the model's score, its popularity;
-- one logistic regression over both (fitted on the validation split, ``training.repeat``) turns features
+- one logistic regression over both (fitted on the validation split, ``training.scorer_fit``) turns features
   into P(in next basket), so repeat and new products compete on one scale and ``min_score`` is a
   probability.
 
 Times are measured back from the shopper's own most recent purchase, so scores need no clock: the same
 history gives the same answer whenever it is scored. Serving (:class:`serving.Recommender`), the batch
-job (:mod:`export.candidates`) and training's test metrics all call :meth:`RepeatScorer.blend`, then
-:func:`recsys.scoring.select`. numpy only: no torch on the serving path.
+job (:mod:`batch.candidates`) and training's test metrics all reach :meth:`RepeatScorer.blend` through
+:func:`recsys.scoring.recommend`. numpy only: no torch on the serving path.
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from recsys.data.sequences import Sequences, concat_ranges
-from recsys.data.vocabulary import NUM_RESERVED
-from recsys.scoring import pair_member
+from recsys.data.sequences import concat_ranges
+from recsys.inputs import Histories, pair_member
 
 FEATURES = (
     "log_baskets",
@@ -48,51 +47,7 @@ HALF_LIVES_DAYS = (30.0, 120.0)
 # Prior of the per-product repeat rate, (shoppers buying it twice + 1) / (shoppers buying it + 4): rare
 # products are pulled towards 1/4 rather than to 0 or 1 on one or two shoppers.
 _RATE_PRIOR = (1.0, 4.0)
-SECONDS_PER_DAY = 86_400.0
-MICROSECONDS_PER_DAY = 86_400e6
-
-
-@dataclass(frozen=True)
-class Histories:
-    """Purchase histories of ``num_shoppers`` shoppers, flat: entry ``j`` is one product in one basket.
-
-    A basket is a distinct (shopper, time); products are item rows (catalogue rows, ``>= 0``).
-    """
-
-    owner: np.ndarray  # [N] int64 shopper position in the batch, 0 .. num_shoppers - 1
-    rows: np.ndarray  # [N] int64 item rows
-    days: np.ndarray  # [N] float64 purchase times in days (any origin: only differences matter)
-    num_shoppers: int
-
-    def __post_init__(self) -> None:
-        if not (len(self.owner) == len(self.rows) == len(self.days)):
-            raise ValueError("owner, rows and days need one entry per purchase")
-        if len(self.rows) and (self.rows.min() < 0 or not np.isfinite(self.days).all()):
-            raise ValueError("histories need item rows >= 0 and finite times")
-
-    @classmethod
-    def from_lists(cls, rows: list[np.ndarray], days: list[np.ndarray | None]) -> Histories:
-        """Histories from one row array and one time array (in days) per shopper."""
-        lengths = [len(r) for r in rows]
-        owner = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
-        flat = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
-        if any(d is None for d in days):
-            raise ValueError("repeat-aware scoring needs a purchase time for every history entry")
-        times = np.concatenate(days).astype(np.float64) if rows else np.zeros(0)
-        return cls(owner, flat, times, len(rows))
-
-    @classmethod
-    def from_sequences(cls, sequences: Sequences) -> Histories:
-        """The known products of ``sequences`` (vocabulary indices become item rows) with their times."""
-        owner = np.repeat(np.arange(len(sequences), dtype=np.int64), sequences.lengths)
-        rows = sequences.items - NUM_RESERVED
-        return cls(owner, rows, sequences.timestamps / MICROSECONDS_PER_DAY, len(sequences))
-
-    def distinct_sizes(self) -> np.ndarray:
-        """[num_shoppers] distinct products per shopper."""
-        span = int(self.rows.max(initial=0)) + 1
-        keys = np.unique(self.owner * span + self.rows)
-        return np.bincount(keys // span, minlength=self.num_shoppers)
+NEW_CANDIDATES = 50  # the model's best new products per shopper that the scorer weighs (fit and use)
 
 
 @dataclass(frozen=True)
@@ -110,6 +65,8 @@ class _Pairs:
 
 def _pairs(histories: Histories) -> _Pairs:
     owner, rows, days = histories.owner, histories.rows, histories.days
+    if not histories.timed.all():
+        raise ValueError("repeat-aware scoring needs the purchase times of every history")
     last = np.full(histories.num_shoppers, -np.inf)
     np.maximum.at(last, owner, days)
     # distinct (shopper, time) = baskets; distinct (shopper, product, time) = a product's baskets
@@ -186,12 +143,20 @@ def _feature_matrix(
     return x
 
 
-def _drop_bought(pairs: _Pairs, rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Searched candidates that are new to their shopper: (owner, rows, scores) flat, invalid ones dropped."""
-    owner = np.repeat(np.arange(rows.shape[0], dtype=np.int64), rows.shape[1])
-    rows, scores = rows.reshape(-1), scores.reshape(-1).astype(np.float64)
-    keep = (rows >= 0) & np.isfinite(scores) & ~pair_member(owner, rows, pairs.owner, pairs.rows)
-    return owner[keep], rows[keep], scores[keep]
+def _best_new(
+    pairs: _Pairs, rows: np.ndarray, scores: np.ndarray, new_candidates: int
+) -> tuple[np.ndarray, ...]:
+    """Each shopper's best ``new_candidates`` searched products that are new to it, by model score (ties
+    to the smaller row): (owner, rows, scores) flat. The pool depends only on the search, never on how
+    many products the caller wants, so a ranking of k products is the prefix of a longer one."""
+    rows = np.asarray(rows, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.lexsort((rows, -np.nan_to_num(scores, nan=-np.inf)), axis=-1)
+    rows, scores = np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1)
+    owner = np.broadcast_to(np.arange(rows.shape[0], dtype=np.int64)[:, None], rows.shape)
+    new = (rows >= 0) & np.isfinite(scores) & ~pair_member(owner, rows, pairs.owner, pairs.rows)
+    new &= np.cumsum(new, axis=1) <= new_candidates
+    return owner[new], rows[new], scores[new]
 
 
 def features(
@@ -200,15 +165,17 @@ def features(
     scores: np.ndarray,
     repeat_rate: np.ndarray,
     popularity: np.ndarray,
+    new_candidates: int = NEW_CANDIDATES,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(owner [M], rows [M], features [M, F]) of every history product and every searched new product.
+    """(owner [M], rows [M], features [M, F]) of every history product and of each shopper's best
+    ``new_candidates`` searched products new to it (the scorer's candidate pool).
 
     ``rows`` / ``scores`` [B, C] are the model's candidates per shopper (-1 / NaN for none); a searched
     product the shopper bought before is scored once, as a repeat. ``repeat_rate`` and ``popularity``
     hold one entry per item row.
     """
     _check(histories, rows, len(repeat_rate))
-    return _features(_pairs(histories), rows, scores, repeat_rate, popularity)
+    return _features(_pairs(histories), rows, scores, repeat_rate, popularity, new_candidates)
 
 
 def _check(histories: Histories, rows: np.ndarray, num_items: int) -> None:
@@ -219,9 +186,14 @@ def _check(histories: Histories, rows: np.ndarray, num_items: int) -> None:
 
 
 def _features(
-    pairs: _Pairs, rows: np.ndarray, scores: np.ndarray, repeat_rate: np.ndarray, popularity: np.ndarray
+    pairs: _Pairs,
+    rows: np.ndarray,
+    scores: np.ndarray,
+    repeat_rate: np.ndarray,
+    popularity: np.ndarray,
+    new_candidates: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    new_owner, new_rows, new_scores = _drop_bought(pairs, rows, scores)
+    new_owner, new_rows, new_scores = _best_new(pairs, rows, scores, new_candidates)
     log_popularity = np.log1p(np.asarray(popularity, dtype=np.float64))
     x = _feature_matrix(pairs, new_owner, new_rows, new_scores, repeat_rate, log_popularity)
     return np.concatenate([pairs.owner, new_owner]), np.concatenate([pairs.rows, new_rows]), x
@@ -232,7 +204,8 @@ class RepeatScorer:
     """Logistic regression over :data:`FEATURES` plus the per-product statistics it needs.
 
     ``weights`` apply to standardised features ``(x - mean) / scale``; ``repeat_rate`` and ``popularity``
-    have one entry per item row of the catalogue the scorer is used with.
+    have one entry per item row of the catalogue the scorer is used with; ``new_candidates`` is the size
+    of each shopper's pool of new products, the same in the fit and wherever the scorer is applied.
     """
 
     weights: np.ndarray  # [F]
@@ -241,6 +214,7 @@ class RepeatScorer:
     scale: np.ndarray  # [F]
     repeat_rate: np.ndarray  # [N] per item row
     popularity: np.ndarray  # [N] per item row (train baskets)
+    new_candidates: int = NEW_CANDIDATES
 
     def __post_init__(self) -> None:
         f = len(FEATURES)
@@ -248,23 +222,23 @@ class RepeatScorer:
             raise ValueError(f"weights, mean and scale need {f} entries, one per feature of {FEATURES}")
         if self.repeat_rate.shape != self.popularity.shape or self.repeat_rate.ndim != 1:
             raise ValueError("repeat_rate and popularity need one entry per item row")
-        if (self.scale <= 0).any() or not np.isfinite(self.weights).all():
-            raise ValueError("scale must be positive and weights finite")
+        finite = (self.weights, self.mean, self.scale, np.array([self.bias]))
+        if not all(np.isfinite(a).all() for a in finite) or (self.scale <= 0).any():
+            raise ValueError("weights, bias, mean and scale must be finite, and scale positive")
         if (
             not ((self.repeat_rate > 0) & (self.repeat_rate <= 1)).all()
             or not np.isfinite(self.popularity).all()
+            or (self.popularity < 0).any()
         ):
-            raise ValueError("repeat_rate entries must be in (0, 1] and popularity finite")
+            raise ValueError("repeat_rate entries must be in (0, 1] and popularity finite and >= 0")
+        if isinstance(self.new_candidates, bool) or not isinstance(self.new_candidates, int):
+            raise ValueError(f"new_candidates must be an integer, got {self.new_candidates!r}")
+        if self.new_candidates < 0:
+            raise ValueError(f"new_candidates must be >= 0, got {self.new_candidates}")
 
     @property
     def num_items(self) -> int:
         return len(self.repeat_rate)
-
-    def features(
-        self, histories: Histories, rows: np.ndarray, scores: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:func:`features` with this scorer's per-product statistics."""
-        return features(histories, rows, scores, self.repeat_rate, self.popularity)
 
     def probability(self, x: np.ndarray) -> np.ndarray:
         """P(in the next basket) [M] of feature rows [M, F]."""
@@ -272,14 +246,14 @@ class RepeatScorer:
         return 1.0 / (1.0 + np.exp(-logits))
 
     def blend(
-        self, histories: Histories, rows: np.ndarray, scores: np.ndarray, k: int | np.ndarray
+        self, histories: Histories, rows: np.ndarray, scores: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Each shopper's history products and new products, scored by P(in the next basket).
+        """Each shopper's history products and its pool of new products, scored by P(in the next basket).
 
-        The new products considered are those among the shopper's best ``k + distinct history products``
-        searched candidates (by model score, ties to the smaller row): enough to fill ``k`` positions with
-        new products, and a set that does not depend on how many more a caller searched, so serving and
-        the batch job agree. ``k`` is one number or one per shopper.
+        The pool is the shopper's best :attr:`new_candidates` searched products new to it (the search must
+        hold that many beyond the history: :func:`recsys.scoring.search_size`). It does not depend on how
+        many products a caller wants, so every list is the prefix of a longer one, and serving, the batch
+        job and training agree.
 
         Returns rows [B, W] int64 (-1 padding) and scores [B, W] float32 (NaN padding), unordered: feed
         them to :func:`recsys.scoring.select`, which ranks and applies the rules.
@@ -288,12 +262,9 @@ class RepeatScorer:
         scores = np.asarray(scores, dtype=np.float32)
         _check(histories, rows, self.num_items)
         pairs = _pairs(histories)
-        limit = np.broadcast_to(np.asarray(k, dtype=np.int64), (histories.num_shoppers,))
-        limit = limit + np.bincount(pairs.owner, minlength=histories.num_shoppers)  # + distinct products
-        order = np.lexsort((rows, -np.nan_to_num(scores, nan=-np.inf)), axis=-1)
-        rows, scores = np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1).copy()
-        scores[np.arange(rows.shape[1])[None, :] >= limit[:, None]] = np.nan
-        owner, item_rows, x = _features(pairs, rows, scores, self.repeat_rate, self.popularity)
+        owner, item_rows, x = _features(
+            pairs, rows, scores, self.repeat_rate, self.popularity, self.new_candidates
+        )
         probability = self.probability(x).astype(np.float32)
         count = np.bincount(owner, minlength=histories.num_shoppers)
         width = max(int(count.max(initial=0)), 1)
@@ -315,11 +286,15 @@ class RepeatScorer:
             "bias": float(self.bias),
             "mean": self.mean.tolist(),
             "scale": self.scale.tolist(),
+            "new_candidates": self.new_candidates,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], repeat_rate: np.ndarray, popularity: np.ndarray) -> RepeatScorer:
-        """Inverse of :meth:`to_dict`; refuses a scorer fitted on other features (ValueError)."""
+        """Inverse of :meth:`to_dict`; refuses a scorer fitted on other features, or with missing, mistyped
+        or non-finite values (ValueError naming the key)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a repeat scorer is a mapping, got {type(data).__name__}")
         if list(data.get("features", [])) != list(FEATURES) or list(data.get("half_lives_days", [])) != list(
             HALF_LIVES_DAYS
         ):
@@ -327,11 +302,26 @@ class RepeatScorer:
                 f"repeat scorer features {data.get('features')} / half-lives {data.get('half_lives_days')} "
                 f"differ from this library's {list(FEATURES)} / {list(HALF_LIVES_DAYS)}"
             )
+        values = {}
+        for key in ("weights", "mean", "scale"):
+            entry = data.get(key)
+            if not isinstance(entry, list) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in entry
+            ):
+                raise ValueError(f"repeat scorer {key!r} must be a list of numbers")
+            values[key] = np.asarray(entry, dtype=np.float64)
+        bias = data.get("bias")
+        if isinstance(bias, bool) or not isinstance(bias, int | float):
+            raise ValueError(f"repeat scorer 'bias' must be a number, got {bias!r}")
+        new_candidates = data.get("new_candidates")
+        if isinstance(new_candidates, bool) or not isinstance(new_candidates, int):
+            raise ValueError(f"repeat scorer 'new_candidates' must be an integer, got {new_candidates!r}")
         return cls(
-            np.asarray(data["weights"], dtype=np.float64),
-            float(data["bias"]),
-            np.asarray(data["mean"], dtype=np.float64),
-            np.asarray(data["scale"], dtype=np.float64),
+            values["weights"],
+            float(bias),
+            values["mean"],
+            values["scale"],
             np.asarray(repeat_rate, dtype=np.float64),
             np.asarray(popularity, dtype=np.float64),
+            new_candidates,
         )

@@ -1,6 +1,6 @@
 """Print candidates for a few Complete Journey households, answered by the serving library.
 
-    python -m export.preview --bundle artifacts/demo/bundle --households 5 --k 10
+    python -m training.preview --bundle artifacts/demo/bundle --households 5 --k 10
 
 Histories are each household's purchases before the evaluation cutoff, oldest first, as a production
 caller would send them; the products bought in the household's next basket are marked with ``*``.
@@ -16,6 +16,7 @@ from recsys.data.completejourney import load_complete_journey
 from recsys.data.sequences import product_histories
 from recsys.data.split import next_basket_targets, parse_cutoff, temporal_split
 from recsys.data.vocabulary import Vocabulary
+from recsys.rules import Rules
 from serving.recommender import Recommender
 
 NAME_COLUMNS = ("department", "product_category", "product_type", "brand")
@@ -38,7 +39,7 @@ def main() -> None:
     shoppers = targets.shopper_ids[chosen]
     # with purchase times: the bundle's repeat-aware scorer (if any) uses them, as production would
     histories, seconds = product_histories(train, shoppers)
-    answers = recommender.recommend_batch(histories, k=args.k, timestamps=seconds)
+    answers = recommender.recommend_batch(histories, Rules(k=args.k), timestamps=seconds)
 
     items = recommender.items
     names = [c for c in NAME_COLUMNS if c in items.column_names]

@@ -1,0 +1,235 @@
+"""The batch job's pipeline over one shard's parts: read, encode and search, apply the rules, write.
+
+Part by part: ``read_threads`` threads read and group the next parts into :class:`recsys.inputs.Histories`
+(each shopper's known products with purchase times; unknown products are dropped, as serving drops
+them) and their model inputs; the main thread encodes and searches ``batch_size`` shoppers at a time;
+``select_threads`` threads apply the rules with :func:`recsys.scoring.recommend`, serving's own scorer;
+one thread writes each finished part. So the output equals serving's ``Recommender.recommend_batch``
+for the same histories and rules. numpy and pyarrow release the GIL in the heavy work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from batch.engines import Engine
+from batch.manifests import SCHEMA, ShardManifest, write_part
+from batch.partition import Layout, read_part
+from recsys.data.schema import SHOPPER
+from recsys.data.sequences import build_sequences
+from recsys.inputs import Histories
+from recsys.rules import Rules
+from recsys.scoring import popularity_order, recommend, search_size
+
+MAX_QUEUED_BATCHES = 4  # batches searched but not yet selected: bounds memory when selection lags
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part's shoppers, ready to encode: everything a batch needs is a slice of these."""
+
+    index: int
+    shopper_ids: np.ndarray  # [S] int64, ascending
+    histories: Histories  # [S] known products with purchase times (empty for all-unknown shoppers)
+    item_ids: np.ndarray  # [S, W] model inputs (Histories.model_inputs), W <= max_len
+    gap_days: np.ndarray  # [S, W]
+    receipts: int  # receipt rows read
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch's shoppers and the searched candidates of those with a known product."""
+
+    shopper_ids: np.ndarray  # [B]
+    histories: Histories  # [B]
+    rows: np.ndarray  # [B, C] candidate rows (-1 for none, and for shoppers without a known product)
+    scores: np.ndarray  # [B, C]
+
+
+def load_part(directory: Path, layout: Layout, index: int, engine: Engine) -> Part:
+    """Read one part's receipts and turn them into model inputs (a shopper with no known product keeps
+    its row, with an empty history: it gets the popularity fallback)."""
+    table = read_part(directory, layout, index)
+    if table is None:
+        shopper_ids = np.zeros(0, dtype=np.int64)
+        histories = Histories.from_requests(engine.vocab, [])
+    else:
+        shopper_ids = np.unique(table.column(SHOPPER).to_numpy())
+        known = build_sequences(table, engine.vocab, drop_unknown=True).select(shopper_ids)
+        histories = Histories.from_sequences(known)
+    item_ids, gap_days = histories.model_inputs(engine.max_len)
+    return Part(index, shopper_ids, histories, item_ids, gap_days, 0 if table is None else table.num_rows)
+
+
+def search(engine: Engine, part: Part, start: int, stop: int, rules: Rules, timings: Timings) -> Batch:
+    """Encode and search shoppers ``start:stop`` of ``part``, with as many candidates as the rules need."""
+    histories = part.histories.take(np.arange(start, stop))
+    encoded = np.flatnonzero(histories.lengths > 0)
+    wanted = search_size(histories.take(encoded), rules, engine.repeat, engine.num_items)
+    found_rows = np.zeros((0, wanted), dtype=np.int64)
+    found_scores = np.zeros((0, wanted), dtype=np.float32)
+    if len(encoded):
+        # padded to the longest history of the batch, as serving pads: less work than max_len for short ones
+        width = int(histories.lengths.max().clip(max=engine.max_len))
+        item_ids = np.ascontiguousarray(part.item_ids[start:stop][encoded, -width:])
+        gap_days = np.ascontiguousarray(part.gap_days[start:stop][encoded, -width:])
+        with timings.stage("encode"):
+            shoppers = engine.encode(item_ids, gap_days)
+        with timings.stage("top_k"):
+            found_rows, found_scores = engine.top(shoppers, wanted)
+    # shoppers without a known product get the fallback: their candidates stay empty
+    rows = np.full((stop - start, found_rows.shape[1]), -1, dtype=np.int64)
+    scores = np.full(rows.shape, np.nan, dtype=np.float32)
+    rows[encoded], scores[encoded] = found_rows, found_scores
+    return Batch(part.shopper_ids[start:stop], histories, rows, scores)
+
+
+def fallback_rows(engine: Engine) -> np.ndarray:
+    """Item rows in fallback order (most popular first, ties to the smaller product id), unavailable
+    products removed: what a shopper without a known product gets, as serving answers."""
+    available = popularity_order(engine.vocab.product_ids, engine.vocab.popularity)
+    return available[~engine.blocked[available]]
+
+
+def finish(batch: Batch, rules: Rules, engine: Engine, fallback: np.ndarray) -> pa.RecordBatch:
+    """Apply the rules to a searched batch and build its output rows."""
+    ranked = recommend(
+        batch.histories, batch.rows, batch.scores, rules, engine.repeat, fallback, engine.vocab.popularity
+    )
+    valid = ranked.rows >= 0  # the scorer puts what it keeps first: each shopper's entries are a prefix
+    offsets = pa.array(np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32))
+    return pa.record_batch(
+        [
+            pa.array(batch.shopper_ids, pa.int64()),
+            pa.ListArray.from_arrays(
+                offsets, pa.array(engine.vocab.product_ids[ranked.rows[valid]], pa.int64())
+            ),
+            pa.ListArray.from_arrays(offsets, pa.array(ranked.scores[valid], pa.float32())),
+            pa.array(ranked.fallback),
+        ],
+        schema=SCHEMA,
+    )
+
+
+class Progress:
+    """A shoppers/s bar whose total (for the ETA) is estimated from the receipt rows still to read, since
+    a part's shoppers are only counted once it is read."""
+
+    def __init__(self, rows_left: int, enabled: bool, name: str) -> None:
+        self.bar = tqdm(total=None, unit="shopper", unit_scale=True, disable=not enabled, desc=name)
+        self.rows_left, self.rows_read, self.shoppers_read = rows_left, 0, 0
+
+    def part_read(self, part: Part) -> None:
+        self.rows_left -= part.receipts
+        self.rows_read += part.receipts
+        self.shoppers_read += len(part.shopper_ids)
+        per_row = self.shoppers_read / max(self.rows_read, 1)
+        self.bar.total = self.shoppers_read + round(self.rows_left * per_row)
+        self.bar.refresh()
+
+
+class Timings:
+    """Seconds per stage, summed over the threads that run it."""
+
+    def __init__(self, *stages: str) -> None:
+        self.seconds = dict.fromkeys(stages, 0.0)
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.seconds[name] += time.perf_counter() - began
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    """Shoppers per encode, parts read ahead of the encoder (in parallel), threads applying the rules."""
+
+    batch_size: int = 4096
+    read_threads: int = 1
+    select_threads: int = 1
+
+
+def process(
+    engine: Engine,
+    layout: Layout,
+    pending: list[int],
+    partitions: Path,
+    directory: Path,
+    manifest: ShardManifest,
+    rules: Rules,
+    concurrency: Concurrency,
+    progress: Progress,
+    timings: Timings,
+) -> None:
+    """Encode ``pending`` parts on this thread while the next ones are read and finished batches selected
+    and written on others (numpy and pyarrow release the GIL in the heavy work)."""
+    fallback = fallback_rows(engine)
+
+    def read(index: int) -> Part:
+        with timings.stage("read"):
+            return load_part(partitions, layout, index, engine)
+
+    def select_batch(batch: Batch) -> pa.RecordBatch:
+        with timings.stage("select"):
+            return finish(batch, rules, engine, fallback)
+
+    def commit(index: int, batches: list[Future[pa.RecordBatch]]) -> None:
+        results = [b.result() for b in batches]
+        with timings.stage("write"):
+            name = layout.part_name(index)
+            manifest.record(name, write_part(directory, name, results))
+
+    ahead = concurrency.read_threads
+    reader = ThreadPoolExecutor(ahead, thread_name_prefix="candidates-read")
+    selector = ThreadPoolExecutor(concurrency.select_threads, thread_name_prefix="candidates-select")
+    # one writer: parts are committed in order, each once all of its batches are selected
+    writer = ThreadPoolExecutor(1, thread_name_prefix="candidates-write")
+    pools = (reader, selector, writer)
+    upcoming = deque(reader.submit(read, index) for index in pending[:ahead])
+    queued: deque[Future[Any]] = deque()  # selections and commits not yet seen to succeed
+    try:
+        for position in range(len(pending)):
+            part = upcoming.popleft().result()
+            if position + ahead < len(pending):
+                upcoming.append(reader.submit(read, pending[position + ahead]))
+            progress.part_read(part)
+            batches = []
+            for start in range(0, len(part.shopper_ids), concurrency.batch_size):
+                stop = min(start + concurrency.batch_size, len(part.shopper_ids))
+                batches.append(
+                    selector.submit(select_batch, search(engine, part, start, stop, rules, timings))
+                )
+                queued.append(batches[-1])
+                # bounds the searched batches held in memory; .result() raises a failed selection or write
+                while queued and (
+                    len(queued) > MAX_QUEUED_BATCHES * concurrency.select_threads or queued[0].done()
+                ):
+                    queued.popleft().result()
+                progress.bar.update(stop - start)
+            queued.append(writer.submit(commit, part.index, batches))
+        while queued:
+            queued.popleft().result()
+    except BaseException:
+        for pool in pools:
+            pool.shutdown(cancel_futures=True)  # parts queued but not started are not written
+        raise
+    finally:
+        for pool in pools:
+            pool.shutdown()
