@@ -180,12 +180,18 @@ def _run(cfg: DictConfig, timings: Timings) -> tuple[ShardManifest, Layout, Path
         )
 
     columns = OmegaConf.to_container(cfg.columns)
+    # which rows are read depends on these too: they are part of the job a resumed run must match
+    time_rules = {
+        key: None if cfg[key] is None else str(cfg[key])
+        for key in ("ambiguous_times", "nonexistent_times", "min_date", "max_date")
+    }
     receipts = {
         "source": str(Path(cfg.receipts).resolve()),
         "files": fingerprint(dataset.files),
         "columns": columns,
         "timezone": cfg.timezone,
         "drop_returns": cfg.drop_returns,
+        **time_rules,
     }
     rules_description: dict[str, Any] = dataclasses.asdict(rules) | {"unavailable": None}
     del rules_description["k"]  # the job's own key
@@ -220,7 +226,9 @@ def _run(cfg: DictConfig, timings: Timings) -> tuple[ShardManifest, Layout, Path
 
     bar = tqdm(total=num_rows, unit="row", unit_scale=True, disable=not cfg.progress, desc="partition")
     with bar, timings.stage("partition"):
-        batches = iter_receipts(cfg.receipts, columns, cfg.timezone, cfg.read_batch_rows, cfg.drop_returns)
+        batches = iter_receipts(
+            cfg.receipts, columns, cfg.timezone, cfg.read_batch_rows, cfg.drop_returns, **time_rules
+        )
         part_rows = partition(batches, layout, partitions, receipts, cfg.partition_buffer_rows, bar.update)
     if sum(part_rows) == 0:
         raise CandidatesError(

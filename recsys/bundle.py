@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -240,6 +241,13 @@ def _reject_constant(name: str) -> float:
     raise BundleError(f"{MANIFEST_FILE} holds {name}: every number must be finite")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # e.g. 1e999, which json reads as inf without a word
+        raise BundleError(f"{MANIFEST_FILE} holds {text}: every number must be finite")
+    return value
+
+
 def _positive_int(manifest: dict[str, Any], key: str, limit: int | None = None) -> int:
     value = manifest.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -301,7 +309,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
         raise BundleError(f"{MANIFEST_FILE} is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
-        manifest = json.loads(manifest_path.read_text(), parse_constant=_reject_constant)
+        manifest = json.loads(
+            manifest_path.read_text(), parse_constant=_reject_constant, parse_float=_finite_float
+        )
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BundleError(f"{MANIFEST_FILE} is not valid JSON: {error}") from error
     return _check_manifest(manifest)

@@ -203,8 +203,7 @@ def recommend(
         owner, bought = part.distinct()
         history = np.split(bought, np.searchsorted(owner, np.arange(1, len(group))))
         candidates = rows[group], scores[group]
-        if scored:
-            assert scorer is not None  # repeat_aware() is False everywhere without a scorer
+        if scored and scorer is not None:  # repeat_aware() is False everywhere without a scorer
             candidates = scorer.blend(part, *candidates)
         group_rules = [every[i] for i in members]
         floor = np.array([np.nan if r.min_score is None else r.min_score for r in group_rules])

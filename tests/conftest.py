@@ -25,8 +25,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread() -> Iterator[None]:
-    """Tests train tiny models: one intra-op thread is faster than two fighting over a busy 2-core box
-    (measured 7 s vs 185 s for one synthetic training test), and CI has 2 cores."""
+    """Tests train tiny models: one intra-op thread is faster than two fighting over a busy 2-core box,
+    and CI has 2 cores."""
     import torch
 
     threads = torch.get_num_threads()

@@ -204,7 +204,6 @@ def test_masked_training_learns_and_beats_popularity_on_held_out_shoppers(
     model = evaluate(network_ranking(trained, held_out.train, shoppers, 10), held_out, ks=(10,))
     popular = baselines.popularity(trained.vocab, len(shoppers), 10)
     popular = evaluate(trained.vocab.decode(popular), held_out, ks=(10,))
-    # measured 0.32 vs 0.15 recall@10; SASRec, trained the same way, reaches 0.43
     assert model["recall@10"] > 1.5 * popular["recall@10"], (model, popular)
     assert model["ndcg@10"] > 1.5 * popular["ndcg@10"]
 

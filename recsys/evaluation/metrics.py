@@ -113,11 +113,11 @@ def ranking_metrics(
         raise ValueError(
             f"{int((size == 0).sum())} of {n} shoppers have an empty target; drop them before evaluating"
         )
-    hit = _member(ranked_keys, target_keys) & (ranked != EMPTY)
+    hit = _contained(ranked_keys, target_keys) & (ranked != EMPTY)
     if history is not None:
         history_keys = _pair_keys(history, codes)
-        bought = _member(ranked_keys, history_keys)
-        repeat_size = np.bincount(target_rows[_member(target_keys, history_keys)], minlength=n)
+        bought = _contained(ranked_keys, history_keys)
+        repeat_size = np.bincount(target_rows[_contained(target_keys, history_keys)], minlength=n)
 
     discount = 1.0 / np.log2(np.arange(2, max(ks) + 2))
     ideal = np.cumsum(discount)
@@ -159,7 +159,7 @@ def _sorted_unique(values: np.ndarray) -> np.ndarray:
     return values[np.concatenate([[True], values[1:] != values[:-1]])]
 
 
-def _member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+def _contained(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
     """Whether each of ``keys`` occurs in the sorted array ``sorted_keys``."""
     if len(sorted_keys) == 0:
         return np.zeros(keys.shape, dtype=bool)
