@@ -1,8 +1,10 @@
 """Batch candidate generation throughput: the sharded, resumable job against a plain loop, in one run.
 
-    .venv/bin/python benchmarks/batch_candidates.py --shoppers 50000 --products 10000 --dim 128     # CPU
-    python benchmarks/batch_candidates.py --device cuda --shoppers 18500000 --products 100000 \\
-        --mean-baskets 8 --reference-shoppers 1000000 --workdir /scratch/bench                     # H100
+    .venv/bin/python -m benchmarks.batch_candidates --shoppers 50000 --products 10000 --dim 128    # CPU
+    python -m benchmarks.batch_candidates --device cuda --shoppers 18500000 --products 100000 \\
+        --mean-baskets 8 --reference-shoppers 1000000 --workdir /scratch/bench                    # H100
+
+Run from the repository root.
 
 At 18.5M shoppers, ``--mean-baskets 8`` keeps the receipts to ~1.2B rows (~10 GB, and as much again for
 the job's partition files); run once with ``--generate-only`` to write the data and checkpoint first.
@@ -15,8 +17,9 @@ engine with its bf16-autocast encoder.
 
 Each job run reports end-to-end shoppers/s (partition pass included) and seconds per stage. The stages
 overlap on their own threads (read, encode + top-K, select, write), so they add up to more than the wall.
-The reference is the plain loop: the whole table in memory, then per batch encode -> scores -> topk ->
-pandas DataFrame -> ``to_parquet``; no rules, fallback, sharding or resume. It runs on the first
+The reference is the plain loop: the whole table in memory, its histories as the model reads them
+(``recsys.inputs.Histories.model_inputs``), then per batch encode -> scores -> topk -> pandas DataFrame ->
+``to_parquet``; no rules, fallback, sharding or resume. It runs on the first
 ``--reference-shoppers`` shoppers only (the whole table must fit in memory), on the same device.
 """
 
@@ -42,8 +45,9 @@ from recsys.data.loader import open_dataset
 from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
 from recsys.data.sequences import build_sequences
 from recsys.data.synthetic import PRODUCT_ID_OFFSET, SHOPPER_ID_OFFSET, SyntheticConfig, write_parquet
-from recsys.data.vocabulary import NUM_RESERVED, Vocabulary
-from training.module import NextItemModule, load_module
+from recsys.data.vocabulary import PRODUCTS, Vocabulary
+from recsys.inputs import Histories
+from training.module import NextItemModule, load_module, save_module
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 STAGES = ("partition", "read", "encode", "top_k", "select", "write")
@@ -67,10 +71,10 @@ def ensure_checkpoint(path: Path, num_products: int, dim: int, seed: int) -> Non
         return
     ids = PRODUCT_ID_OFFSET + np.arange(num_products, dtype=np.int64)
     vocab = Vocabulary(ids, np.arange(num_products, 0, -1, dtype=np.int64))  # popularity: fallback only
-    net = {"_target_": "recsys.models.sasrec.SASRecConfig", "num_items": vocab.size, "max_len": 50,
+    net = {"name": "sasrec", "num_items": vocab.size, "max_len": 50,
            "dim": dim, "num_layers": 2, "num_heads": 2, "dropout": 0.0}  # fmt: skip
     torch.manual_seed(seed)
-    module = NextItemModule(net, vocab.to_dict())
+    module = NextItemModule(net, vocab)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_module(module, path)
 
@@ -91,9 +95,9 @@ def reference(receipts: Path, output: Path, checkpoint: Path, args: argparse.Nam
     shutil.rmtree(output, ignore_errors=True)
     output.mkdir(parents=True)
     device = torch.device(args.device)
-    module = load_module(str(checkpoint))
+    module = load_module(checkpoint)
     model, vocab = module.model.to(device).eval(), module.vocab
-    items = model.item_embeddings()[NUM_RESERVED:].detach().float()
+    items = model.item_embeddings()[PRODUCTS].detach().float()
     seconds = dict.fromkeys(("read", "encode", "top_k", "write"), 0.0)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
@@ -101,18 +105,19 @@ def reference(receipts: Path, output: Path, checkpoint: Path, args: argparse.Nam
     limit = pc.field(SHOPPER) < SHOPPER_ID_OFFSET + args.reference_shoppers
     table = open_dataset(receipts).to_table(columns=[SHOPPER, BASKET, PRODUCT, TIMESTAMP], filter=limit)
     sequences = build_sequences(table, vocab, drop_unknown=True)
-    histories = sequences.last(model.config.max_len)
+    item_ids, gap_days = Histories.from_sequences(sequences).model_inputs(model.config.max_len)
     seconds["read"] = time.perf_counter() - began
 
-    for number, start in enumerate(range(0, len(histories), args.batch_size)):
-        stop = min(start + args.batch_size, len(histories))
+    for number, start in enumerate(range(0, len(item_ids), args.batch_size)):
+        stop = min(start + args.batch_size, len(item_ids))
         began = time.perf_counter()
-        x = torch.from_numpy(histories[start:stop]).to(device)
+        x = torch.from_numpy(item_ids[start:stop]).to(device)
+        gaps = torch.from_numpy(gap_days[start:stop]).to(device)
         with (
             torch.inference_mode(),
             torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
         ):
-            shoppers = model.encode(x).float()
+            shoppers = model.encode(x, gaps).float()
         sync()
         encoded = time.perf_counter()
         with torch.inference_mode():
@@ -130,7 +135,7 @@ def reference(receipts: Path, output: Path, checkpoint: Path, args: argparse.Nam
         seconds["encode"] += encoded - began
         seconds["top_k"] += searched - encoded
         seconds["write"] += time.perf_counter() - searched
-    return {"rows": len(histories), "seconds": seconds}
+    return {"rows": len(item_ids), "seconds": seconds}
 
 
 def report(name: str, rows: int, seconds: dict[str, float], wall: float) -> None:

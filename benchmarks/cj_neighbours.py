@@ -7,7 +7,7 @@ most cosine-similar households. Every (k, alpha) of the grid is scored on the te
 best row is an upper bound on what the blend could give after honest tuning. ``alpha = 1`` is the
 decayed-frequency baseline.
 
-    python benchmarks/cj_neighbours.py [--cutoff 2017-12-01] [--neighbours 50 200 600] [--alphas 0.9 0.7]
+    python -m benchmarks.cj_neighbours [--cutoff 2017-12-01] [--neighbours 50 200 600] [--alphas 0.9 0.7]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import scipy.sparse as sp
 from recsys.data.completejourney import load_complete_journey
 from recsys.data.schema import SHOPPER
 from recsys.data.split import parse_cutoff
-from recsys.data.vocabulary import NUM_RESERVED
+from recsys.data.vocabulary import PRODUCTS
 from recsys.evaluation.baselines import purchase_counts
 from recsys.evaluation.metrics import top_k
 from recsys.evaluation.protocol import evaluate, prepare
@@ -61,9 +61,9 @@ def main() -> None:
         )
         neighbours = (mixing @ share).toarray()
         for alpha in args.alphas:
-            scores = (alpha * own + (1 - alpha) * neighbours)[:, NUM_RESERVED:]
-            # equal scores (zeros included) rank by popularity, as the baselines do: vocabulary order
-            ranked = data.vocab.decode(top_k(scores, 10) + NUM_RESERVED)
+            scores = (alpha * own + (1 - alpha) * neighbours)[:, PRODUCTS]  # [n, N] by item row
+            # equal scores (zeros included) rank by popularity, as the baselines do: item-row order
+            ranked = data.vocab.product_ids_of(top_k(scores, 10))
             m = evaluate(ranked, data, (10,))
             print(
                 f"| {k} | {alpha:g} | {m['recall@10']:.4f} | {m['ndcg@10']:.4f} | "

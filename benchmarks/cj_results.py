@@ -1,7 +1,7 @@
 """Collect training runs into the results table: mean ± std over seeds, model alone and repeat-aware.
 
     python -m training.train -m experiment=cj_sasrec,cj_gru4rec seed=0,1,2 hydra.sweep.dir=multirun/cj
-    python benchmarks/cj_results.py multirun/cj
+    python -m benchmarks.cj_results multirun/cj
 
 Runs are grouped by their Hydra overrides minus ``seed``; each row reports the test metrics that
 ``training.train`` wrote to ``metrics.json`` (``test/...`` for the network's own ranking,

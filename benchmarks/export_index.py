@@ -1,7 +1,7 @@
 """Export cost of each FAISS index per catalogue size: build time, bundle size, recall@10, query latency.
 
-    python benchmarks/export_index.py                                # 30k and 1M items, d=64
-    python benchmarks/export_index.py --sizes 30000 --indexes flat hnsw
+    python -m benchmarks.export_index                                # 30k and 1M items, d=64
+    python -m benchmarks.export_index --sizes 30000 --indexes flat hnsw
 
 Item vectors are a seeded Gaussian mixture (one cluster per 100 items, d=64), a stand-in for trained
 embeddings; queries are random item vectors. The encoder is an untrained SASRec (d=64, 2 layers, max_len 50)
@@ -23,7 +23,7 @@ import pyarrow as pa
 from export import index as indexes
 from export.onnx import export_encoder
 from recsys.bundle import FILES, INDEX_FILE, write_bundle
-from recsys.data.vocabulary import NUM_RESERVED
+from recsys.data.vocabulary import index_count
 from recsys.models.sasrec import SASRecConfig
 
 BUILDERS = {"flat": indexes.flat, "hnsw": indexes.hnsw, "ivfpq": indexes.ivfpq}
@@ -77,11 +77,11 @@ def main() -> None:
         rng = np.random.default_rng(args.seed)
         vectors = item_vectors(n, args.dim, rng)
         queries = vectors[rng.choice(n, args.queries, replace=False)]
-        config = SASRecConfig(num_items=n + NUM_RESERVED, dim=args.dim)
+        config = SASRecConfig(num_items=index_count(n), dim=args.dim)
         start = time.perf_counter()
         onnx_bytes = export_encoder(config.build())
         export_s = time.perf_counter() - start
-        row(f"{n:,}", "(encoder)", f"SASRec, {n + NUM_RESERVED:,} rows", f"{export_s:.1f} (ONNX export)",
+        row(f"{n:,}", "(encoder)", f"SASRec, {index_count(n):,} rows", f"{export_s:.1f} (ONNX export)",
             "", "", f"{len(onnx_bytes) / MB:.1f} (model.onnx)", "", "")  # fmt: skip
         items = pa.table(
             {"product_id": pa.array(np.arange(n), pa.int64()), "popularity": pa.array(np.ones(n), pa.int64())}

@@ -1,6 +1,6 @@
 """Serving limits: what the largest allowed request costs, and a bounded mixed load test. Loopback only.
 
-    .venv/bin/python benchmarks/serve_hardening.py sizing              # cost of batch x history sizes
+    .venv/bin/python benchmarks/serve_hardening.py sizing              # cost of batch x history x k shapes
     .venv/bin/python benchmarks/serve_hardening.py load                # 10,000 mixed requests, 200 at once
     .venv/bin/python benchmarks/serve_hardening.py load --requests 2000 --concurrency 50
 
@@ -8,20 +8,22 @@ Both start ``python -m serving`` as a subprocess on a free 127.0.0.1 port (never
 a synthetic bundle from ``tests/bundles.py`` (an ONNX weighted-mean encoder, a flat FAISS index and a
 repeat-aware scorer, so requests with timestamps take the scorer's path), and stop it when done.
 
-``sizing`` raises the server's limits and sends one request at a time: each batch size x history length
-(13-digit product ids, all distinct, with timestamps, ``k`` 1000, ``exclude_purchased`` and 100 explore
-slots, the costliest rules) is sent ``--repeats`` times after a warm-up. It reports the body size, the
-median wall time at the client and the server's peak RSS above its resident size just before the
-request (``/proc/<pid>/clear_refs`` resets the peak before each one).
+``sizing`` raises the server's limits and measures one request at a time, for each ``--shapes`` entry
+(batch, history length, k; 13-digit product ids, all distinct, with timestamps, ``exclude_purchased`` and
+100 explore slots: the costliest rules). Each shape gets a fresh server, so memory an earlier request
+left in the allocator cannot hide the cost. The first send's peak RSS above the resident size just
+before it is the memory figure (``/proc/<pid>/clear_refs`` resets the peak); ``--repeats`` more sends
+give the median and maximum wall time at the client.
 
 ``load`` runs the server with its default limits and sends ``--requests`` requests from ``--concurrency``
 closed-loop workers: small valid recommendations, the largest valid single and batch requests, and
-malformed ones (bad JSON, wrong types, too many histories, oversized bodies with and without a
-Content-Length). It is bounded twice: by the request count and by ``--max-seconds``, after which what is
-left is cancelled. It reports answers by status code, p50/p99 latency of the valid requests, the
-server's peak RSS (VmHWM) and ``/healthz`` latency, polled every 50 ms from a separate process so the
-load generator's own GIL does not delay the probe. The load generator shares the machine's cores with the
-server.
+malformed ones (bad JSON, wrong types, over a count or size limit, a body just under the byte limit that
+is then refused, oversized bodies with and without a Content-Length). It is bounded twice: by the request
+count and by ``--max-seconds``, after which what is left is cancelled. It reports answers by status code,
+p50/p99 latency of the valid requests, the server's peak RSS (VmHWM) and ``/healthz`` latency, polled
+every 50 ms from a separate process so the load generator's own GIL does not delay the probe. The load
+generator shares the machine's cores with the server (``--client-nice`` lowers its priority). Figures:
+BENCHMARKS.md, "Serving limits and hardening".
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """In-process serving latency and throughput of ``serving.recommender.Recommender`` on CPU.
 
-    .venv/bin/python benchmarks/serve_latency.py                     # SASRec d=64, L=50, 30k items, Flat
-    .venv/bin/python benchmarks/serve_latency.py --requests 5000 --batches 50 --threads 2
+    .venv/bin/python -m benchmarks.serve_latency                     # SASRec d=64, L=50, 30k items, Flat
+    .venv/bin/python -m benchmarks.serve_latency --requests 5000 --batches 50 --threads 2
 
 The bundle is a real SASRec (2 blocks, 2 heads, random weights: latency does not depend on training)
 exported by ``export.onnx.export_encoder`` (parity-checked against torch), its item table in a flat
@@ -25,10 +25,10 @@ from typing import TypeVar
 
 import faiss
 import numpy as np
-import onnxruntime as ort
 
-from recsys.bundle import read_bundle
-from recsys.data.vocabulary import NUM_RESERVED
+from recsys.bundle import onnx_session, read_bundle
+from recsys.data.vocabulary import PRODUCTS, Vocabulary, index_count
+from recsys.inputs import Histories
 from recsys.rules import Rules
 from serving.recommender import Recommender
 
@@ -46,13 +46,13 @@ def build_bundle(path: Path, num_items: int, dim: int, max_len: int, seed: int) 
     from recsys.models.sasrec import SASRecConfig
 
     torch.manual_seed(seed)
-    config = SASRecConfig(num_items=num_items + NUM_RESERVED, dim=dim, max_len=max_len)
+    config = SASRecConfig(num_items=index_count(num_items), dim=dim, max_len=max_len)
     model = config.build().eval()
     model_onnx = export_encoder(model)
     error = parity(model, model_onnx, batch_sizes=(1, 8))
     print(f"exported SASRec: onnx vs torch max abs diff {error:.2e} (tolerance {PARITY_TOLERANCE:.0e})")
     with torch.no_grad():
-        vectors = model.item_embeddings()[NUM_RESERVED:].numpy()
+        vectors = model.item_embeddings()[PRODUCTS].numpy()
 
     rng = np.random.default_rng(seed)
     items = pa.table(
@@ -79,7 +79,7 @@ def ensure_bundle(args: argparse.Namespace) -> None:
             args.max_len,
         ):
             return
-    command = [sys.executable, __file__, "--build-only", "--bundle", str(args.bundle)]
+    command = [sys.executable, "-m", "benchmarks.serve_latency", "--build-only", "--bundle", str(args.bundle)]
     command += ["--items", str(args.items), "--dim", str(args.dim), "--max-len", str(args.max_len)]
     subprocess.run(command, check=True)
 
@@ -148,26 +148,25 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; history length ", end="")
     print(f"median {np.median(lengths):.0f}, {np.mean(lengths > recommender.max_len):.0%} above max_len")
 
+    rules, excluding_rules = Rules(k=args.k), Rules(k=args.k, exclude_purchased=True)
     for history in singles[:100]:  # warm-up: allocator, caches, thread pools
-        recommender.recommend(history, Rules(k=args.k))
-    report(f"single k={args.k}", timed(lambda h: recommender.recommend(h, args.k), singles))
-    excluding = timed(lambda h: recommender.recommend(h, args.k, exclude_purchased=True), singles)
+        recommender.recommend(history, rules)
+    report(f"single k={args.k}", timed(lambda h: recommender.recommend(h, rules), singles))
+    excluding = timed(lambda h: recommender.recommend(h, excluding_rules), singles)
     report(f"single k={args.k} exclude_purchased", excluding)
 
-    # Components alone, on the same histories (most recent max_len, unpadded).
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    session = ort.InferenceSession(str(bundle.model_path), options, providers=["CPUExecutionProvider"])
-    encoded = [
-        (recommender.rows_of(np.array(h))[-recommender.max_len :] + NUM_RESERVED)[None] for h in singles
-    ]
-    report("  onnx encode alone", timed(lambda x: session.run(None, {"item_ids": x}), encoded))
-    queries = [session.run(None, {"item_ids": x})[0] for x in encoded[:500]]
+    # Components alone, on the same histories (most recent max_len, unpadded), through the same front-end.
+    session = onnx_session(bundle, args.threads)
+    name = bundle.manifest["input_name"]
+    vocab = Vocabulary(bundle.product_ids, bundle.items.column("popularity").to_numpy())
+    encoded = [Histories.from_requests(vocab, [h]).model_inputs(recommender.max_len)[0] for h in singles]
+    report("  onnx encode alone", timed(lambda x: session.run(None, {name: x}), encoded))
+    queries = [session.run(None, {name: x})[0] for x in encoded[:500]]
     report(f"  faiss search alone k={args.k}", timed(lambda q: bundle.index.search(q, args.k), queries))
 
     chunks = [batched[i : i + args.batch] for i in range(0, len(batched), args.batch)]
-    recommender.recommend_batch(chunks[0], Rules(k=args.k))
-    times = timed(lambda chunk: recommender.recommend_batch(chunk, Rules(k=args.k)), chunks)
+    recommender.recommend_batch(chunks[0], rules)
+    times = timed(lambda chunk: recommender.recommend_batch(chunk, rules), chunks)
     rate = args.batch * len(chunks) / sum(times)
     report(f"batch {args.batch} k={args.k}", times, f"  -> {rate:,.0f} requests/s")
 

@@ -1,14 +1,14 @@
 """HTTP load test: starts ``python -m serving`` on loopback, sends fixed-rate load, reports per rate.
 
-    .venv/bin/python benchmarks/serve_load.py                          # 50..1600 req/s, 10 s each
-    .venv/bin/python benchmarks/serve_load.py --rates 100 200 --duration 5 --workers 2
+    .venv/bin/python -m benchmarks.serve_load                          # 50..1600 req/s, 10 s each
+    .venv/bin/python -m benchmarks.serve_load --rates 100 200 --duration 5 --workers 2
 
 Open loop: request ``i`` of a step is due at ``start + i / rate`` whatever earlier requests are doing,
 and its latency counts from when it was due, so a server falling behind shows up as latency instead of
 silently lowering the rate. In-flight requests are capped (``--max-in-flight``); a request that finds
 the cap full, times out or gets a non-200 is an error. A rate is sustained when at least 95% of the
 requests were answered in time with no errors and p99 stays under ``--slo-ms``; the run stops after the
-first rate that is not. The bundle is the one ``serve_latency.py`` builds (built here if missing). The
+first rate that is not. The bundle is the one ``benchmarks.serve_latency`` builds (built here if missing). The
 load generator runs on the same machine as the server and competes with it for CPU.
 """
 
@@ -27,11 +27,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from benchmarks.serve_latency import sample_histories
 from recsys.bundle import read_bundle
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from serve_latency import sample_histories  # noqa: E402  (a sibling script, not a package)
 
 
 @dataclass
@@ -145,8 +142,8 @@ def main() -> None:
     args = parser.parse_args()
 
     if not args.bundle.exists():
-        build = [sys.executable, str(HERE / "serve_latency.py"), "--build-only", "--bundle", str(args.bundle)]
-        subprocess.run(build, check=True)
+        build = [sys.executable, "-m", "benchmarks.serve_latency", "--build-only", "--bundle"]
+        subprocess.run([*build, str(args.bundle)], check=True)
     product_ids = read_bundle(args.bundle, verify=False).product_ids
     bodies = [{"history": h, "k": args.k} for h in sample_histories(product_ids, 5000, seed=1)]
 

@@ -2,7 +2,7 @@
 
 Example::
 
-    .venv/bin/python benchmarks/synthetic_generate.py --rows-target 20000000
+    .venv/bin/python -m benchmarks.synthetic_generate --rows-target 20000000
 """
 
 from __future__ import annotations

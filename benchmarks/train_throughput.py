@@ -1,7 +1,7 @@
 """Training throughput of SASRec on Complete Journey windows: tokens/s per loss and device.
 
-    python benchmarks/train_throughput.py --device cpu --steps 20
-    python benchmarks/train_throughput.py --device cuda --precision bf16 --steps 100
+    python -m benchmarks.train_throughput --device cpu --steps 20
+    python -m benchmarks.train_throughput --device cuda --precision bf16 --steps 100
 
 A token is one item position with a next-item target. Times optimiser steps of the real training
 step (``NextItemModule.training_step``) after warm-up; prints one line per loss.
@@ -15,14 +15,15 @@ import time
 import torch
 
 from recsys.data.completejourney import load_complete_journey
+from recsys.data.vocabulary import PAD, UNK
 from training.datamodule import ReceiptsDataModule
 from training.module import NextItemModule
 
 
 def measure(datamodule: ReceiptsDataModule, loss: str, args: argparse.Namespace) -> tuple[float, float]:
-    net = {"_target_": "recsys.models.sasrec.SASRecConfig", "num_items": datamodule.vocab.size,
+    net = {"name": "sasrec", "num_items": datamodule.vocab.size,
            "dim": args.dim, "num_layers": 2, "num_heads": 2, "max_len": datamodule.max_len}  # fmt: skip
-    module = NextItemModule(net, datamodule.vocab.to_dict(), loss=loss).to(args.device)
+    module = NextItemModule(net, datamodule.vocab, loss=loss).to(args.device)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
     batches = iter(datamodule.train_dataloader())
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -42,7 +43,7 @@ def measure(datamodule: ReceiptsDataModule, loss: str, args: argparse.Namespace)
         if step >= args.warmup:
             elapsed += time.perf_counter() - start
             inputs, targets = items[:, :-1], items[:, 1:]
-            tokens += int(((targets > 1) & (inputs != 0)).sum())
+            tokens += int(((targets > UNK) & (inputs != PAD)).sum())  # as training_step counts them
     return tokens / elapsed, elapsed / args.steps
 
 

@@ -109,12 +109,12 @@ if HttpToolsProtocol is not None:
     class GuardedHttpToolsProtocol(_SlowHeadGuard, HttpToolsProtocol):
         """uvicorn's httptools protocol with :class:`_SlowHeadGuard` and a bound on the head's size.
 
-        httptools buffers a request head of any size (a 100 MB header cost 135 MB of RSS), and uvicorn's
-        ``h11_max_incomplete_event_size`` applies to h11 only; here a head still incomplete after more
-        than that many bytes gets 431 and the connection is closed. The parser's callbacks say where a
-        head begins and ends; a read that continues an open head and leaves it open is all head, and
-        the read where a head begins is not counted (it may end the previous body), so a head is cut off
-        within one read (at most 256 KiB) past the limit.
+        httptools buffers a request head of any size (BENCHMARKS.md, "Serving limits and hardening"),
+        and uvicorn's ``h11_max_incomplete_event_size`` applies to h11 only; here a head still
+        incomplete after more than that many bytes gets 431 and the connection is closed. The parser's
+        callbacks say where a head begins and ends; a read that continues an open head and leaves it
+        open is all head, and the read where a head begins is not counted (it may end the previous
+        body), so a head is cut off within one socket read past the limit.
         """
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]

@@ -508,8 +508,7 @@ def create_app(
         recommender = serving.recommender
         return {"bundle_id": recommender.bundle_id, "manifest": public_manifest(recommender.metadata)}
 
-    if admin:
-        assert root is not None and admin_token is not None
+    if root is not None and admin_token is not None:  # both set exactly when admin is on (checked above)
         _mount_admin(app, serving, admin_token, root)
     return app
 

@@ -7,7 +7,7 @@ from math import log2
 import numpy as np
 import pytest
 
-from recsys.evaluation.metrics import EMPTY, ranking_metrics, top_k
+from recsys.evaluation.metrics import EMPTY, paired_difference, ranking_metrics, shopper_metrics, top_k
 
 
 def ids(*values: int) -> np.ndarray:
@@ -126,3 +126,19 @@ def test_empty_targets_are_refused_with_their_count() -> None:
 def test_a_product_listed_twice_in_one_row_is_refused() -> None:
     with pytest.raises(ValueError, match="more than once"):
         ranking_metrics(np.array([[1, 2, 1]]), [ids(1)], ks=(3,))
+
+
+def test_per_shopper_metrics_average_to_the_macro_metrics_and_pair() -> None:
+    rng = np.random.default_rng(4)
+    targets = [rng.choice(30, size=rng.integers(1, 6), replace=False) for _ in range(50)]
+    a = np.stack([rng.permutation(30)[:10] for _ in range(50)])
+    b = np.stack([rng.permutation(30)[:10] for _ in range(50)])
+    per = shopper_metrics(a, targets, 10)
+    macro = ranking_metrics(a, targets, (10,))
+    for name in ("recall@10", "ndcg@10", "hr@10"):
+        assert per[name].mean() == pytest.approx(macro[name])
+    mean, low, high = paired_difference(per["recall@10"], shopper_metrics(b, targets, 10)["recall@10"])
+    diff = per["recall@10"] - shopper_metrics(b, targets, 10)["recall@10"]
+    assert mean == pytest.approx(diff.mean()) and low < mean < high
+    assert high - mean == pytest.approx(1.96 * diff.std(ddof=1) / np.sqrt(50))
+    assert paired_difference(per["recall@10"], per["recall@10"]) == (0.0, 0.0, 0.0)

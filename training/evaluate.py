@@ -22,7 +22,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from recsys.data.sequences import product_histories
-from recsys.evaluation.metrics import EMPTY
+from recsys.evaluation.metrics import EMPTY, paired_difference, shopper_metrics
 from recsys.evaluation.protocol import EvaluationData, baseline_rankings, evaluate, evaluated_histories
 from recsys.io import atomic_path, write_json
 from recsys.rules import Rules
@@ -46,10 +46,15 @@ COLUMNS = (
 
 
 def format_table(results: dict[str, dict[str, float]], columns: tuple[str, ...] = COLUMNS) -> str:
-    """A Markdown table, one row per method."""
-    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    """A Markdown table, one row per method, with the paired difference to decayed frequency (95% CI)."""
+    paired = [c for c in ("recall@10", "ndcg@10") if f"vs_decay/{c}" in next(iter(results.values()), {})]
+    header = [*columns, *(f"Δ{c} vs decay [95% CI]" for c in paired)]
+    lines = ["| method | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for name, metrics in results.items():
         cells = [f"{metrics[c]:.4f}" if c in metrics else "" for c in columns]
+        for c in paired:
+            low, high = metrics[f"vs_decay/{c}_low"], metrics[f"vs_decay/{c}_high"]
+            cells.append(f"{metrics[f'vs_decay/{c}']:+.4f} [{low:+.4f}, {high:+.4f}]")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -97,7 +102,25 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         rankings[name] = recommend(module, histories, Rules(k=max(ks), repeat_aware=False))
     for path in cfg.bundles:
         rankings[f"bundle ({Path(path).name})"] = bundle_rankings(path, data, max(ks))
-    return {name: evaluate(ranked, data, ks) for name, ranked in rankings.items()}
+    results = {name: evaluate(ranked, data, ks) for name, ranked in rankings.items()}
+    reference = f"personal_frequency_decay_{cfg.half_life_days:g}d"
+    for name, ranked in rankings.items():
+        results[name] |= paired_against(ranked, rankings[reference], data, min(ks))
+    return results
+
+
+def paired_against(
+    ranked: np.ndarray, reference: np.ndarray, data: EvaluationData, k: int
+) -> dict[str, float]:
+    """The per-household difference of ``ranked`` minus ``reference`` (the decayed-frequency baseline),
+    mean and 95% interval, for Recall@k and NDCG@k: ``vs_decay/<metric>`` and ``..._low`` / ``_high``."""
+    ours = shopper_metrics(ranked, data.targets.items, k)
+    theirs = shopper_metrics(reference, data.targets.items, k)
+    out = {}
+    for metric in (f"recall@{k}", f"ndcg@{k}"):
+        mean, low, high = paired_difference(ours[metric], theirs[metric])
+        out |= {f"vs_decay/{metric}": mean, f"vs_decay/{metric}_low": low, f"vs_decay/{metric}_high": high}
+    return out
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

@@ -97,23 +97,9 @@ def ranking_metrics(
         raise ValueError(f"every k must be >= 1; got {list(ks)}")
     if num_products is not None and num_products < 1:
         raise ValueError(f"num_products must be >= 1; got {num_products}")
-    ordered = np.sort(ranked, axis=1)
-    if ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != EMPTY)).any():
-        raise ValueError("a ranked row recommends the same product more than once")
-
-    # Membership of (row, product) pairs, vectorised: give every product a dense code and every pair
-    # the key row * len(codes) + code, then look keys up in sorted arrays (no per-row loop).
     bought_ids = [] if history is None else history
-    codes = _sorted_unique(np.concatenate([ranked.ravel(), *targets, *bought_ids]).astype(np.int64))
-    ranked_keys = np.arange(n)[:, None] * len(codes) + np.searchsorted(codes, ranked)
-    target_keys = _pair_keys(targets, codes)
+    hit, size, codes, ranked_keys, target_keys = _hits(ranked, targets, bought_ids)
     target_rows = target_keys // len(codes)
-    size = np.bincount(target_rows, minlength=n)
-    if (size == 0).any():
-        raise ValueError(
-            f"{int((size == 0).sum())} of {n} shoppers have an empty target; drop them before evaluating"
-        )
-    hit = _contained(ranked_keys, target_keys) & (ranked != EMPTY)
     if history is not None:
         history_keys = _pair_keys(history, codes)
         bought = _contained(ranked_keys, history_keys)
@@ -142,6 +128,59 @@ def ranking_metrics(
         metrics["repeat_share"] = float(repeat_size.sum() / size.sum())
     metrics["num_shoppers"] = float(n)
     return metrics
+
+
+def _hits(
+    ranked: np.ndarray, targets: Sequence[np.ndarray], extra_ids: Sequence[np.ndarray] = ()
+) -> tuple[np.ndarray, ...]:
+    """(hit [n, K] bool, target sizes [n], product codes, ranked keys, sorted target keys) of rankings
+    against targets; ``extra_ids`` are further id sets the caller will look up with the same codes."""
+    n = len(ranked)
+    ordered = np.sort(ranked, axis=1)
+    if ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != EMPTY)).any():
+        raise ValueError("a ranked row recommends the same product more than once")
+    # Membership of (row, product) pairs, vectorised: give every product a dense code and every pair
+    # the key row * len(codes) + code, then look keys up in sorted arrays (no per-row loop).
+    codes = _sorted_unique(np.concatenate([ranked.ravel(), *targets, *extra_ids]).astype(np.int64))
+    ranked_keys = np.arange(n)[:, None] * len(codes) + np.searchsorted(codes, ranked)
+    target_keys = _pair_keys(targets, codes)
+    size = np.bincount(target_keys // len(codes), minlength=n)
+    if (size == 0).any():
+        raise ValueError(
+            f"{int((size == 0).sum())} of {n} shoppers have an empty target; drop them before evaluating"
+        )
+    hit = _contained(ranked_keys, target_keys) & (ranked != EMPTY)
+    return hit, size, codes, ranked_keys, target_keys
+
+
+def shopper_metrics(ranked: np.ndarray, targets: Sequence[np.ndarray], k: int) -> dict[str, np.ndarray]:
+    """Per-shopper ``recall@k``, ``ndcg@k`` and ``hr@k`` [n] (their means are :func:`ranking_metrics`'),
+    for paired comparisons of two rankings of the same shoppers (:func:`paired_difference`)."""
+    ranked = np.asarray(ranked, dtype=np.int64)
+    if len(targets) != len(ranked):
+        raise ValueError(f"{len(ranked)} ranked rows but {len(targets)} targets")
+    hit, size, *_ = _hits(ranked, targets)
+    top = hit[:, :k]
+    hits = top.sum(axis=1)
+    discount = 1.0 / np.log2(np.arange(2, k + 2))
+    ideal = np.cumsum(discount)
+    dcg = top @ discount[: top.shape[1]]
+    return {
+        f"recall@{k}": hits / size,
+        f"ndcg@{k}": dcg / ideal[np.minimum(size, k) - 1],
+        f"hr@{k}": (hits > 0).astype(np.float64),
+    }
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, z: float = 1.96) -> tuple[float, float, float]:
+    """Mean of the per-shopper differences ``a - b`` and its normal-approximation confidence interval
+    (``z`` = 1.96: 95%), over the same shoppers: (mean, low, high)."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if diff.ndim != 1 or len(diff) < 2:
+        raise ValueError("a paired difference needs two [n] arrays over the same n >= 2 shoppers")
+    mean = float(diff.mean())
+    half = z * float(diff.std(ddof=1)) / np.sqrt(len(diff))
+    return mean, mean - half, mean + half
 
 
 def _pair_keys(groups: Sequence[np.ndarray], codes: np.ndarray) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Performance scripts, run from the repository root as ``python -m benchmarks.<name>``."""
