@@ -1,8 +1,8 @@
 """Serving limits: what the largest allowed request costs, and a bounded mixed load test. Loopback only.
 
-    .venv/bin/python benchmarks/serve_hardening.py sizing              # cost of batch x history x k shapes
-    .venv/bin/python benchmarks/serve_hardening.py load                # 10,000 mixed requests, 200 at once
-    .venv/bin/python benchmarks/serve_hardening.py load --requests 2000 --concurrency 50
+    python -m benchmarks.serve_hardening sizing              # cost of batch x history x k shapes
+    python -m benchmarks.serve_hardening load                # 10,000 mixed requests, 200 at once
+    python -m benchmarks.serve_hardening load --requests 2000 --concurrency 50
 
 Both start ``python -m serving`` as a subprocess on a free 127.0.0.1 port (never another interface) with
 a synthetic bundle from ``tests/bundles.py`` (an ONNX weighted-mean encoder, a flat FAISS index and a
@@ -48,17 +48,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # tests.bundles: the synthetic bundle builder
-from recsys.repeat_scorer import FEATURES, RepeatScorer  # noqa: E402
-from serving.app import (  # noqa: E402
+from benchmarks.serve_load import wait_ready
+from recsys.repeat_scorer import FEATURES, RepeatScorer
+from serving.app import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BATCH_ITEMS,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_HISTORY,
     DEFAULT_MAX_K,
 )
-from tests.bundles import make_bundle  # noqa: E402
+from tests.bundles import make_bundle
 
 HOST = "127.0.0.1"  # hard-coded: this load test must never leave the machine
 # sizing: the old defaults' largest requests, other shapes considered, and the new defaults' corners
@@ -106,18 +105,7 @@ def server(bundle: Path, extra: list[str]) -> Iterator[tuple[str, subprocess.Pop
     process = subprocess.Popen([*command, *extra, "--log-level", "warning"], start_new_session=True)
     base = f"http://{HOST}:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"server exited with code {process.returncode}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("server not ready after 120 s")
-            time.sleep(0.2)
+        wait_ready(base, process, 120)
         yield base, process
     finally:
         os.killpg(process.pid, signal.SIGTERM)

@@ -91,15 +91,15 @@ def _edit_manifest(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
 
 # --- 1: a checkpoint of plain values that names code ------------------------------------------------------
 @pytest.mark.parametrize(
-    "net",
+    ("net", "message"),
     [
-        {"_target_": "subprocess.Popen", "args": ["touch", "{marker}"]},
-        {"name": "subprocess.Popen", "args": ["touch", "{marker}"]},
+        ({"_target_": "subprocess.Popen", "args": ["touch", "{marker}"]}, r"net names 'subprocess\.Popen'"),
+        ({"name": "subprocess.Popen", "args": ["touch", "{marker}"]}, r"unknown model .* are \['bert4rec'"),
     ],
     ids=["target", "name"],
 )
 def test_a_checkpoint_naming_code_is_refused_everywhere(
-    world: dict[str, Any], tmp_path: Path, net: dict[str, Any]
+    world: dict[str, Any], tmp_path: Path, net: dict[str, Any], message: str
 ) -> None:
     marker = tmp_path / "pwned"
     state = checkpoints.read(world["checkpoint"])
@@ -113,11 +113,26 @@ def test_a_checkpoint_naming_code_is_refused_everywhere(
         lambda: export_bundle(path, tmp_path / "bundle", indexes.flat),
         lambda: TorchEngine(path),
     ):
-        with pytest.raises(
-            checkpoints.CheckpointError, match=r"unknown model .* known models are \['bert4rec'"
-        ):
+        with pytest.raises(checkpoints.CheckpointError, match=message):
             load()
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "target"), [("optimizer", "os.system"), ("scheduler", "torch.optim.lr_scheduler.os.system")]
+)
+def test_a_checkpoint_may_name_only_the_optimizer_and_schedule(
+    world: dict[str, Any], tmp_path: Path, key: str, target: str
+) -> None:
+    state = checkpoints.read(world["checkpoint"])
+    state["hyper_parameters"] = {**state["hyper_parameters"], key: {"_target_": target, "command": "id"}}
+    torch.save(state, tmp_path / "crafted.ckpt")
+    with pytest.raises(checkpoints.CheckpointError, match=rf"hyper_parameters\.{key} names"):
+        checkpoints.read(tmp_path / "crafted.ckpt")
+    allowed = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}
+    state["hyper_parameters"][key] = allowed
+    torch.save(state, tmp_path / "sgd.ckpt")
+    checkpoints.read(tmp_path / "sgd.ckpt")  # a torch.optim optimizer is fine
 
 
 def test_a_checkpoint_of_another_format_is_refused(world: dict[str, Any], tmp_path: Path) -> None:

@@ -32,6 +32,9 @@ from recsys.io import atomic_path
 from recsys.repeat_scorer import RepeatScorer
 
 KEY = "caddie"
+# The only code a checkpoint's hyperparameters may name: the training schedule (the optimizer may be any
+# torch.optim class). They are instantiated only when training resumes or fine-tunes, never to load.
+SAFE_TARGETS = frozenset({"training.module.warmup_cosine"})
 FORMAT_VERSION = 1
 SCORER_KEY = "repeat_scorer"
 MAX_CHECKPOINT_BYTES = 16 << 30
@@ -78,7 +81,35 @@ def read(path: str | Path) -> dict[str, Any]:
     for key in ("hyper_parameters", "state_dict"):
         if not isinstance(state.get(key), dict):
             raise CheckpointError(f"{path} has no {key!r}")
+    for where, target in _targets(state["hyper_parameters"], "hyper_parameters"):
+        if target not in SAFE_TARGETS and not _is_torch_optimizer(target):
+            raise CheckpointError(
+                f"{path}: {where} names {target!r}; a checkpoint may name no code but a torch.optim "
+                f"optimizer and {sorted(SAFE_TARGETS)} (models are named by recsys.models.MODELS keys)"
+            )
     return state
+
+
+def _targets(value: Any, where: str) -> list[tuple[str, str]]:
+    """Every ``_target_`` (Hydra's name of code to call) in a nest of dicts and lists, with its place."""
+    found = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "_target_":
+                found.append((where, str(item)))
+            else:
+                found += _targets(item, f"{where}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found += _targets(item, f"{where}[{i}]")
+    return found
+
+
+def _is_torch_optimizer(target: str) -> bool:
+    """``torch.optim.<Name>`` naming an optimizer class (looked up, never imported from elsewhere)."""
+    name = target.removeprefix("torch.optim.")
+    found = getattr(torch.optim, name, None) if name != target and name.isidentifier() else None
+    return isinstance(found, type) and issubclass(found, torch.optim.Optimizer)
 
 
 def vocabulary(state: dict[str, Any]) -> Vocabulary:
