@@ -9,7 +9,8 @@ it can name code to run:
 - ``caddie``: this module's entries: the format version, the vocabulary (product ids and popularity, kept
   out of the hyperparameters so logged configs stay small), the product metadata of the vocabulary's
   products (parquet bytes, or none), whether the run was to fit a repeat-aware scorer, and that scorer
-  once fitted (``repeat_scorer``).
+  once fitted (``repeat_scorer``), and torch's random state when the checkpoint was written (``rng``:
+  a fit resumed from it draws the same dropout, negatives and masks as the uninterrupted one).
 
 Writes are atomic (a temporary file beside the target, flushed, then renamed), whoever writes:
 :class:`AtomicCheckpointIO` serves Lightning, :func:`write_scorer` the scorer's fit. Reading refuses
@@ -37,6 +38,7 @@ KEY = "caddie"
 SAFE_TARGETS = frozenset({"training.module.warmup_cosine"})
 FORMAT_VERSION = 1
 SCORER_KEY = "repeat_scorer"
+RNG_KEY = "rng"
 MAX_CHECKPOINT_BYTES = 16 << 30
 
 
@@ -57,6 +59,24 @@ def entries(vocab: Vocabulary, products: pa.Table | None, expects_scorer: bool) 
         "products": metadata,
         "expects_scorer": expects_scorer,
     }
+
+
+def random_state() -> dict[str, Any]:
+    """Torch's random state now (CPU, and every CUDA device if there is one), as plain tensors."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_random_state(checkpoint: dict[str, Any]) -> None:
+    """Set torch's random state to the one a checkpoint dictionary recorded (nothing if it has none)."""
+    state = (checkpoint.get(KEY) or {}).get(RNG_KEY)
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def read(path: str | Path) -> dict[str, Any]:

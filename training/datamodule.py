@@ -7,15 +7,15 @@ on the next basket after that earlier cutoff; the test inputs are then histories
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from recsys.data.features import ProductFeatures, product_metadata
 from recsys.data.sequences import Sequences, build_sequences, concat_ranges, training_windows
@@ -27,21 +27,95 @@ from recsys.rules import Rules
 from recsys.scoring import popularity_order, recommend
 
 
+class Batch(NamedTuple):
+    """One training batch's identity and content: batch ``number`` of ``epoch`` (which seeds its basket
+    shuffle) and its windows ``(start, end)``."""
+
+    epoch: int
+    number: int
+    windows: list[tuple[int, int]]
+
+
+class EpochBatches(Sampler):
+    """Batches of training-window indices whose order is a function of ``(seed, epoch)`` only.
+
+    A resumed epoch therefore sees the same batches as the uninterrupted one, and continues after the ones
+    already trained: ``position`` (given by the data module while a trainer runs) says where the fit is,
+    ``(epoch, batches of it already trained)``, when iteration starts; without it, the epoch is the last
+    :meth:`set_epoch` and iteration starts at the first batch. Yields :class:`Batch` keys without windows
+    (:class:`TrainingWindows` fills them in); no global random state is read or advanced.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        drop_last: bool,
+        seed: int,
+        position: Callable[[], tuple[int, int]] | None = None,
+    ) -> None:
+        self.size, self.batch_size, self.drop_last, self.seed = size, batch_size, drop_last, seed
+        self.position, self.epoch = position, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.size, self.batch_size)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The window indices of ``epoch`` in training order."""
+        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+
+    def __iter__(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        epoch, done = self.position() if self.position is not None else (self.epoch, 0)
+        if done >= len(self):  # a fit resumed from the end of an epoch continues with the next one
+            epoch, done = epoch + 1, 0
+        order = self.order(epoch)
+        for number in range(done, len(self)):
+            yield epoch, number, order[number * self.batch_size : (number + 1) * self.batch_size]
+
+
+class TrainingWindows(Dataset):
+    """The training windows, fetched a batch at a time from :class:`EpochBatches` keys."""
+
+    def __init__(self, windows: list[tuple[int, int]]) -> None:
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        return self.windows[index]
+
+    def __getitems__(self, key: tuple[int, int, np.ndarray]) -> Batch:
+        epoch, number, indices = key
+        return Batch(epoch, number, [self.windows[i] for i in indices.tolist()])
+
+
 class WindowBatches:
     """Collates windows of item sequences into left-padded ``[B, max_len + 1]`` token and gap matrices.
 
     Receipts list a basket's items in product-id order, an artefact a sequence model would learn; with
-    ``shuffle_baskets`` the items of each basket are put in a fresh random order in every batch. Gaps
-    (``Sequences.gaps``) belong to positions, not items: a basket's first position keeps the gap to the
-    previous basket and the others 0 whatever the order, so they are read before the shuffle.
+    ``shuffle_baskets`` the items of each basket are put in a fresh random order in every batch: for a
+    :class:`Batch`, an order drawn from ``(seed, epoch, batch number)``, so a resumed run shuffles alike;
+    for a plain list of windows, from one generator seeded with ``seed``. Gaps (``Sequences.gaps``)
+    belong to positions, not items: a basket's first position keeps the gap to the previous basket and
+    the others 0 whatever the order, so they are read before the shuffle.
     """
 
     def __init__(self, sequences: Sequences, max_len: int, shuffle_baskets: bool, seed: int) -> None:
         self.sequences, self.max_len, self.shuffle_baskets = sequences, max_len, shuffle_baskets
         self.gaps = sequences.gaps()
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
 
-    def __call__(self, windows: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, windows: Batch | list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = self.rng
+        if isinstance(windows, Batch):
+            rng = np.random.default_rng([self.seed, windows.epoch, windows.number])
+            windows = windows.windows
         starts, ends = np.asarray(windows, dtype=np.int64).T
         lengths = ends - starts
         flat = concat_ranges(starts, lengths)  # positions into the flat sequence arrays
@@ -52,7 +126,7 @@ class WindowBatches:
         gaps[row, col] = self.gaps[flat]
         if self.shuffle_baskets:
             # sort by (row, basket, random key): basket order kept, items inside a basket permuted
-            flat = flat[np.lexsort((self.rng.random(len(flat)), self.sequences.basket[flat], row))]
+            flat = flat[np.lexsort((rng.random(len(flat)), self.sequences.basket[flat], row))]
         tokens = np.zeros((len(windows), width), dtype=np.int64)
         tokens[row, col] = self.sequences.items[flat]
         return torch.from_numpy(tokens), torch.from_numpy(gaps)
@@ -154,15 +228,38 @@ class ReceiptsDataModule(pl.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
+        """Batches in an order that is a function of ``(seed, epoch)`` (:class:`EpochBatches`): the same
+        seed and config give the same batches, and a fit resumed mid-epoch continues with the batches the
+        interrupted one had not trained yet. The loader's own generator seeds workers, so iterating it
+        leaves torch's global random state (dropout, negatives, masks) alone."""
         collate = WindowBatches(self.train_sequences, self.max_len, self.shuffle_baskets, self.seed)
+        sampler = EpochBatches(
+            len(self.windows),
+            self.batch_size,
+            len(self.windows) > self.batch_size,
+            self.seed,
+            self._position(),
+        )
         return DataLoader(
-            self.windows,
-            batch_size=self.batch_size,
-            shuffle=True,
+            TrainingWindows(self.windows),
+            batch_sampler=sampler,
             collate_fn=collate,
             num_workers=self.num_workers,
-            drop_last=len(self.windows) > self.batch_size,
+            generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def _position(self) -> Callable[[], tuple[int, int]] | None:
+        """Where the attached trainer's fit is: (epoch, batches of it already trained), as Lightning's
+        progress counters say (restored from the checkpoint on resume); None outside a trainer."""
+        trainer = self.trainer
+        if trainer is None:
+            return None
+
+        def position() -> tuple[int, int]:
+            loop = trainer.fit_loop
+            return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
+
+        return position
 
     def histories(self, stage: str) -> Histories:
         """The evaluated shoppers of ``"val"`` or ``"test"``: their training histories before the stage's

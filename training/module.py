@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 
 from recsys.data.vocabulary import PAD, PRODUCTS, UNK, Vocabulary
@@ -193,6 +194,13 @@ class NextItemModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[checkpoints.KEY] = checkpoints.entries(self.vocab, self.products, self.expects_scorer)
+        checkpoint[checkpoints.KEY][checkpoints.RNG_KEY] = checkpoints.random_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a resumed fit continues with the random state of the interrupted one (training/checkpoint.py)
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            checkpoints.restore_random_state(checkpoint)
 
     def _eval_step(self, batch: tuple[Tensor, Tensor]) -> None:
         item_ids, gaps = batch

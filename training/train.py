@@ -3,6 +3,7 @@
 python -m training.train experiment=demo
 python -m training.train model.net.dim=128 trainer=gpu
 python -m training.train -m model.lr=3e-4,1e-3,3e-3   # a sweep; each job returns its metric
+python -m training.train experiment=demo hydra.run.dir=RUN ckpt_path=last   # resume RUN where it stopped
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ def train(cfg: DictConfig) -> float:
         "vocabulary %d products, %d training windows", datamodule.vocab.num_products, len(datamodule.windows)
     )
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    # ckpt_path: null trains from scratch; "last" resumes the run dir's checkpoints/last.ckpt (optimizer,
+    # scheduler, epoch, step, random state; from scratch if there is none yet), any other value is a path
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     fit_seconds = time.perf_counter() - start
 
     checkpoint = trainer.checkpoint_callback
