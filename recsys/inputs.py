@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -112,9 +113,13 @@ class Histories:
     ) -> Histories:
         """Histories of the entries with a row (>= 0); the others are counted as unknown."""
         known = rows >= 0
+        timed = np.ones(len(offsets) - 1, dtype=bool) if timed is None else timed
+        if known.all():
+            unknown = np.zeros(len(offsets) - 1, dtype=np.int64)
+            offsets, micros = np.asarray(offsets, np.int64), np.asarray(micros, np.int64)
+            return cls(offsets, rows.astype(np.int64), micros, timed, unknown)
         owner = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
         kept = np.bincount(owner[known], minlength=len(offsets) - 1)
-        timed = np.ones(len(kept), dtype=bool) if timed is None else timed
         return cls(
             np.concatenate([[0], np.cumsum(kept)]).astype(np.int64),
             rows[known].astype(np.int64),
@@ -127,12 +132,13 @@ class Histories:
     def num_shoppers(self) -> int:
         return len(self.offsets) - 1
 
-    @property
+    # derived arrays are computed once: serving asks for them several times per request
+    @cached_property
     def lengths(self) -> np.ndarray:
         """[S] known products per shopper; 0 means the popularity fallback."""
         return np.diff(self.offsets)
 
-    @property
+    @cached_property
     def owner(self) -> np.ndarray:
         """[N] the shopper (0 .. S - 1) of each entry."""
         return np.repeat(np.arange(self.num_shoppers, dtype=np.int64), self.lengths)
@@ -145,6 +151,8 @@ class Histories:
     def take(self, positions: np.ndarray) -> Histories:
         """The histories of shoppers ``positions``, in that order."""
         positions = np.asarray(positions, dtype=np.int64)
+        if len(positions) == self.num_shoppers and np.array_equal(positions, np.arange(self.num_shoppers)):
+            return self
         lengths = self.lengths[positions]
         entries = concat_ranges(self.offsets[positions], lengths)
         return Histories(
@@ -157,6 +165,10 @@ class Histories:
 
     def distinct(self) -> tuple[np.ndarray, np.ndarray]:
         """Distinct (owner [P], row [P]) pairs: what each shopper bought, sorted by shopper then row."""
+        return self._distinct
+
+    @cached_property
+    def _distinct(self) -> tuple[np.ndarray, np.ndarray]:
         span = int(self.rows.max(initial=0)) + 1
         keys = np.unique(self.owner * span + self.rows)
         return keys // span, keys % span
@@ -182,11 +194,12 @@ class Histories:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         lengths = np.minimum(self.lengths, max_len)
         width = max(1, int(lengths.max(initial=0)))
-        shopper = np.repeat(np.arange(self.num_shoppers), lengths)
-        cols = width - lengths[shopper] + concat_ranges(np.zeros_like(lengths), lengths)
-        take = concat_ranges(self.offsets[1:] - lengths, lengths)
-        item_ids = np.full((self.num_shoppers, width), PAD, dtype=np.int64)
-        gap_days = np.zeros((self.num_shoppers, width), dtype=np.float32)
-        item_ids[shopper, cols] = to_indices(self.rows[take])
-        gap_days[shopper, cols] = purchase_gaps(self.micros, self.offsets, MICROSECONDS_PER_DAY)[take]
-        return item_ids, gap_days
+        # cell (s, c) holds entry offsets[s + 1] - width + c, where that lies inside shopper s's history
+        cols = np.arange(width)
+        valid = cols[None, :] >= (width - lengths)[:, None]  # [S, W]
+        entry = np.where(valid, self.offsets[1:, None] - width + cols[None, :], 0)  # [S, W]
+        if not len(self.rows):
+            return np.full(valid.shape, PAD, dtype=np.int64), np.zeros(valid.shape, dtype=np.float32)
+        item_ids = np.where(valid, to_indices(self.rows[entry]), PAD)
+        gaps = purchase_gaps(self.micros, self.offsets, MICROSECONDS_PER_DAY)
+        return item_ids, np.where(valid, gaps[entry], np.float32(0)).astype(np.float32)

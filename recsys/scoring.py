@@ -147,15 +147,24 @@ def search_size(
     ``explore_slots + distinct``; the repeat-aware scorer weighs its pool of ``new_candidates`` new
     products, ``new_candidates + distinct``. Clamped to the catalogue.
     """
+    if isinstance(rules, Rules) and histories.num_shoppers:  # one rule set: scalars, no per-shopper arrays
+        aware = scorer is not None and bool(repeat_aware(histories, rules, scorer).any())
+        if not (rules.exclude_purchased or rules.explore_slots or aware):
+            return int(min(num_items, rules.k))
+        widest = int(histories.distinct_sizes().max())
+        needed = rules.k + (widest if rules.exclude_purchased else 0)
+        if rules.explore_slots:
+            needed = max(needed, min(rules.explore_slots, rules.k) + widest)
+        if aware and scorer is not None:
+            needed = max(needed, scorer.new_candidates + widest)
+        return int(min(num_items, needed))
     every = _per_shopper(rules, histories.num_shoppers)
     if not every:
         return 0
     distinct = histories.distinct_sizes()
     k = np.array([r.k for r in every])
     excluded = np.array([r.exclude_purchased for r in every]) * distinct
-    explore = np.where(
-        [r.explore_slots > 0 for r in every], np.minimum([r.explore_slots for r in every], k), 0
-    )
+    explore = np.minimum([r.explore_slots for r in every], k)
     needed = np.maximum(k + excluded, np.where(explore > 0, explore + distinct, 0))
     if scorer is not None:
         aware = repeat_aware(histories, every, scorer)
@@ -200,19 +209,25 @@ def recommend(
     for (scored, k), members in groups.items():
         group = np.asarray(members)
         part = histories.take(group)
-        owner, bought = part.distinct()
-        history = np.split(bought, np.searchsorted(owner, np.arange(1, len(group))))
         candidates = rows[group], scores[group]
         if scored and scorer is not None:  # repeat_aware() is False everywhere without a scorer
             candidates = scorer.blend(part, *candidates)
         group_rules = [every[i] for i in members]
         floor = np.array([np.nan if r.min_score is None else r.min_score for r in group_rules])
+        excludes = [r.exclude_purchased for r in group_rules]
+        explore = np.array([r.explore_slots for r in group_rules])
+        history = None  # per shopper, the rows it bought: only where a rule reads them
+        if any(excludes) or explore.any():
+            owner, bought = part.distinct()
+            history = np.split(bought, np.searchsorted(owner, np.arange(1, len(group))))
         out_rows[group, :k], out_scores[group, :k] = select(
             *candidates,
             k,
-            exclude=[h if r.exclude_purchased else h[:0] for h, r in zip(history, group_rules, strict=True)],
-            min_score=floor,
+            exclude=None
+            if history is None or not any(excludes)
+            else [h if e else h[:0] for h, e in zip(history, excludes, strict=True)],
+            min_score=None if np.isnan(floor).all() else floor,
             history=history,
-            explore_slots=np.array([r.explore_slots for r in group_rules]),
+            explore_slots=explore,
         )
     return Ranked(out_rows, out_scores, empty, aware)

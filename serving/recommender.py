@@ -195,13 +195,11 @@ class Recommender:
                     "(one per entry)"
                 )
         encoded = np.flatnonzero(shoppers.lengths > 0)
-        wanted = search_size(
-            shoppers.take(encoded), _take(every, encoded), self._bundle.repeat, self.num_items
-        )
+        part = shoppers.take(encoded)
+        wanted = search_size(part, _take(every, encoded), self._bundle.repeat, self.num_items)
         rows = np.full((shoppers.num_shoppers, wanted), -1, dtype=np.int64)
         scores = np.full((shoppers.num_shoppers, wanted), np.nan, dtype=np.float32)
         if len(encoded):
-            part = shoppers.take(encoded)
             (embeddings,) = self._session.run([self._output], self._feeds(*part.model_inputs(self.max_len)))
             # OpenMP's thread count is per calling thread: server worker threads would otherwise start at
             # one per core, and an OpenMP team per single-query search is slower, badly so when loaded.
