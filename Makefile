@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 DEMO := artifacts/demo
 
-.PHONY: install demo test test-all lint clean
+.PHONY: install demo sweep-demo test test-all lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,17 @@ demo: $(STAMP)
 	$(PY) -m batch.candidates receipts=$(DEMO)/receipts.parquet bundle=$(DEMO)/bundle \
 		output=$(DEMO)/candidates k=50 progress=false hydra.run.dir=$(DEMO)/candidates_run
 
+# An Optuna TPE search (6 trials) over SASRec on Complete Journey, CPU-sized (one short epoch per trial): its
+# study, best trial as an experiment, trials.csv and search.png land in $(SWEEP_DEMO) (README, "Sweeps and clusters")
+SWEEP_DEMO := artifacts/sweep-demo
+sweep-demo: $(STAMP)
+	rm -rf $(SWEEP_DEMO)
+	$(PY) -m training.train -m hparams_search=sasrec experiment=demo hydra.sweep.dir=$(SWEEP_DEMO) \
+		hydra.sweeper.n_trials=6 hydra.sweeper.sampler.n_startup_trials=3 trainer.max_epochs=1 \
+		+trainer.limit_train_batches=40 test=false trainer.enable_progress_bar=false \
+		'model.loss=choice(sampled_softmax, in_batch)' model.num_negatives=1024 'model.net.dim=choice(32, 64)' \
+		'model.net.num_layers=range(1, 2)' 'data.batch_size=choice(128, 256)'
+
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
@@ -46,4 +57,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(DEMO) outputs multirun
+	rm -rf $(DEMO) $(SWEEP_DEMO) outputs multirun

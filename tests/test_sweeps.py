@@ -21,11 +21,13 @@ from tests.conftest import CONF
 from tests.contract import small_run, train_run
 from training.datamodule import Batch, EpochBatches, ReceiptsDataModule, TrainingWindows
 from training.module import NextItemModule
+from training.sweep_report import write_report
 
 ROOT = CONF.parent
 TINY = ["data.receipts.config.num_shoppers=600", "data.receipts.config.num_products=300", "logger=csv"]
 # values of metrics.json that are not results: wall time and where the run wrote its checkpoint
 NOT_RESULTS = {"fit_seconds", "best_checkpoint"}
+ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1"}  # as the tests' own process (conftest.py)
 
 
 def results(path: Path) -> dict:
@@ -50,8 +52,8 @@ def test_batches_are_a_function_of_seed_and_epoch() -> None:
 def test_same_seed_and_config_give_identical_metrics(tmp_path: Path) -> None:
     """Two runs through the real configs on CPU, with every source of randomness in play (dropout,
     sampled negatives, batch order, basket shuffles, two epochs), agree exactly."""
-    overrides = small_run("sasrec", 3e-3, "trainer.max_epochs=2", "model.loss=sampled_softmax",
-                          "model.num_negatives=64")  # fmt: skip
+    overrides = small_run("sasrec", 3e-3, "trainer.max_epochs=2", "+trainer.limit_train_batches=8",
+                          "model.loss=sampled_softmax", "model.num_negatives=64")  # fmt: skip
     first, second = (train_run(tmp_path / name, overrides) for name in ("a", "b"))
     assert results(first.path) == results(second.path)
     assert first.metrics["epochs"] == 2 and 0 < first.metrics["test/repeat_aware/recall@10"] <= 1
@@ -64,14 +66,12 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> Non
     args = small_run(
         "sasrec", 3e-3, "trainer.max_epochs=2", "callbacks.model_checkpoint.every_n_train_steps=3"
     )
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    env = ONE_THREAD
 
     def command(run_dir: Path, *extra: str) -> list[str]:
         return [sys.executable, "-m", "training.train", *args, f"hydra.run.dir={run_dir}", *extra]
 
-    subprocess.run(
-        command(tmp_path / "whole"), cwd=ROOT, env=env, check=True, capture_output=True, timeout=300
-    )
+    whole = train_run(tmp_path / "whole", args)  # in this process (one torch thread, as the others have)
 
     cut = tmp_path / "cut"
     last = cut / "checkpoints" / "last.ckpt"
@@ -92,7 +92,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> Non
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Restoring states from the checkpoint path at {last}" in resumed.stderr
-    assert results(cut) == results(tmp_path / "whole")
+    assert results(cut) == results(whole.path)
 
 
 def test_resume_without_a_last_checkpoint_trains_from_scratch(
@@ -109,11 +109,12 @@ def test_an_optuna_search_leaves_its_study_best_experiment_csv_and_png(tmp_path:
     sweep = tmp_path / "search"
     command = [
         sys.executable, "-m", "training.train", "-m", "hparams_search=sasrec", "experiment=synthetic_sasrec",
-        *TINY, "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "test=false",
-        "hydra.sweeper.n_trials=3", "model.num_negatives=64", "model.net.dim=choice(16, 32)",
+        *TINY, "trainer.max_epochs=1", "+trainer.limit_train_batches=3", "trainer.enable_progress_bar=false",
+        "test=false", "hydra.sweeper.n_trials=3", "model.num_negatives=64", "model.net.num_layers=1",
+        "model.net.dim=choice(16, 32)",
         f"hydra.sweep.dir={sweep}",
     ]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "raised" not in done.stderr, done.stderr[-3000:]  # Hydra only warns when a callback fails
 
@@ -145,8 +146,7 @@ def test_an_optuna_search_leaves_its_study_best_experiment_csv_and_png(tmp_path:
 
     # the report can be rewritten from the study on disk alone
     (sweep / "search.png").unlink()
-    rewrite = [sys.executable, "-m", "training.sweep_report", str(sweep)]
-    subprocess.run(rewrite, cwd=ROOT, check=True, capture_output=True, timeout=120)
+    write_report(sweep)
     assert (sweep / "search.png").stat().st_size > 20_000
 
 
@@ -165,10 +165,10 @@ def test_every_search_space_composes(family: str, tmp_path: Path) -> None:
 def test_a_multirun_through_the_local_launcher_runs_every_job(tmp_path: Path) -> None:
     command = [
         sys.executable, "-m", "training.train", "-m", "hydra/launcher=local", "experiment=synthetic_sasrec",
-        "model.lr=1e-3,3e-3", *TINY, "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "test=false",
-        f"hydra.sweep.dir={tmp_path}",
+        "model.lr=1e-3,3e-3", *TINY, "trainer.max_epochs=1", "+trainer.limit_train_batches=3", "test=false",
+        "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path}",
     ]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Submitit 'local' sweep output dir" in done.stdout + done.stderr
     assert len(list((tmp_path / ".submitit").glob("*/*_result.pkl"))) == 2  # each ran as its own job

@@ -1,5 +1,5 @@
-"""The report of an Optuna search (``conf/hparams_search/``): its best trial as a ready-to-run experiment, a CSV
-of every trial, and a PNG of the optimisation history and the parameter importances.
+"""The report of an Optuna search (``conf/hparams_search/``): its best trial as a ready-to-run experiment,
+a CSV of every trial, and a PNG of the optimisation history and the parameter importances.
 
 hydra-optuna-sweeper gives no hook after its study, so the report is a Hydra callback
 (:class:`SweepReport`, configured in ``conf/hparams_search/base.yaml``): ``on_multirun_start`` creates the
