@@ -147,27 +147,18 @@ def search_size(
     ``explore_slots + distinct``; the repeat-aware scorer weighs its pool of ``new_candidates`` new
     products, ``new_candidates + distinct``. Clamped to the catalogue.
     """
-    if isinstance(rules, Rules) and histories.num_shoppers:  # one rule set: scalars, no per-shopper arrays
-        aware = scorer is not None and bool(repeat_aware(histories, rules, scorer).any())
-        if not (rules.exclude_purchased or rules.explore_slots or aware):
-            return int(min(num_items, rules.k))
-        widest = int(histories.distinct_sizes().max())
-        needed = rules.k + (widest if rules.exclude_purchased else 0)
-        if rules.explore_slots:
-            needed = max(needed, min(rules.explore_slots, rules.k) + widest)
-        if aware and scorer is not None:
-            needed = max(needed, scorer.new_candidates + widest)
-        return int(min(num_items, needed))
     every = _per_shopper(rules, histories.num_shoppers)
     if not every:
         return 0
-    distinct = histories.distinct_sizes()
     k = np.array([r.k for r in every])
-    excluded = np.array([r.exclude_purchased for r in every]) * distinct
+    excluded = np.array([r.exclude_purchased for r in every])
     explore = np.minimum([r.explore_slots for r in every], k)
-    needed = np.maximum(k + excluded, np.where(explore > 0, explore + distinct, 0))
+    aware = repeat_aware(histories, every, scorer)
+    if not (excluded.any() or explore.any() or aware.any()):  # the plain request: no history sizes needed
+        return int(min(num_items, k.max()))
+    distinct = histories.distinct_sizes()
+    needed = np.maximum(k + excluded * distinct, np.where(explore > 0, explore + distinct, 0))
     if scorer is not None:
-        aware = repeat_aware(histories, every, scorer)
         needed = np.maximum(needed, np.where(aware, scorer.new_candidates + distinct, 0))
     return int(min(num_items, needed.max()))
 
