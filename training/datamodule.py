@@ -24,7 +24,7 @@ from recsys.data.vocabulary import Vocabulary
 from recsys.evaluation.protocol import EvaluationData, evaluate, evaluated_histories, prepare
 from recsys.inputs import Histories
 from recsys.rules import Rules
-from recsys.scoring import popularity_order, recommend
+from training.module import ranked_products
 
 
 class Batch(NamedTuple):
@@ -287,11 +287,9 @@ class ReceiptsDataModule(pl.LightningDataModule):
         """Product ids [n, k] (-1 padding) of the ``"val"`` or ``"test"`` shoppers from the model's searched
         item rows and scores [n, >= k], ranked by the one scorer serving uses (``recsys.scoring``): a
         shopper without a known product gets the popularity fallback here too."""
-        vocab = self.vocab
-        fallback = popularity_order(vocab.product_ids, vocab.popularity)
-        rules = Rules(k=k, repeat_aware=False)
-        ranked = recommend(self.histories(stage), rows, scores, rules, None, fallback, vocab.popularity)
-        return vocab.product_ids_of(ranked.rows)
+        return ranked_products(
+            self.vocab, self.histories(stage), rows, scores, Rules(k=k, repeat_aware=False)
+        )
 
     def evaluate(
         self, stage: str, rows: np.ndarray, scores: np.ndarray, ks: tuple[int, ...]

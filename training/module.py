@@ -305,14 +305,26 @@ def search(
     return rows, torch.cat([scores for _, scores in tops]).numpy()
 
 
+def ranked_products(
+    vocab: Vocabulary,
+    histories: Histories,
+    rows: np.ndarray,
+    scores: np.ndarray,
+    rules: Rules,
+    scorer: RepeatScorer | None = None,
+) -> np.ndarray:
+    """Product ids [S, k] (-1 padding) from a model's searched item rows and scores [S, C]: the one scorer
+    (``recsys.scoring.recommend``) with ``rules`` and ``scorer``, the popularity fallback included."""
+    fallback = popularity_order(vocab.product_ids, vocab.popularity)
+    ranked = score_candidates(histories, rows, scores, rules, scorer, fallback, vocab.popularity)
+    return vocab.product_ids_of(ranked.rows)
+
+
 def recommend(
     module: NextItemModule, histories: Histories, rules: Rules, scorer: RepeatScorer | None = None
 ) -> np.ndarray:
     """Ranked product ids [S, k] (-1 padding) for ``histories``, as serving would rank them: the module's
-    exact search, then the one scorer (``recsys.scoring.recommend``) with ``rules`` and ``scorer``."""
-    vocab = module.vocab
-    wanted = max(1, search_size(histories, rules, scorer, vocab.num_products))
+    exact search, then :func:`ranked_products`."""
+    wanted = max(1, search_size(histories, rules, scorer, module.vocab.num_products))
     rows, scores = search(module, histories, wanted)
-    fallback = popularity_order(vocab.product_ids, vocab.popularity)
-    ranked = score_candidates(histories, rows, scores, rules, scorer, fallback, vocab.popularity)
-    return vocab.product_ids_of(ranked.rows)
+    return ranked_products(module.vocab, histories, rows, scores, rules, scorer)
