@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from batch.allocation import Allocation, Problem, allocate, exact
 from batch.lock import locked
 from batch.partition import fingerprint
-from recsys.io import atomic_path, exchange_directory, remove_stale_temporaries, write_json
+from recsys.io import atomic_path, staged_directory, write_json
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +180,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return json.loads(done.read_text())
     output.parent.mkdir(parents=True, exist_ok=True)
     with locked(output.with_name(f".{output.name}.lock")):
-        remove_stale_temporaries(output.parent)
         start = time.perf_counter()
         table = read_probabilities(cfg.probabilities, int(cfg.max_pairs))
         problem, shoppers, probabilities = problem_of(
@@ -228,12 +226,6 @@ def _write(
         "shortfall": pa.array(problem.audience - sent),
         "expected_value": pa.array((problem.values * contacts).sum(axis=0).astype(np.float64)),
     })  # fmt: skip
-    staging = output.with_name(f".{output.name}.tmp-new")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    for name, table in (("contacts.parquet", contact_table), ("campaigns.parquet", campaign_table)):
-        with atomic_path(staging / name) as tmp:
-            pq.write_table(table, tmp)
     per_shopper = contacts.sum(axis=1)
     summary = {
         "shoppers": len(shoppers),
@@ -246,12 +238,11 @@ def _write(
         "shoppers_contacted": int((per_shopper > 0).sum()),
         "campaigns_short": int((problem.audience - sent > 0).sum()),
     } | job
-    write_json(staging / SUMMARY, summary)
-    if output.exists():
-        exchange_directory(staging, output)
-        shutil.rmtree(staging)
-    else:
-        staging.rename(output)
+    with staged_directory(output) as staging:
+        for name, table in (("contacts.parquet", contact_table), ("campaigns.parquet", campaign_table)):
+            with atomic_path(staging / name) as tmp:
+                pq.write_table(table, tmp)
+        write_json(staging / SUMMARY, summary)
     return summary
 
 

@@ -32,13 +32,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with tmp.open("rb+") as written:
             os.fsync(written.fileno())
         os.replace(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        _fsync_directory(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync_directory(path: Path) -> None:
+    """Flush a directory's entries (a rename inside it) to disk."""
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def write_json(path: str | Path, payload: Any) -> None:
@@ -72,6 +77,29 @@ def exchange_directory(new: Path, target: Path) -> None:
     os.rename(target, old)
     os.rename(new, target)
     os.rename(old, new)
+
+
+@contextmanager
+def staged_directory(target: str | Path) -> Iterator[Path]:
+    """Yield a new hidden directory beside ``target`` to fill; on success it takes ``target``'s place in
+    one atomic step (:func:`exchange_directory`) and the previous content is removed. On an exception it
+    is removed and ``target`` is left as it was. Staging directories of writers that died are removed
+    first (:func:`remove_stale_temporaries`)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
+    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        if target.exists():
+            exchange_directory(staging, target)
+        else:
+            os.rename(staging, target)
+        _fsync_directory(target.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def process_alive(pid: int) -> bool:

@@ -174,8 +174,10 @@ def test_a_probabilities_file_without_its_columns_is_refused(tmp_path: Path, com
 def test_a_run_killed_while_writing_leaves_the_previous_plan_and_runs_again(job, tmp_path: Path) -> None:
     rows = [(1, 7, 0.9), (2, 9, 0.5)]
     first = job(rows, CAMPAIGNS)
-    (tmp_path / ".plan.tmp-new").mkdir()  # what a run killed before its swap leaves beside the output
-    (tmp_path / ".plan.tmp-new" / "contacts.parquet").write_text("half")
+    killed = tmp_path / ".plan.tmp-999999999"  # what a run killed before its swap leaves beside the output
+    killed.mkdir()
+    (killed / "contacts.parquet").write_text("half")
     second = job([*rows, (3, 9, 0.7)], CAMPAIGNS)
+    assert not killed.exists()
     assert second["contacts"] == first["contacts"] + 1
     assert pq.read_table(tmp_path / "plan" / "contacts.parquet").num_rows == 3
