@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from batch.allocation import Allocation, Problem, allocate, exact
+from batch.campaign import CampaignSpec, SpecError, load_spec
 from batch.lock import locked
 from batch.partition import fingerprint
 from recsys.io import atomic_path, staged_directory, write_json
@@ -48,42 +48,13 @@ from recsys.io import atomic_path, staged_directory, write_json
 log = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"
+ALLOCATION_KEYS = ("campaign_id", "audience", "min_probability", "value")  # what allocation reads of a spec
 SOLVERS = ("lagrangian", "exact")
 INPUT_COLUMNS = {"shopper_id": pa.int64(), "campaign_id": pa.int64(), "probability": pa.float64()}
 
 
 class AllocationError(ValueError):
     """Invalid allocation input or settings; the message names the problem."""
-
-
-@dataclass(frozen=True)
-class CampaignSpec:
-    """One campaign of the week: its id, audience (contacts at most), threshold and value."""
-
-    campaign_id: int
-    audience: int
-    min_probability: float = 0.0
-    value: float = 1.0
-
-    @classmethod
-    def parse(cls, entry: dict[str, Any]) -> CampaignSpec:
-        unknown = set(entry) - {"campaign_id", "audience", "min_probability", "value"}
-        if unknown or "campaign_id" not in entry or "audience" not in entry:
-            raise AllocationError(
-                f"a campaign needs campaign_id and audience (and may give min_probability, value); got "
-                f"{sorted(entry)}"
-            )
-        spec = cls(int(entry["campaign_id"]), int(entry["audience"]),
-                   float(entry.get("min_probability", 0.0)), float(entry.get("value", 1.0)))  # fmt: skip
-        if (
-            spec.audience < 0
-            or not 0 <= spec.min_probability <= 1
-            or not (np.isfinite(spec.value) and spec.value > 0)
-        ):
-            raise AllocationError(
-                f"campaign {spec.campaign_id}: need audience >= 0, 0 <= min_probability <= 1, value > 0"
-            )
-        return spec
 
 
 def read_probabilities(path: str | Path, max_pairs: int) -> pa.Table:
@@ -150,6 +121,14 @@ def problem_of(
     return Problem(values, shopper_cap, audience, max_campaigns), shoppers, probabilities
 
 
+def campaign_spec(entry: Any) -> CampaignSpec:
+    """A campaign of the week: a spec file's path (``batch.campaign``), or its keys inline."""
+    try:
+        return load_spec(entry) if isinstance(entry, str) else CampaignSpec.parse(entry)
+    except SpecError as error:
+        raise AllocationError(f"campaign {entry!r}: {error}") from error
+
+
 def solve(problem: Problem, solver: str) -> Allocation:
     if solver not in SOLVERS:
         raise AllocationError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
@@ -158,15 +137,13 @@ def solve(problem: Problem, solver: str) -> Allocation:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Allocate the week's contacts of ``cfg`` (conf/allocate.yaml) into ``cfg.output``; the summary."""
-    campaigns = [
-        CampaignSpec.parse(dict(entry)) for entry in OmegaConf.to_container(cfg.campaigns, resolve=True)
-    ]
+    campaigns = [campaign_spec(entry) for entry in OmegaConf.to_container(cfg.campaigns, resolve=True)]
     if not campaigns:
         raise AllocationError("no campaigns given")
     if cfg.shopper_cap < 0 or (cfg.max_campaigns is not None and cfg.max_campaigns < 0):
         raise AllocationError("shopper_cap and max_campaigns must be >= 0")
     settings = {
-        "campaigns": [c.__dict__ for c in campaigns],
+        "campaigns": [{key: getattr(c, key) for key in ALLOCATION_KEYS} for c in campaigns],
         "shopper_cap": int(cfg.shopper_cap),
         "max_campaigns": cfg.max_campaigns,
         "solver": cfg.solver,

@@ -154,7 +154,8 @@ def test_the_job_writes_contacts_respecting_caps_thresholds_and_reports_shortfal
         ([(1, 8, 0.5)], [], "campaign_id 8 has probabilities but is not among the campaigns"),
         ([(1, 7, 0.5), (2, 7, 0.5)], ["max_pairs=1"], "over max_pairs=1"),
         ([(1, 7, 0.5), (2, 7, 0.5)], ["max_cells=3"], "over max_cells=3"),
-        ([(1, 7, 0.5)], ["campaigns=[{campaign_id: 7}]"], "needs campaign_id and audience"),
+        ([(1, 7, 0.5)], ["campaigns=[{campaign_id: 7}]"], "give audience"),
+        ([(1, 7, 0.5)], ["campaigns=[{campaign_id: 7, audience: 1, colour: red}]"], "unknown key"),
         ([(1, 7, 0.5)], ["solver=magic"], "unknown solver"),
     ],
 )
