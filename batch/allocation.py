@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 
 PRICE_ITERATIONS = 60
-MIN_STEP = 0.01  # the price step below which the prices count as settled
+MIN_STEP = 0.1  # the price step below which the prices count as settled
+SETTLED = 1e-6  # a relative fall of the bound smaller than this is no progress
 MAX_FILL_ROUNDS = 1000
 
 
@@ -159,9 +160,12 @@ def _priced(
     for _ in range(iterations):
         bound, clearing = _dual(values, audience, cap, prices)
         if bound < best_bound:
+            improved = bound < best_bound * (1.0 - SETTLED)
             best_bound, best_prices = bound, prices
         else:
-            step *= 0.7  # the bound stopped falling: move the prices by less
+            improved = False
+        if not improved:
+            step *= 0.5  # the bound stopped falling: move the prices by less, and stop once settled
             if step < MIN_STEP:
                 break
         prices = (1.0 - step) * prices + step * clearing
