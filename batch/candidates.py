@@ -23,7 +23,8 @@ The output equals serving's ``Recommender.recommend_batch`` for the same histori
 
 Memory: the read batch (``read_batch_rows``) plus the partition buffer (``partition_buffer_rows``) while
 partitioning; then about 3x the receipts of ``read_threads + 1`` parts (~32 bytes per receipt row), each
-part's [shoppers, max_len] int64 history matrix, and one part's output. ``rows_per_part`` bounds the parts
+part's [shoppers, max_len] int64 history matrix, ONNX Runtime's activations for ``onnx.encode_rows``
+shoppers (kept by its arena at their peak), and one part's output. ``rows_per_part`` bounds the parts
 (``parts=null`` derives their number from the input's row count), so memory does not grow with the input.
 
 Resuming: a re-run with the same settings keeps every part already written and checked, and computes the
@@ -55,7 +56,7 @@ from batch.lock import LockError, locked
 from batch.manifests import MANIFEST_FILE, CandidatesError, ShardManifest, combine_shards
 from batch.partition import Layout, fingerprint, partition
 from batch.pipeline import Concurrency, Progress, Timings, process
-from recsys.bundle import sha256_file
+from recsys.bundle import GRAPH_OPTIMIZATION, sha256_file
 from recsys.data.loader import iter_receipts, open_dataset
 from recsys.data.schema import PRODUCT
 from recsys.rules import Rules, RulesError
@@ -98,15 +99,21 @@ def read_product_ids(path: str | Path) -> np.ndarray:
 
 
 def open_engine(
-    bundle: str | None, checkpoint: str | None, device: str, threads: int | None, unavailable: np.ndarray
+    bundle: str | None,
+    checkpoint: str | None,
+    device: str,
+    threads: int | None,
+    unavailable: np.ndarray,
+    onnx: dict[str, Any] | None = None,
 ) -> Engine:
-    """The ONNX engine for ``bundle`` (CPU) or the torch engine for ``checkpoint``; exactly one is set."""
+    """The ONNX engine for ``bundle`` (CPU, with the session settings ``onnx``: ``encode_rows`` and
+    ``graph_optimization``) or the torch engine for ``checkpoint``; exactly one is set."""
     if bundle is not None and checkpoint is None:
         if device != "cpu":
             raise CandidatesError(
                 f"bundle= runs on CPU (ONNX Runtime + FAISS); device={device} needs checkpoint="
             )
-        return OnnxEngine(bundle, threads, unavailable)
+        return OnnxEngine(bundle, threads, unavailable, **(onnx or {}))
     if checkpoint is not None and bundle is None:
         return TorchEngine(checkpoint, device, unavailable, threads)
     raise CandidatesError("set exactly one of bundle=PATH (ONNX + FAISS, CPU) or checkpoint=PATH (torch)")
@@ -158,9 +165,17 @@ def _run(cfg: DictConfig, timings: Timings) -> tuple[ShardManifest, Layout, Path
     """Check the settings, then partition and process whatever parts of the shard are not written yet."""
     if cfg.batch_size < 1:
         raise CandidatesError(f"need batch_size >= 1, got {cfg.batch_size}")
+    if cfg.onnx.encode_rows is not None and cfg.onnx.encode_rows < 1:
+        raise CandidatesError(f"need onnx.encode_rows >= 1, got {cfg.onnx.encode_rows}")
+    if cfg.onnx.graph_optimization not in GRAPH_OPTIMIZATION:
+        raise CandidatesError(
+            f"onnx.graph_optimization must be one of {sorted(GRAPH_OPTIMIZATION)}, "
+            f"got {cfg.onnx.graph_optimization!r}"
+        )
     unavailable_path = cfg.rules.unavailable
     unavailable = read_product_ids(unavailable_path) if unavailable_path else np.zeros(0, np.int64)
-    engine = open_engine(cfg.bundle, cfg.checkpoint, cfg.device, cfg.threads, unavailable)
+    onnx = OmegaConf.to_container(cfg.onnx)
+    engine = open_engine(cfg.bundle, cfg.checkpoint, cfg.device, cfg.threads, unavailable, onnx)
     rules = _rules(cfg, engine)
     concurrency = Concurrency(cfg.batch_size, max(1, cfg.read_threads), max(1, cfg.select_threads))
     output = Path(cfg.output)

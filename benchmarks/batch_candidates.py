@@ -12,8 +12,9 @@ the job's partition files); run once with ``--generate-only`` to write the data 
 Data: seeded synthetic receipts (``recsys.data.synthetic``), written once under ``--workdir`` and reused
 by later runs of the same size. The model is an untrained SASRec (2 blocks, 2 heads, max_len 50; the
 throughput does not depend on training) saved as a checkpoint; with ``--device cpu`` it is also exported
-as a Flat bundle, so both engines run: ONNX Runtime + FAISS, and torch. ``--device cuda`` runs the torch
-engine with its bf16-autocast encoder.
+as a Flat bundle (its encoder quantised as ``conf/export.yaml`` or ``--quantize`` says), so both engines
+run: ONNX Runtime + FAISS, and torch. ``--device cuda`` runs the torch engine with its bf16-autocast
+encoder.
 
 Each job run reports end-to-end shoppers/s (partition pass included) and seconds per stage. The stages
 overlap on their own threads (read, encode + top-K, select, write), so they add up to more than the wall.
@@ -21,13 +22,28 @@ The reference is the plain loop: the whole table in memory, its histories as the
 (``recsys.inputs.Histories.model_inputs``), then per batch encode -> scores -> topk -> pandas DataFrame ->
 ``to_parquet``; no rules, fallback, sharding or resume. It runs on the first
 ``--reference-shoppers`` shoppers only (the whole table must fit in memory), on the same device.
+``--reference full`` encodes as the plain loop of the issue did (the full forward over every position,
+then the last one), ``trimmed`` with the model's ``encode`` (the last position's work only), ``both``
+runs the two, ``none`` neither.
+
+On CPU the run starts with the encoder on its own (``OnnxEngine.encode`` over full-width histories of
+``max_len`` items): its achieved GFLOP/s (the FLOPs of the trimmed encoder's matrix products, counted
+from their shapes) against a roofline measured on the same box, the numpy and torch GEMM rates of
+exactly those shapes in the same order; the fraction is the ratio of the two (the GEMM rates of the
+weight products alone, without attention's small batched ones, are printed beside). An int8 encoder's
+FLOPs are counted as the fp32 ones it replaces, against the fp32 GEMMs, so it can pass 100%. ``--sweep`` first
+measures the encoder's shoppers/s over ``onnx.encode_rows`` and ONNX Runtime's graph optimisation
+levels (the choice in ``conf/candidates.yaml``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -39,8 +55,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from batch.candidates import run
+from batch.engines import OnnxEngine
 from export.export import export_bundle
 from export.index import flat
+from export.onnx import QUANTIZATIONS
 from recsys.data.loader import open_dataset
 from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
 from recsys.data.sequences import build_sequences
@@ -85,13 +103,25 @@ def job(receipts: Path, output: Path, args: argparse.Namespace, **model: str) ->
     settings = {"receipts": receipts, "output": output, "k": args.k, "batch_size": args.batch_size}
     settings |= {"read_threads": args.read_threads, "select_threads": args.select_threads}
     settings |= {"device": args.device, "progress": str(args.progress).lower(), **model}
+    if args.rows_per_part is not None:
+        settings["rows_per_part"] = args.rows_per_part
+    if args.encode_rows is not None:
+        settings["onnx.encode_rows"] = args.encode_rows
+    if args.graph_optimization is not None:
+        settings["onnx.graph_optimization"] = args.graph_optimization
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("candidates", overrides=[f"{key}={value}" for key, value in settings.items()])
     return run(cfg)
 
 
-def reference(receipts: Path, output: Path, checkpoint: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The plain loop over the first ``--reference-shoppers`` shoppers; returns rows and stage seconds."""
+def reference(
+    receipts: Path, output: Path, checkpoint: Path, args: argparse.Namespace, full: bool
+) -> dict[str, Any]:
+    """The plain loop over the first ``--reference-shoppers`` shoppers; returns rows and stage seconds.
+
+    ``full``: encode with the full forward over every position, then keep the last (the loop as the issue
+    measured it); otherwise with the model's ``encode``.
+    """
     shutil.rmtree(output, ignore_errors=True)
     output.mkdir(parents=True)
     device = torch.device(args.device)
@@ -117,7 +147,7 @@ def reference(receipts: Path, output: Path, checkpoint: Path, args: argparse.Nam
             torch.inference_mode(),
             torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
         ):
-            shoppers = model.encode(x, gaps).float()
+            shoppers = (model(x, gaps)[:, -1] if full else model.encode(x, gaps)).float()
         sync()
         encoded = time.perf_counter()
         with torch.inference_mode():
@@ -144,6 +174,118 @@ def report(name: str, rows: int, seconds: dict[str, float], wall: float) -> None
     print(f"| {name} | {rows:,} | {wall:.1f} | {rows / wall:,.0f} | " + " | ".join(stages) + " |", flush=True)
 
 
+def products(batch: int, length: int, net: dict[str, Any]) -> list[tuple[int, int, int, int]]:
+    """The trimmed SASRec encoder's matrix products on ``batch`` histories of ``length`` items, in the
+    order it runs them, as (count, m, k, n): ``count`` independent [m, k] @ [k, n] products (attention
+    scores and weighted values: one per shopper and head). Every block but the last runs on all positions;
+    the last computes keys and values there and the rest at the last position (``recsys.models.sasrec``)."""
+    d, heads, layers = net["dim"], net["num_heads"], net["num_layers"]
+    rows, per_head = batch * length, d // heads
+    shapes = []
+    for layer in range(layers):
+        last = layer == layers - 1
+        queries, width = (batch, 1) if last else (rows, length)  # query rows in all, per shopper
+        shapes += [(1, rows, d, 2 * d), (1, batch, d, d)] if last else [(1, rows, d, 3 * d)]
+        shapes += [(batch * heads, width, per_head, length), (batch * heads, width, length, per_head)]
+        shapes += [(1, queries, d, d), (1, queries, d, 4 * d), (1, queries, 4 * d, d)]
+    return shapes
+
+
+def flops(shapes: list[tuple[int, int, int, int]]) -> int:
+    """Floating-point operations of the products (a multiply-add counts 2)."""
+    return sum(2 * count * m * k * n for count, m, k, n in shapes)
+
+
+def rate(call: Any, work: float, seconds: float, rounds: int = 3) -> float:
+    """Median over ``rounds`` of ``work`` units per second of ``call()``, each round at least ``seconds``."""
+    call()  # warm-up: allocations, thread pools, ONNX Runtime's first-run planning
+    rates = []
+    for _ in range(rounds):
+        began, done = time.perf_counter(), 0
+        while time.perf_counter() - began < seconds:
+            call()
+            done += 1
+        rates.append(done * work / (time.perf_counter() - began))
+    return statistics.median(rates)
+
+
+def gemm_rates(shapes: list[tuple[int, int, int, int]], seconds: float) -> dict[str, float]:
+    """GFLOP/s of numpy and of torch running exactly ``shapes``' products in order (the roofline)."""
+    rng = np.random.default_rng(0)
+    operands = [
+        (
+            rng.standard_normal((count, m, k) if count > 1 else (m, k), dtype=np.float32),
+            rng.standard_normal((count, k, n) if count > 1 else (k, n), dtype=np.float32),
+        )
+        for count, m, k, n in shapes
+    ]
+    tensors = [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in operands]
+    work = flops(shapes) / 1e9
+
+    def with_numpy() -> None:
+        for a, b in operands:
+            np.matmul(a, b)
+
+    def with_torch() -> None:
+        with torch.inference_mode():
+            for a, b in tensors:
+                torch.matmul(a, b)
+
+    return {"numpy": rate(with_numpy, work, seconds), "torch": rate(with_torch, work, seconds)}
+
+
+def encoder_histories(engine: OnnxEngine, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` full-width histories (``max_len`` random products, none padding) and their gaps."""
+    rng = np.random.default_rng(seed)
+    items = rng.integers(2, engine.vocab.size, (count, engine.max_len)).astype(np.int64)
+    return items, np.ones(items.shape, np.float32)
+
+
+def sweep(bundle: Path, args: argparse.Namespace) -> None:
+    """Encoder shoppers/s by ``onnx.encode_rows`` and graph optimisation level, interleaved in rounds."""
+    levels = ("basic", "extended", "all")
+    engines = {level: OnnxEngine(bundle, args.threads, graph_optimization=level) for level in levels}
+    # not 4096: ONNX Runtime's arena keeps each session's peak activations, which at that size are
+    # what encode_rows exists to avoid, here three times over
+    sizes = (64, 128, 256, 512, 1024)
+    items, gaps = encoder_histories(engines["all"], max(sizes), args.seed)
+    found: dict[tuple[int, str], list[float]] = {(rows, level): [] for rows in sizes for level in levels}
+    for _ in range(args.sweep_rounds):
+        for rows in sizes:
+            for level in levels:
+                call = functools.partial(engines[level].encode, items[:rows], gaps[:rows])
+                found[rows, level].append(rate(call, rows, 1.0, 1))
+    print(f"encoder alone, shoppers/s (median of {args.sweep_rounds} interleaved rounds of >= 1 s, "
+          f"max_len {engines['all'].max_len}), by encode_rows and graph optimisation:\n")  # fmt: skip
+    print("| encode_rows | " + " | ".join(levels) + " |")
+    print("|---" * (len(levels) + 1) + "|")
+    for rows in sizes:
+        cells = [f"{statistics.median(found[rows, level]):,.0f}" for level in levels]
+        print(f"| {rows} | " + " | ".join(cells) + " |")
+    print(flush=True)
+
+
+def roofline(bundle: Path, net: dict[str, Any], args: argparse.Namespace, onnx: dict[str, Any]) -> None:
+    """The encoder alone (the job's settings) in GFLOP/s, against numpy/torch GEMMs of its shapes."""
+    engine = OnnxEngine(bundle, args.threads, **onnx)
+    rows = onnx["encode_rows"]
+    items, gaps = encoder_histories(engine, 8 * rows, args.seed)
+    shapes = products(rows, engine.max_len, net)
+    per_shopper = flops(shapes) / rows
+    shoppers = rate(lambda: engine.encode(items, gaps), len(items), args.roofline_seconds)
+    achieved = shoppers * per_shopper / 1e9
+    limits = gemm_rates(shapes, args.roofline_seconds)
+    best = max(limits, key=limits.get)
+    dense = gemm_rates([shape for shape in shapes if shape[0] == 1], args.roofline_seconds)
+    print(f"encoder alone: {shoppers:,.0f} shoppers/s at {per_shopper / 1e6:.1f} MFLOP per shopper "
+          f"(encode_rows {rows}, max_len {engine.max_len}, graph optimisation "
+          f"{onnx['graph_optimization']}) = {achieved:.1f} GFLOP/s; the same products as GEMMs: numpy "
+          f"{limits['numpy']:.1f}, torch {limits['torch']:.1f} GFLOP/s; encoder at "
+          f"{achieved / limits[best]:.0%} of the faster ({best}); the weight products alone (no "
+          f"attention) as GEMMs: numpy {dense['numpy']:.1f}, torch {dense['torch']:.1f} GFLOP/s\n",
+          flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -164,6 +306,21 @@ def main() -> None:
         "--generate-only", action="store_true", help="write the data and checkpoint, then stop"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default=None, help="default: conf/export.yaml's")
+    parser.add_argument("--rows-per-part", type=int, default=None, help="default: conf/candidates.yaml's")
+    parser.add_argument("--encode-rows", type=int, default=None, help="default: conf/candidates.yaml's")
+    parser.add_argument("--graph-optimization", default=None, help="default: conf/candidates.yaml's")
+    parser.add_argument("--threads", type=int, default=None, help="encoder alone; default all cores")
+    parser.add_argument("--sweep", action="store_true", help="first, the encoder by encode_rows and level")
+    parser.add_argument("--sweep-rounds", type=int, default=3)
+    parser.add_argument("--roofline-seconds", type=float, default=2.0, help="per measured round")
+    parser.add_argument(
+        "--reference",
+        choices=("full", "trimmed", "both", "none"),
+        default="both",
+        help="encoders of the plain loop",
+    )
+    parser.add_argument("--skip-torch-job", action="store_true", help="the ONNX job and the reference only")
     args = parser.parse_args()
     gpu = args.device == "cuda"
     args.batch_size = args.batch_size or (16_384 if gpu else 4096)
@@ -184,26 +341,47 @@ def main() -> None:
     device = (
         torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     )
-    print(f"{args.shoppers:,} shoppers, {rows:,} receipt rows, {args.products:,} products")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        onnx: dict[str, Any] = dict(compose("candidates", overrides=["receipts=-", "output=-"]).onnx)
+    onnx["encode_rows"] = args.encode_rows or onnx["encode_rows"]
+    onnx["graph_optimization"] = args.graph_optimization or onnx["graph_optimization"]
+    print(
+        f"{args.shoppers:,} shoppers, {rows:,} receipt rows, {args.products:,} products; load average "
+        f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}"
+    )
     print(f"SASRec d={args.dim}, k={args.k}, batch {args.batch_size}, read/select threads "
-          f"{args.read_threads}/{args.select_threads}; {device}\n")  # fmt: skip
+          f"{args.read_threads}/{args.select_threads}; {device}; onnx {onnx}\n")  # fmt: skip
+
+    runs: dict[str, dict[str, str]] = {}
+    if args.device == "cpu":
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            quantize = args.quantize or compose("export", overrides=["checkpoint=-"]).quantize
+        bundle = args.workdir / f"bundle-{args.products}-d{args.dim}-{quantize}"
+        if not bundle.exists():
+            export_bundle(checkpoint, bundle, flat, quantize=quantize)
+        print(f"bundle {bundle.name}: encoder quantization {quantize}\n")
+        runs["job, onnx + faiss"] = {"bundle": str(bundle)}
+        net = dict(load_module(checkpoint).hparams["net"])
+        if args.sweep:
+            sweep(bundle, args)
+        roofline(bundle, net, args, onnx)
+    if not args.skip_torch_job or args.device != "cpu":
+        runs["job, torch"] = {"checkpoint": str(checkpoint)}
+
     print("| run | shoppers | wall s | shoppers/s | " + " | ".join(STAGES) + " |")
     print("|---" * (len(STAGES) + 4) + "|")
-
-    runs: dict[str, dict[str, str]] = {"job, torch": {"checkpoint": str(checkpoint)}}
-    if args.device == "cpu":
-        bundle = args.workdir / f"bundle-{args.products}-d{args.dim}"
-        if not bundle.exists():
-            export_bundle(checkpoint, bundle, flat)
-        runs = {"job, onnx + faiss": {"bundle": str(bundle)}, **runs}
     for name, model in runs.items():
         began = time.perf_counter()
         manifest = job(receipts, args.workdir / "out", args, **model)
         report(name, manifest["rows"], manifest["seconds"], time.perf_counter() - began)
 
-    began = time.perf_counter()
-    result = reference(receipts, args.workdir / "out-reference", checkpoint, args)
-    report("reference loop (torch)", result["rows"], result["seconds"], time.perf_counter() - began)
+    encoders = {"full": [True], "trimmed": [False], "both": [True, False], "none": []}[args.reference]
+    for full in encoders:
+        began = time.perf_counter()
+        result = reference(receipts, args.workdir / "out-reference", checkpoint, args, full)
+        name = f"reference loop (torch, {'full forward' if full else 'trimmed encode'})"
+        report(name, result["rows"], result["seconds"], time.perf_counter() - began)
+    print(f"\nload average at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
     .venv/bin/python -m benchmarks.serve_latency                     # SASRec d=64, L=50, 30k items, Flat
     .venv/bin/python -m benchmarks.serve_latency --requests 5000 --batches 50 --threads 2
+    .venv/bin/python -m benchmarks.serve_latency --bundle artifacts/demo/bundle \
+        --real artifacts/demo/receipts.parquet                      # real histories, repeat-aware
 
 The bundle is a real SASRec (2 blocks, 2 heads, random weights: latency does not depend on training)
 exported by ``export.onnx.export_encoder`` (parity-checked against torch), its item table in a flat
@@ -9,6 +11,11 @@ inner-product FAISS index. It is built once under ``--bundle`` by a child proces
 in the measuring process, as in production. Histories: log-normal lengths (median 20, some above
 max_len, so truncated), Zipf-distributed products. Reports single-request p50/p90/p99 (end to end, then
 the ONNX encode and the FAISS search alone) and batched requests/s.
+
+With ``--real RECEIPTS`` the bundle at ``--bundle`` is used as it is (e.g. the demo's), and the single
+requests are real shoppers' whole histories from the receipts (canonical columns, e.g. the demo's
+Complete Journey ``receipts.parquet``), with their purchase times, under repeat-aware rules: every
+request as a production caller would send it.
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ from typing import TypeVar
 
 import faiss
 import numpy as np
+import pyarrow.parquet as pq
 
 from recsys.bundle import onnx_session, read_bundle
+from recsys.data.schema import PRODUCT, SHOPPER, TIMESTAMP
 from recsys.data.vocabulary import PRODUCTS, Vocabulary, index_count
 from recsys.inputs import Histories
 from recsys.rules import Rules
@@ -92,6 +101,20 @@ def sample_histories(product_ids: np.ndarray, count: int, seed: int) -> list[lis
     return [h.tolist() for h in np.split(product_ids[rows], np.cumsum(lengths)[:-1])]
 
 
+def real_histories(receipts: Path, count: int, seed: int) -> list[tuple[list[int], list[float]]]:
+    """Up to ``count`` shoppers' whole histories from ``receipts``: product ids and purchase times
+    (seconds since the epoch), oldest first, shoppers in a seeded random order (repeated when fewer)."""
+    table = pq.read_table(receipts, columns=[SHOPPER, PRODUCT, TIMESTAMP])
+    shoppers = table.column(SHOPPER).to_numpy()
+    products = table.column(PRODUCT).to_numpy()
+    seconds = table.column(TIMESTAMP).to_numpy().astype("datetime64[ns]").astype(np.int64) / 1e9
+    order = np.lexsort((seconds, shoppers))
+    starts = np.flatnonzero(np.r_[True, shoppers[order][1:] != shoppers[order][:-1]])
+    histories = [(products[rows].tolist(), seconds[rows].tolist()) for rows in np.split(order, starts[1:])]
+    picks = np.random.default_rng(seed).permutation(np.resize(np.arange(len(histories)), count))
+    return [histories[i] for i in picks]
+
+
 def report(name: str, seconds: list[float], note: str = "") -> None:
     """One line: percentiles of ``seconds`` in milliseconds."""
     ms = np.array(seconds) * 1e3
@@ -128,12 +151,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     parser.add_argument("--faiss-threads", type=int, default=1, help="FAISS OpenMP threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--real", type=Path, default=None, help="receipts: single requests of real shoppers")
     args = parser.parse_args()
     if args.build_only:
         build_bundle(args.bundle, args.items, args.dim, args.max_len, args.seed)
         return
 
-    ensure_bundle(args)
+    if args.real is None:
+        ensure_bundle(args)
     faiss.omp_set_num_threads(args.faiss_threads)  # for the search-alone timing; the recommender sets its own
     threads = {"intra_op_threads": args.threads, "search_threads": args.faiss_threads}
     recommender = Recommender.load(args.bundle, **threads)
@@ -149,6 +174,15 @@ def main() -> None:
     print(f"median {np.median(lengths):.0f}, {np.mean(lengths > recommender.max_len):.0%} above max_len")
 
     rules, excluding_rules = Rules(k=args.k), Rules(k=args.k, exclude_purchased=True)
+    if args.real is not None:
+        real = real_histories(args.real, args.requests, args.seed)
+        aware = Rules(k=args.k, repeat_aware=True)
+        for history, stamps in real[:100]:  # warm-up
+            recommender.recommend(history, aware, timestamps=stamps)
+        seconds = timed(lambda request: recommender.recommend(request[0], aware, timestamps=request[1]), real)
+        lengths = np.array([len(h) for h, _ in real])
+        note = f"  (median history {np.median(lengths):.0f} products)"
+        report(f"single k={args.k} real, repeat-aware", seconds, note)
     for history in singles[:100]:  # warm-up: allocator, caches, thread pools
         recommender.recommend(history, rules)
     report(f"single k={args.k}", timed(lambda h: recommender.recommend(h, rules), singles))

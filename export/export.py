@@ -10,12 +10,18 @@ The index's recall@10 against exact search is measured and recorded in the manif
 metadata is the one the checkpoint kept from its training data (none if that data had none). A checkpoint
 whose run was to fit a repeat-aware scorer but stopped before it is refused: its bundle would rank by the
 network alone, a fraction of the quality; ``allow_unfinished=true`` exports it anyway, with a warning.
+
+``quantize=int8`` stores the encoder with int8 weight products (:func:`export.onnx.quantize_int8`), after
+the fp32 graph passed its checks. Its own parity is recorded in the manifest (``quantization``: max abs
+difference from torch, and how much of the fp32 graph's exact top-10 it keeps on the export's queries);
+its measured effect on the Complete Journey metrics is in docs/results.md.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,11 +37,13 @@ from omegaconf import DictConfig
 from export.index import describe_index, index_recall
 from export.onnx import (
     PARITY_TOLERANCE,
+    QUANTIZATIONS,
     ExportError,
     export_encoder,
     max_len,
     onnx_encoder,
     parity,
+    quantize_int8,
     random_gaps,
     random_histories,
     takes_gaps,
@@ -111,6 +119,15 @@ def check_top_k(
         )
 
 
+def top_k_agreement(vectors: np.ndarray, reference: np.ndarray, other: np.ndarray, k: int) -> float:
+    """Mean share of each shopper's exact top-``k`` items under ``reference`` embeddings [n, d] that
+    ``other`` embeddings [n, d] also rank in their top-``k``, over item ``vectors`` [N, d]."""
+    k = min(k, len(vectors))
+    tops = [np.argpartition(-(e @ vectors.T), k - 1, axis=1)[:, :k] for e in (reference, other)]
+    shared = [len(np.intersect1d(a, b)) for a, b in zip(*tops, strict=True)]
+    return float(np.mean(shared)) / k
+
+
 def training_metrics(checkpoint: Path) -> dict[str, Any] | None:
     """``metrics.json`` of the training run, beside the checkpoint or in its run dir (<run>/checkpoints/),
     without the file paths it records (a bundle's manifest is shown to clients)."""
@@ -133,13 +150,17 @@ def export_bundle(
     overwrite: bool = False,
     seed: int = 0,
     allow_unfinished: bool = False,
+    quantize: str = "none",
 ) -> Path:
     """Export ``checkpoint`` as a bundle at ``output`` and return its path.
 
-    ``index_builder`` maps item vectors [N, d] to a filled inner-product index (``export.index``). Raises
-    ``ExportError`` when a check fails or the checkpoint's run did not finish (unless
-    ``allow_unfinished``), ``BundleError`` when ``output`` exists and ``overwrite`` is false.
+    ``index_builder`` maps item vectors [N, d] to a filled inner-product index (``export.index``);
+    ``quantize`` is one of :data:`export.onnx.QUANTIZATIONS`. Raises ``ExportError`` when a check fails or
+    the checkpoint's run did not finish (unless ``allow_unfinished``), ``BundleError`` when ``output``
+    exists and ``overwrite`` is false, ``ValueError`` for an unknown ``quantize``.
     """
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {list(QUANTIZATIONS)}, got {quantize!r}")
     checkpoint, output = Path(checkpoint), Path(output)
     # write_bundle refuses too, but only after all the work below
     if output.exists() and not overwrite:
@@ -188,6 +209,19 @@ def export_bundle(
     if description["type"] == "Flat":
         n = NUM_TOP_K_CHECKS
         check_top_k(module, index, histories[:n], gaps[:n], shoppers[:n])
+    quantization = None
+    if quantize == "int8":
+        onnx_bytes = quantize_int8(onnx_bytes)
+        quantized = onnx_encoder(onnx_bytes)(histories, gaps)
+        quantization = {
+            "method": "int8-dynamic",  # onnxruntime.quantization.quantize_dynamic, weight products only
+            "max_abs_diff": parity(model, onnx_bytes, seed=seed),
+            f"top_{K}_agreement": top_k_agreement(vectors, shoppers, quantized, K),
+        }
+        if not math.isfinite(quantization["max_abs_diff"]):
+            raise ExportError("the int8 encoder gives non-finite shopper embeddings; export quantize=none")
+        log.info("int8 encoder: %s", quantization)
+        shoppers = quantized  # the index's recall is measured on what the bundle will compute
     recall = index_recall(index, vectors, shoppers, K)
     log.info("index recall@%d vs exact search: %.4f", K, recall)
 
@@ -199,6 +233,7 @@ def export_bundle(
         "training": {"metrics": training_metrics(checkpoint), "data": module.hparams.get("data")},
         "index": {**description, f"recall_at_{K}": recall},
         "parity": {"max_abs_diff": max_abs_diff, "tolerance": PARITY_TOLERANCE},
+        **({"quantization": quantization} if quantization is not None else {}),
         # the checkpoint's name and digest, not its path: a bundle's manifest is shown to clients
         "source": {"checkpoint": checkpoint.name, "sha256": sha256_file(checkpoint)},
     }
@@ -227,6 +262,7 @@ def main(cfg: DictConfig) -> None:
         overwrite=cfg.overwrite,
         seed=cfg.seed,
         allow_unfinished=cfg.allow_unfinished,
+        quantize=cfg.quantize,
     )
     log.info("bundle written to %s", path)
 

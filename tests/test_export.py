@@ -196,3 +196,17 @@ def test_export_config_composes(compose_config: Callable[..., DictConfig], optio
     vectors = np.random.default_rng(6).normal(size=(400, DIM)).astype(np.float32)
     assert indexes.describe_index(builder(vectors))["type"] == kind
     assert cfg.output.endswith("/bundle") and cfg.allow_unfinished is False
+
+
+def test_int8_export_records_its_parity(checkpoint: Path, bundle_path: Path, tmp_path: Path) -> None:
+    assert "quantization" not in read_bundle(bundle_path).manifest  # off by default
+    bundle = read_bundle(export_bundle(checkpoint, tmp_path / "int8", indexes.flat, quantize="int8"))
+    quantization = bundle.manifest["quantization"]
+    assert quantization["method"] == "int8-dynamic"
+    # int8 weights move the embeddings (unlike the fp32 graph's 1e-6) but keep most of the ranking
+    assert PARITY_TOLERANCE < quantization["max_abs_diff"] < 0.5
+    assert 0.5 <= quantization["top_10_agreement"] <= 1.0
+    ops = {node.op_type for node in onnx.load_from_string(bundle.model_bytes).graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        export_bundle(checkpoint, tmp_path / "fp16", indexes.flat, quantize="fp16")

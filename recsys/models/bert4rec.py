@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from recsys.data.vocabulary import PAD
 from recsys.models.gaps import GapEmbedding, require_gaps
-from recsys.models.sasrec import Block, SASRecConfig, init_weights
+from recsys.models.sasrec import Block, SASRecConfig, init_weights, last_state
 
 
 @dataclass
@@ -60,6 +60,13 @@ class BERT4Rec(nn.Module):
         both sides of it. Outputs at padding positions are finite but meaningless. With ``time_gaps``,
         ``gaps`` [B, L] come too; a MASK's gap is never read (its time is what is hidden with it).
         """
+        x, allowed = self._inputs(item_ids, gaps)
+        for block in self.blocks:
+            x = block(x, allowed)
+        return self.ln_final(x)
+
+    def _inputs(self, item_ids: Tensor, gaps: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The first block's input [B, L, d] and the attention mask [B, 1, L, L] (True = may attend)."""
         L = item_ids.shape[1]
         steps = torch.arange(L, device=item_ids.device)  # [L]
         # Right-aligned positions, as in SASRec: left padding does not shift them.
@@ -74,20 +81,21 @@ class BERT4Rec(nn.Module):
         diagonal = steps[None, :] == steps[:, None]  # [L, L] (query, key)
         is_item = (item_ids != PAD)[:, None, None, :]  # [B, 1, 1, L] (broadcast over heads, queries)
         allowed = is_item | diagonal  # [B, 1, L, L]
-
-        for block in self.blocks:
-            x = block(x, allowed)
-        return self.ln_final(x)
+        return x, allowed
 
     def encode(self, item_ids: Tensor, gaps: Tensor | None = None) -> Tensor:
         """Shopper embedding: the output at a MASK appended after the most recent item, [B, L] -> [B, d].
 
-        ``L <= max_len``: the appended MASK takes the position table's last row.
+        ``L <= max_len``: the appended MASK takes the position table's last row. Equal to ``forward`` of
+        the appended sequence at its last position, computing only what that position needs
+        (:func:`recsys.models.sasrec.last_state`: the last block's query, attention output and
+        feed-forward at the MASK alone).
         """
         mask = torch.full_like(item_ids[:, :1], self.mask_token)  # [B, 1]
         if gaps is not None:
             gaps = torch.cat([gaps, torch.zeros_like(gaps[:, :1])], dim=1)  # the MASK's gap, never read
-        return self.forward(torch.cat([item_ids, mask], dim=1), gaps)[:, -1]  # [B, L + 1, d] -> [B, d]
+        x, allowed = self._inputs(torch.cat([item_ids, mask], dim=1), gaps)  # [B, L + 1, d]
+        return self.ln_final(last_state(self.blocks, x, allowed))  # [B, d]
 
     def item_embeddings(self) -> Tensor:
         """Output item embeddings [num_items, d] tied with the input table, without the MASK row.

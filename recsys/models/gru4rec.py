@@ -87,16 +87,24 @@ class GRU4Rec(nn.Module):
         A recurrence only looks back, so output t depends on items at positions <= t and is trained to
         predict item t + 1. Outputs at leading padding positions are ``proj``'s bias (the state is zero).
         """
+        return self.proj(self.out_dropout(self._states(item_ids, gaps)))
+
+    def _states(self, item_ids: Tensor, gaps: Tensor | None) -> Tensor:
+        """The last GRU layer's state after every position, [B, L] -> [B, L, d]."""
         x = self.item_emb(item_ids)  # [B, L, d], exactly zero at padding, as is the gap embedding
         if self.gap_emb is not None:
             x = x + self.gap_emb(item_ids, require_gaps(item_ids, gaps))
         x = self.emb_dropout(x)
         states, _ = self.gru(x)  # [B, L, d], from a zero initial state
-        return self.proj(self.out_dropout(states))
+        return states
 
     def encode(self, item_ids: Tensor, gaps: Tensor | None = None) -> Tensor:
-        """Shopper embedding, the output at the last (most recent) position: [B, L] -> [B, d]."""
-        return self.forward(item_ids, gaps)[:, -1]
+        """Shopper embedding, the output at the last (most recent) position: [B, L] -> [B, d].
+
+        Equal to ``forward(item_ids, gaps)[:, -1]``; the recurrence needs every state, the output
+        projection only the last one's.
+        """
+        return self.proj(self.out_dropout(self._states(item_ids, gaps)[:, -1]))
 
     # Output item embeddings [V, d]: SASRec's tied table with row 0 (padding) returned as zeros built
     # outside it. It reads only ``self.item_emb``, which both models name alike.

@@ -72,20 +72,36 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
         """``x`` [B, L, d], ``allowed`` [B, 1, L, L] -> [B, L, d]."""
-        B, L, d = x.shape
+        q, k, v = self.qkv(x).split(x.shape[2], dim=2)  # [B, L, 3d] -> 3 x [B, L, d]
+        return self._attend(q, k, v, allowed)
+
+    def last(self, x: Tensor, allowed: Tensor) -> Tensor:
+        """The output at the last position only: ``x`` [B, L, d], ``allowed`` [B, 1, L, L] -> [B, 1, d].
+
+        Keys and values come from every position, the query from the last one alone: the same numbers as
+        ``forward(x, allowed)[:, -1:]`` without the other positions' queries and attention rows.
+        """
+        d = x.shape[2]
+        weight, bias = self.qkv.weight, self.qkv.bias  # rows: query, key, value
+        q = F.linear(x[:, -1:], weight[:d], bias[:d])  # [B, 1, d]
+        k, v = F.linear(x, weight[d:], bias[d:]).split(d, dim=2)  # 2 x [B, L, d]
+        return self._attend(q, k, v, allowed[:, :, -1:])
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+        """Queries [B, Q, d], keys and values [B, L, d], ``allowed`` [B, 1, Q, L] -> [B, Q, d]."""
+        B, Q, d = q.shape
         dh = d // self.num_heads
-        # [B, L, 3d] -> 3 x [B, L, d] -> [B, L, h, dh] -> [B, h, L, dh]
-        q, k, v = self.qkv(x).split(d, dim=2)
-        q = q.view(B, L, self.num_heads, dh).transpose(1, 2)
-        k = k.view(B, L, self.num_heads, dh).transpose(1, 2)
-        v = v.view(B, L, self.num_heads, dh).transpose(1, 2)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(dh)  # [B, h, L, L]
+        # [B, ., d] -> [B, ., h, dh] -> [B, h, ., dh]
+        q = q.view(B, Q, self.num_heads, dh).transpose(1, 2)
+        k = k.view(B, k.shape[1], self.num_heads, dh).transpose(1, 2)
+        v = v.view(B, v.shape[1], self.num_heads, dh).transpose(1, 2)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(dh)  # [B, h, Q, L]
         # -inf is safe: ``allowed`` always holds the diagonal, so no row is fully masked and softmax
         # (and its backward) never sees an all -inf row, which is what would produce NaN.
         scores = scores.masked_fill(~allowed, float("-inf"))
         attn = self.attn_dropout(scores.softmax(dim=-1))
-        y = attn @ v  # [B, h, L, dh]
-        y = y.transpose(1, 2).reshape(B, L, d)  # [B, h, L, dh] -> [B, L, h, dh] -> [B, L, d]
+        y = attn @ v  # [B, h, Q, dh]
+        y = y.transpose(1, 2).reshape(B, Q, d)  # [B, h, Q, dh] -> [B, Q, h, dh] -> [B, Q, d]
         return self.resid_dropout(self.proj(y))
 
 
@@ -120,6 +136,26 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_attn(x), allowed)
         return x + self.ffn(self.ln_ffn(x))
 
+    def last(self, x: Tensor, allowed: Tensor) -> Tensor:
+        """``forward(x, allowed)[:, -1:]`` without the other positions' queries, attention outputs and
+        feed-forward: [B, L, d] -> [B, 1, d]."""
+        x = x[:, -1:] + self.attn.last(self.ln_attn(x), allowed)
+        return x + self.ffn(self.ln_ffn(x))
+
+
+def last_state(blocks: nn.ModuleList, x: Tensor, allowed: Tensor) -> Tensor:
+    """The blocks' output at the last position, [B, L, d] -> [B, d], computing only what it needs.
+
+    Every block but the last runs over all positions, since the last block's keys and values read them;
+    the last block computes its query, attention output and feed-forward for the last position alone.
+    Equal to running every block in full and keeping the last position (``encode`` of SASRec, BERT4Rec).
+    """
+    if len(blocks) == 0:
+        return x[:, -1]
+    for block in blocks[:-1]:
+        x = block(x, allowed)
+    return blocks[-1].last(x, allowed)[:, -1]
+
 
 class SASRec(nn.Module):
     """Causal transformer encoder of left-padded item sequences, with tied input/output item embeddings.
@@ -150,6 +186,13 @@ class SASRec(nn.Module):
         Position t only sees items at positions <= t, so output t is trained to predict item t + 1.
         Outputs at padding positions are finite but meaningless. ``gaps`` are ignored without ``time_gaps``.
         """
+        x, allowed = self._inputs(item_ids, gaps)
+        for block in self.blocks:
+            x = block(x, allowed)
+        return self.ln_final(x)
+
+    def _inputs(self, item_ids: Tensor, gaps: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The first block's input [B, L, d] and the attention mask [B, 1, L, L] (True = may attend)."""
         L = item_ids.shape[1]
         steps = torch.arange(L, device=item_ids.device)  # [L]
         # Right-aligned positions: the most recent item is always position max_len - 1, so the same
@@ -165,14 +208,16 @@ class SASRec(nn.Module):
         diagonal = steps[None, :] == steps[:, None]  # [L, L]
         is_item = (item_ids != PAD)[:, None, None, :]  # [B, 1, 1, L] (broadcast over heads, queries)
         allowed = (causal & is_item) | diagonal  # [B, 1, L, L]
-
-        for block in self.blocks:
-            x = block(x, allowed)
-        return self.ln_final(x)
+        return x, allowed
 
     def encode(self, item_ids: Tensor, gaps: Tensor | None = None) -> Tensor:
-        """Shopper embedding, the hidden state at the last (most recent) position: [B, L] -> [B, d]."""
-        return self.forward(item_ids, gaps)[:, -1]
+        """Shopper embedding, the hidden state at the last (most recent) position: [B, L] -> [B, d].
+
+        Equal to ``forward(item_ids, gaps)[:, -1]``, computing only what that position needs
+        (:func:`last_state`).
+        """
+        x, allowed = self._inputs(item_ids, gaps)
+        return self.ln_final(last_state(self.blocks, x, allowed))
 
     def item_embeddings(self) -> Tensor:
         """Output item embeddings [V, d], row i = vocabulary index i, tied with the input table.

@@ -161,28 +161,36 @@ class TwoTower(nn.Module):
         State t pools the items at positions <= t, so output t is trained to predict item t + 1. States
         at leading padding positions pool nothing (zero vectors through the MLP): finite, meaningless.
         """
+        return self._states(item_ids, gaps, slice(None))
+
+    def _states(self, item_ids: Tensor, gaps: Tensor | None, states: slice) -> Tensor:
+        """Shopper states after the positions ``states`` selects (all, or the last): [B, L] -> [B, T, d]."""
         L = item_ids.shape[1]
         items = self._embed_items(item_ids)  # [B, L, d]
         steps = torch.arange(L, device=item_ids.device)
-        before = (steps[:, None] >= steps[None, :]).float()  # [L, L] (state t, item s): s at or before t
+        at = steps[states]  # [T] the positions whose state is computed
+        before = (at[:, None] >= steps[None, :]).float()  # [T, L] (state t, item s): s at or before t
         if self.config.time_gaps:
             # days from the window's first row: gaps summed, the first row's (unknown span) counted 0
             days = (require_gaps(item_ids, gaps).clamp(min=0) * (item_ids != PAD)).cumsum(dim=1)  # [B, L]
-            age = (days[:, :, None] - days[:, None, :])[:, None]  # [B, 1, L, L] days from item s to t
+            age = (days[:, states, None] - days[:, None, :])[:, None]  # [B, 1, T, L] days from item s to t
         else:
-            age = (steps[:, None] - steps[None, :]).float()  # [L, L] positions from item s to t
+            age = (at[:, None] - steps[None, :]).float()  # [T, L] positions from item s to t
         rates = F.softplus(self.decay)[:, None, None]  # [S, 1, 1]
-        weights = torch.exp(-rates * age.clamp(min=0)) * before  # [S, L, L] or [B, S, L, L]
-        weights = weights * (item_ids != PAD)[:, None, None, :]  # [B, S, L, L]: padding weight 0
-        pooled = weights @ items[:, None]  # [B, S, L, L] @ [B, 1, L, d] -> [B, S, L, d]
+        weights = torch.exp(-rates * age.clamp(min=0)) * before  # [S, T, L] or [B, S, T, L]
+        weights = weights * (item_ids != PAD)[:, None, None, :]  # [B, S, T, L]: padding weight 0
+        pooled = weights @ items[:, None]  # [B, S, T, L] @ [B, 1, L, d] -> [B, S, T, d]
         # Weighted mean. An item's own weight is exp(0) = 1, so the total is >= 1 wherever there is an
         # item and 0 only for states that pool nothing: clamping at 1 changes nothing else.
         pooled = pooled / weights.sum(dim=-1, keepdim=True).clamp(min=1.0)
-        scales = pooled.transpose(1, 2)  # [B, S, L, d] -> [B, L, S, d]
-        mixed = self.shopper_mlp(self.shopper_ln(scales.flatten(2)))  # [B, L, S * d] -> [B, L, d]
+        scales = pooled.transpose(1, 2)  # [B, S, T, d] -> [B, T, S, d]
+        mixed = self.shopper_mlp(self.shopper_ln(scales.flatten(2)))  # [B, T, S * d] -> [B, T, d]
         # the mean over scales is a direct path: repeats of history items score high from the start
         return scales.mean(dim=2) + mixed
 
     def encode(self, item_ids: Tensor, gaps: Tensor | None = None) -> Tensor:
-        """Shopper embedding, the state after the last (most recent) position: [B, L] -> [B, d]."""
-        return self.forward(item_ids, gaps)[:, -1]
+        """Shopper embedding, the state after the last (most recent) position: [B, L] -> [B, d].
+
+        Equal to ``forward(item_ids, gaps)[:, -1]``, pooling and mixing for that state alone.
+        """
+        return self._states(item_ids, gaps, slice(-1, None))[:, -1]
