@@ -47,7 +47,7 @@ sweep-demo: $(STAMP)
 		'model.net.num_layers=range(1, 2)' 'data.batch_size=choice(128, 256)'
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=15
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q

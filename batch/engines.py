@@ -26,7 +26,7 @@ import numpy as np
 
 from recsys.bundle import onnx_session, read_bundle, sha256_file
 from recsys.data.vocabulary import PRODUCTS, Vocabulary
-from recsys.repeat_scorer import RepeatScorer
+from recsys.ranker import Ranker
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +42,7 @@ class Engine(ABC):
         vocab: Vocabulary,
         max_len: int,
         unavailable: np.ndarray | None = None,
-        repeat: RepeatScorer | None = None,
+        repeat: Ranker | None = None,
     ) -> None:
         self.vocab = vocab
         self.max_len = max_len
@@ -71,11 +71,24 @@ class Engine(ABC):
 
 
 class OnnxEngine(Engine):
-    """A verified bundle: ONNX Runtime encodes on ``threads`` cores, FAISS searches on as many."""
+    """A verified bundle: ONNX Runtime encodes on ``threads`` cores, FAISS searches on as many.
+
+    Tuned for throughput: at most ``encode_rows`` shoppers per ONNX Runtime call (None: a whole batch in
+    one), so a call's activations stay in cache (``conf/candidates.yaml`` sets it;
+    ``benchmarks/batch_candidates.py --sweep`` measures it), under ``graph_optimization``
+    (:data:`recsys.bundle.GRAPH_OPTIMIZATION`).
+    """
 
     def __init__(
-        self, path: str | Path, threads: int | None = None, unavailable: np.ndarray | None = None
+        self,
+        path: str | Path,
+        threads: int | None = None,
+        unavailable: np.ndarray | None = None,
+        encode_rows: int | None = None,
+        graph_optimization: str = "all",
     ) -> None:
+        if encode_rows is not None and encode_rows < 1:
+            raise ValueError(f"need encode_rows >= 1, got {encode_rows}")
         bundle = read_bundle(path)
         popularity = bundle.items.column("popularity").to_numpy().astype(np.int64)
         super().__init__(
@@ -85,7 +98,8 @@ class OnnxEngine(Engine):
             bundle.repeat,
         )
         self.threads = threads or os.cpu_count() or 1
-        self._session = onnx_session(bundle, self.threads)
+        self.encode_rows = encode_rows
+        self._session = onnx_session(bundle, self.threads, graph_optimization)
         self._input = bundle.manifest["input_name"]
         self._gaps = bundle.gaps_name
         self._output = bundle.manifest["output_name"]
@@ -103,9 +117,15 @@ class OnnxEngine(Engine):
         return self._identity
 
     def encode(self, item_ids: np.ndarray, gaps: np.ndarray) -> np.ndarray:
-        feeds = {self._input: item_ids} if self._gaps is None else {self._input: item_ids, self._gaps: gaps}
-        (shoppers,) = self._session.run([self._output], feeds)
-        return shoppers
+        chunks, step = [], self.encode_rows or max(1, len(item_ids))
+        # an empty batch still runs once, for its [0, d] result
+        for start in range(0, len(item_ids), step) or range(1):
+            rows = slice(start, start + step)
+            feeds = {self._input: item_ids[rows]}
+            if self._gaps is not None:
+                feeds[self._gaps] = gaps[rows]
+            chunks.append(self._session.run([self._output], feeds)[0])
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
     def top(self, shoppers: np.ndarray, wanted: int) -> tuple[np.ndarray, np.ndarray]:
         blocked = int(self.blocked.sum())

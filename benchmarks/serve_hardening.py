@@ -49,7 +49,6 @@ import httpx
 import numpy as np
 
 from benchmarks.serve_load import wait_ready
-from recsys.repeat_scorer import FEATURES, RepeatScorer
 from serving.app import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BATCH_ITEMS,
@@ -58,6 +57,7 @@ from serving.app import (
     DEFAULT_MAX_K,
 )
 from tests.bundles import make_bundle
+from tests.rankers import random_ranker
 
 HOST = "127.0.0.1"  # hard-coded: this load test must never leave the machine
 # sizing: the old defaults' largest requests, other shapes considered, and the new defaults' corners
@@ -69,17 +69,8 @@ SHAPES = [
 
 
 def build_bundle(path: Path, num_items: int, dim: int, max_len: int) -> tuple[Path, np.ndarray]:
-    """A synthetic bundle with a repeat-aware scorer; its path and product ids."""
-    rng = np.random.default_rng(0)
-    scorer = RepeatScorer(
-        rng.standard_normal(len(FEATURES)),
-        -2.0,
-        rng.standard_normal(len(FEATURES)),
-        rng.uniform(0.5, 2.0, len(FEATURES)),
-        rng.uniform(0.05, 0.9, num_items),
-        np.ones(num_items),  # replaced by the bundle's own popularity
-    )
-    bundle = make_bundle(path, num_items=num_items, dim=dim, max_len=max_len, repeat=scorer)
+    """A synthetic bundle with a ranker; its path and product ids."""
+    bundle = make_bundle(path, num_items=num_items, dim=dim, max_len=max_len, repeat=random_ranker(num_items))
     return bundle.path, bundle.product_ids
 
 

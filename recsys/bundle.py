@@ -3,9 +3,11 @@
     bundle/
       model.onnx      shopper encoder: item_ids int64 [batch, seq] -> shopper_embedding float32 [batch, d]
       items.faiss     product embeddings, inner-product metric; FAISS id i = row i of items.parquet
-      items.parquet   row-aligned products: product_id, popularity, [repeat_rate,] then metadata columns
+      items.parquet   row-aligned products: product_id, popularity, [the ranker's ranker_* item statistics,]
+                      then metadata columns
+      ranker.txt      the ranker's LightGBM text model, when the model has a ranker (``recsys.ranker``)
       bundle.json     format version, model, sizes, metrics, library versions, sha256 of every file, and
-                      the repeat-aware scorer's parameters when the model has one (``recsys.repeat_scorer``)
+                      the ranker's settings (version, features, candidate sources) when it has one
 
 The encoder's inputs are vocabulary indices of items.parquet's rows (``recsys.data.vocabulary``). A
 bundle is written to a temporary directory and swapped into place in one atomic exchange, so readers see
@@ -43,10 +45,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recsys.io import exchange_directory, remove_stale_temporaries
-from recsys.repeat_scorer import RepeatScorer
+from recsys.ranker import Ranker
 
 FORMAT = "caddie-bundle"
-FORMAT_VERSION = 2  # 2: the repeat scorer's new-product pool size, and the id over bundle.json
+FORMAT_VERSION = 3  # 3: the LightGBM ranker replaces the logistic-regression scorer
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_BUNDLE_BYTES = 32 << 30
 MAX_LEN_LIMIT = 4096  # longest history a bundle may declare (a model's position table)
@@ -55,13 +57,20 @@ INDEX_FILE = "items.faiss"
 ITEMS_FILE = "items.parquet"
 MANIFEST_FILE = "bundle.json"
 FILES = (MODEL_FILE, INDEX_FILE, ITEMS_FILE)
+RANKER_FILE = "ranker.txt"  # present exactly when the manifest holds a ranker
 INPUT_NAME = "item_ids"
 GAPS_NAME = "gap_days"  # the second input of basket-aware models (recsys.data.sequences.purchase_gaps)
 OUTPUT_NAME = "shopper_embedding"
 REQUIRED_ITEM_COLUMNS = ("product_id", "popularity")
-REPEAT_KEY = "repeat_scorer"
+REPEAT_KEY = "ranker"
 GAPS_KEY = "gaps_name"
-REPEAT_RATE_COLUMN = "repeat_rate"
+GRAPH_OPTIMIZATION = {  # ONNX Runtime's graph optimisation levels, by the names configs give them
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+RANKER_COLUMN_PREFIX = "ranker_"  # items.parquet columns of the ranker's item statistics
 
 
 class BundleError(ValueError):
@@ -77,7 +86,7 @@ class Bundle:
     items: pa.Table
     index: faiss.Index
     model_bytes: bytes  # the verified model.onnx: the only bytes a session is built from (onnx_session)
-    repeat: RepeatScorer | None = None  # the repeat-aware scorer, if the model was exported with one
+    repeat: Ranker | None = None  # the ranker, if the model was exported with one
 
     @property
     def product_ids(self) -> np.ndarray:
@@ -118,15 +127,23 @@ def bundle_id(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def onnx_session(bundle: Bundle, intra_op_threads: int = 1) -> ort.InferenceSession:
+def onnx_session(
+    bundle: Bundle, intra_op_threads: int = 1, graph_optimization: str = "all"
+) -> ort.InferenceSession:
     """An ONNX Runtime session (CPU) over the bundle's verified model bytes, never re-read from disk.
 
-    ``intra_op_threads`` is 1 for serving's single requests and the core count for batch throughput.
+    ``intra_op_threads`` is 1 for serving's single requests and the core count for batch throughput;
+    ``graph_optimization`` is a key of :data:`GRAPH_OPTIMIZATION` (ONNX Runtime's own default: all).
     External data is refused: the lookup folder is an empty directory that lives only while the
     session is built, so a model naming external data fails instead of reading files beside the server.
     Raises :class:`BundleError` naming the problem.
     """
+    if graph_optimization not in GRAPH_OPTIMIZATION:
+        raise ValueError(
+            f"graph_optimization must be one of {sorted(GRAPH_OPTIMIZATION)}, got {graph_optimization!r}"
+        )
     options = ort.SessionOptions()
+    options.graph_optimization_level = GRAPH_OPTIMIZATION[graph_optimization]
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -164,26 +181,28 @@ def write_bundle(
     index: faiss.Index,
     manifest: dict[str, Any],
     overwrite: bool = False,
-    repeat: RepeatScorer | None = None,
+    repeat: Ranker | None = None,
     time_gaps: bool = False,
 ) -> Path:
     """Write a bundle atomically and return its path.
 
     ``manifest`` must hold at least ``model`` (name and config), ``max_len`` and ``embedding_dim``;
-    format, sizes, versions, creation time and checksums are added here. ``repeat`` (a scorer over the
-    same item rows, with ``items``' popularity) adds its parameters and a ``repeat_rate`` column.
+    format, sizes, versions, creation time and checksums are added here. ``repeat`` (a ranker over the
+    same item rows) adds its settings, its model as ``ranker.txt`` and ``ranker_*`` item columns.
     ``time_gaps`` says the model takes purchase gaps as its second input (``GAPS_NAME``). With
     ``overwrite`` an existing bundle at ``path`` is replaced by a rename swap; otherwise it is an error.
     """
     path = Path(path)
     if time_gaps:
         manifest = {**manifest, GAPS_KEY: GAPS_NAME}
+    files = FILES
     if repeat is not None:
-        popularity = items.column("popularity").to_numpy().astype(np.float64)
-        if repeat.num_items != items.num_rows or not np.array_equal(repeat.popularity, popularity):
-            raise BundleError(f"the repeat scorer does not describe the rows of {ITEMS_FILE}")
-        items = items.add_column(2, REPEAT_RATE_COLUMN, pa.array(repeat.repeat_rate, pa.float64()))
+        if repeat.num_items != items.num_rows:
+            raise BundleError(f"the ranker does not describe the rows of {ITEMS_FILE}")
+        for i, (name, values) in enumerate(repeat.item_columns().items()):
+            items = items.add_column(2 + i, RANKER_COLUMN_PREFIX + name, pa.array(values))
         manifest = {**manifest, REPEAT_KEY: repeat.to_dict()}
+        files = (*FILES, RANKER_FILE)
     missing = [c for c in REQUIRED_ITEM_COLUMNS if c not in items.column_names]
     if missing:
         raise BundleError(f"{ITEMS_FILE}: missing column(s) {missing}")
@@ -209,6 +228,8 @@ def write_bundle(
         (tmp / MODEL_FILE).write_bytes(model_onnx)
         faiss.write_index(index, str(tmp / INDEX_FILE))
         pq.write_table(items, tmp / ITEMS_FILE)
+        if repeat is not None:
+            (tmp / RANKER_FILE).write_text(repeat.model)
         full = {
             **manifest,
             "format": FORMAT,
@@ -221,7 +242,7 @@ def write_bundle(
             "created_at": datetime.now(timezone.utc).isoformat(),
             "files": {
                 name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-                for name in FILES
+                for name in files
             },
         }
         text = json.dumps(full, indent=2, sort_keys=True, default=str, allow_nan=False)
@@ -282,8 +303,9 @@ def _check_manifest(manifest: Any) -> dict[str, Any]:
     if not isinstance(model, dict) or not isinstance(model.get("name"), str):
         raise BundleError(f"{MANIFEST_FILE}: 'model' must be a mapping with a 'name'")
     files = manifest.get("files")
-    if not isinstance(files, dict) or sorted(files) != sorted(FILES):
-        raise BundleError(f"{MANIFEST_FILE}: 'files' must list exactly {list(FILES)}")
+    expected = [*FILES, RANKER_FILE] if REPEAT_KEY in manifest else list(FILES)
+    if not isinstance(files, dict) or sorted(files) != sorted(expected):
+        raise BundleError(f"{MANIFEST_FILE}: 'files' must list exactly {expected}")
     for name, entry in files.items():
         digest = entry.get("sha256") if isinstance(entry, dict) else None
         size = entry.get("bytes") if isinstance(entry, dict) else None
@@ -326,11 +348,11 @@ def read_bundle(path: str | Path, verify: bool = True, max_bytes: int = MAX_BUND
     """
     path = Path(path)
     manifest = read_manifest(path)
-    declared = {name: manifest["files"][name]["bytes"] for name in FILES}
+    declared = {name: entry["bytes"] for name, entry in manifest["files"].items()}
     if sum(declared.values()) > max_bytes:
         raise BundleError(f"{path} declares {sum(declared.values())} bytes, above the limit of {max_bytes}")
     contents = {}
-    for name in FILES:
+    for name in declared:
         file = path / name
         if file.is_symlink() or not file.is_file():
             raise BundleError(f"{name} is missing from {path} (or is not a regular file)")
@@ -369,21 +391,19 @@ def read_bundle(path: str | Path, verify: bool = True, max_bytes: int = MAX_BUND
     popularity = items.column("popularity")
     if popularity.null_count or not pa.types.is_integer(popularity.type) or pc.min(popularity).as_py() < 0:
         raise BundleError(f"{ITEMS_FILE}: popularity must be non-negative integers")
-    return Bundle(path, manifest, items, index, contents[MODEL_FILE], _repeat_scorer(manifest, items))
+    return Bundle(path, manifest, items, index, contents[MODEL_FILE], _ranker(manifest, items, contents))
 
 
-def _repeat_scorer(manifest: dict[str, Any], items: pa.Table) -> RepeatScorer | None:
+def _ranker(manifest: dict[str, Any], items: pa.Table, contents: dict[str, bytes]) -> Ranker | None:
     if REPEAT_KEY not in manifest:
         return None
-    if REPEAT_RATE_COLUMN not in items.column_names:
-        raise BundleError(
-            f"{MANIFEST_FILE} has a repeat scorer but {ITEMS_FILE} has no {REPEAT_RATE_COLUMN!r}"
-        )
+    columns = {
+        name.removeprefix(RANKER_COLUMN_PREFIX): items.column(name).to_numpy(zero_copy_only=False)
+        for name in items.column_names
+        if name.startswith(RANKER_COLUMN_PREFIX)
+    }
     try:
-        return RepeatScorer.from_dict(
-            manifest[REPEAT_KEY],
-            items.column(REPEAT_RATE_COLUMN).to_numpy(zero_copy_only=False),
-            items.column("popularity").to_numpy(zero_copy_only=False),
-        )
-    except (ValueError, KeyError, TypeError) as error:
+        model = contents[RANKER_FILE].decode("utf-8")
+        return Ranker.from_parts(manifest[REPEAT_KEY], model, columns)
+    except (ValueError, KeyError, TypeError) as error:  # UnicodeDecodeError is a ValueError
         raise BundleError(f"{MANIFEST_FILE}: invalid {REPEAT_KEY}: {error}") from error

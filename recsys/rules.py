@@ -27,8 +27,8 @@ class Rules:
       popularity fallback of a shopper with no known product.
     - ``explore_slots``: positions of the ``k`` reserved for the best products new to the shopper (a share
       of this list, so a list with explore slots is not a prefix of a longer one with the same slots).
-    - ``repeat_aware``: score with the model's repeat-aware scorer when it has one and the purchase times
-      are known (``recsys.repeat_scorer``); otherwise products rank by model score.
+    - ``repeat_aware``: score with the model's ranker when it has one and the purchase times are known
+      (``recsys.ranker``); otherwise products rank by model score.
     """
 
     k: int = 10

@@ -2,7 +2,7 @@
 
 Serving, the batch candidate job and training's metrics all call :func:`recommend` (after searching
 :func:`search_size` candidates per shopper), so the rules (``recsys.rules``: exclusions, score floor,
-explore slots), the repeat-aware scorer, the popularity fallback and the tie order cannot drift apart.
+explore slots), the ranker (``recsys.ranker``), the popularity fallback and the tie order cannot drift apart.
 Rows are item rows (``items.parquet`` row = FAISS id); scores are higher-is-better. numpy only.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from recsys.inputs import Histories, pair_member
-from recsys.repeat_scorer import RepeatScorer
+from recsys.ranker import Ranker
 from recsys.rules import Rules
 
 
@@ -117,7 +117,7 @@ class Ranked:
     rows: np.ndarray  # [S, K] int64 item rows, -1 padding (K = the largest k asked for)
     scores: np.ndarray  # [S, K] float32, NaN padding
     fallback: np.ndarray  # [S] bool: no known product, so the most popular products, scored by popularity
-    repeat_aware: np.ndarray  # [S] bool: scored by the repeat-aware scorer (P(in the next basket))
+    repeat_aware: np.ndarray  # [S] bool: scored by the ranker (P(in the next basket))
 
 
 def _per_shopper(rules: Rules | Sequence[Rules], count: int) -> list[Rules]:
@@ -128,23 +128,21 @@ def _per_shopper(rules: Rules | Sequence[Rules], count: int) -> list[Rules]:
     return list(rules)
 
 
-def repeat_aware(
-    histories: Histories, rules: Rules | Sequence[Rules], scorer: RepeatScorer | None
-) -> np.ndarray:
-    """[S] bool: which shoppers the repeat-aware scorer ranks (it exists, the rules ask for it, the
+def repeat_aware(histories: Histories, rules: Rules | Sequence[Rules], scorer: Ranker | None) -> np.ndarray:
+    """[S] bool: which shoppers the ranker ranks (it exists, the rules ask for it, the
     shopper's purchase times are known and it has a known product)."""
     wanted = np.array([r.repeat_aware for r in _per_shopper(rules, histories.num_shoppers)], dtype=bool)
     return wanted & histories.timed & (histories.lengths > 0) & (scorer is not None)
 
 
 def search_size(
-    histories: Histories, rules: Rules | Sequence[Rules], scorer: RepeatScorer | None, num_items: int
+    histories: Histories, rules: Rules | Sequence[Rules], scorer: Ranker | None, num_items: int
 ) -> int:
     """How many candidates per shopper to search so that :func:`recommend` can fill every list.
 
     Each excluded history product can knock out one candidate, so ``k + distinct`` suffices with
     ``exclude_purchased``; explore slots need the best ``explore_slots`` products outside the history,
-    ``explore_slots + distinct``; the repeat-aware scorer weighs its pool of ``new_candidates`` new
+    ``explore_slots + distinct``; the ranker weighs the network's pool of ``new_candidates`` new
     products, ``new_candidates + distinct``. Clamped to the catalogue.
     """
     every = _per_shopper(rules, histories.num_shoppers)
@@ -168,7 +166,7 @@ def recommend(
     rows: np.ndarray,
     scores: np.ndarray,
     rules: Rules | Sequence[Rules],
-    scorer: RepeatScorer | None,
+    scorer: Ranker | None,
     fallback: np.ndarray,
     popularity: np.ndarray,
 ) -> Ranked:
@@ -179,7 +177,7 @@ def recommend(
         rows, scores: [S, C] searched item rows (-1 for none) and model scores, at least
             :func:`search_size` of them per shopper (ignored for fallback shoppers).
         rules: one :class:`~recsys.rules.Rules` for all, or one per shopper.
-        scorer: the model's repeat-aware scorer, or None; used where :func:`repeat_aware` says.
+        scorer: the model's ranker, or None; used where :func:`repeat_aware` says.
         fallback: item rows in fallback order (most popular first; unavailable ones already removed).
         popularity: [N] per item row, the fallback's scores.
     """

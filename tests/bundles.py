@@ -9,7 +9,6 @@ padding (index 0) ignored. The shopper embedding is the position-weighted mean o
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from recsys.bundle import INPUT_NAME, OUTPUT_NAME, write_bundle
 from recsys.data.vocabulary import NUM_RESERVED
-from recsys.repeat_scorer import RepeatScorer
+from recsys.ranker import Ranker
 
 
 def encoder_onnx(item_table: np.ndarray, position_weights: np.ndarray) -> bytes:
@@ -105,11 +104,10 @@ def make_bundle(
     max_len: int = 6,
     seed: int = 0,
     manifest: dict[str, Any] | None = None,
-    repeat: RepeatScorer | None = None,
+    repeat: Ranker | None = None,
 ) -> SyntheticBundle:
     """Write a seeded synthetic bundle to ``path``; large product ids catch int32 truncation.
-
-    ``repeat``'s popularity is replaced by the bundle's own (a scorer must describe the bundle's rows).
+    ``repeat``: a ranker over ``num_items`` item rows.
     """
     rng = np.random.default_rng(seed)
     item_table = rng.standard_normal((num_items + NUM_RESERVED, dim)).astype(np.float32)
@@ -120,8 +118,6 @@ def make_bundle(
     index = faiss.IndexFlatIP(dim)
     index.add(item_table[NUM_RESERVED:])
     items = pa.table({"product_id": product_ids, "popularity": popularity})
-    if repeat is not None:
-        repeat = dataclasses.replace(repeat, popularity=popularity.astype(np.float64))
     write_bundle(
         path,
         encoder_onnx(item_table, position_weights),

@@ -39,7 +39,7 @@ def stage_metrics(module: NextItemModule, datamodule: Any, stage: str = "test", 
     """The protocol metrics training logs for ``stage``, recomputed from ``module`` on ``datamodule``'s
     loader (its searched rows and scores, then the data module's one scorer)."""
     loader = datamodule.test_dataloader() if stage == "test" else datamodule.val_dataloader()
-    searched = [module.top_k(x, max(ks), gaps) for x, gaps in loader]
+    searched = [module.top_k(x, max(ks), gaps) for _, x, gaps in loader]
     rows = torch.cat([r for r, _ in searched]).numpy()
     scores = torch.cat([s for _, s in searched]).numpy()
     return datamodule.evaluate(stage, rows, scores, ks)
@@ -68,7 +68,8 @@ def check_shapes(model: nn.Module, num_items: int, dim: int, max_len: int) -> No
         x = random_items(num_items, 3, length)
         hidden = model(x)
         assert hidden.shape == (3, length, dim)
-        assert torch.equal(model.encode(x), hidden[:, -1])
+        # encode computes the last position's work alone (the models trim it): equal up to rounding
+        torch.testing.assert_close(model.encode(x), hidden[:, -1], rtol=0, atol=1e-5)
     items = model.item_embeddings()
     assert items.shape == (num_items, dim)
     assert torch.equal(items[PAD], torch.zeros(dim))

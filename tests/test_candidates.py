@@ -29,9 +29,9 @@ from recsys.data.schema import PRODUCT, SHOPPER, ReceiptsError
 from recsys.data.sequences import product_histories
 from recsys.data.synthetic import SyntheticConfig, generate_table
 from recsys.data.vocabulary import Vocabulary
-from recsys.repeat_scorer import FEATURES, RepeatScorer
 from recsys.rules import Rules
 from serving.recommender import Recommender
+from tests.rankers import random_ranker
 from training import checkpoint as checkpoints
 from training.module import NextItemModule, save_module
 
@@ -108,7 +108,8 @@ def assert_equal_to_serving(
 
 def test_cpu_path_equals_serving(job: Job, data: dict[str, Any], tmp_path: Path) -> None:
     recommender = Recommender.load(data["bundle"])
-    manifest = job(parts=3, batch_size=64)
+    # ONNX Runtime called on chunks of 5 shoppers (the last one short): the same numbers as serving's
+    manifest = job(parts=3, batch_size=64, **{"onnx.encode_rows": 5})
     output = read_output(tmp_path / "out")
     assert_equal_to_serving(output, recommender, data["receipts"])
     fallback = output.filter(pc.field("fallback")).column(SHOPPER).to_pylist()
@@ -246,6 +247,10 @@ def test_bad_input_is_refused_with_a_clear_error(job: Job, data: dict[str, Any],
         job(device="cuda")
     with pytest.raises(CandidatesError, match=r"rules\.unavailable"):
         job(**{"rules.unavailable": tmp_path / "missing.txt"})
+    with pytest.raises(CandidatesError, match=r"onnx\.encode_rows >= 1, got 0"):
+        job(**{"onnx.encode_rows": 0})
+    with pytest.raises(CandidatesError, match=r"onnx\.graph_optimization must be one of .*'fast'"):
+        job(**{"onnx.graph_optimization": "fast"})
 
     one = receipts.filter(pc.equal(receipts.column(SHOPPER), receipts.column(SHOPPER)[0]))
     pq.write_table(one, tmp_path / "one.parquet")
@@ -299,13 +304,7 @@ def test_repeat_aware_job_equals_serving(job: Job, data: dict[str, Any], tmp_pat
     shutil.copy(data["checkpoint"], checkpoint)
     state = checkpoints.read(checkpoint)
     vocab = checkpoints.vocabulary(state)
-    rng = np.random.default_rng(0)
-    features = len(FEATURES)
-    scorer = RepeatScorer(
-        rng.standard_normal(features), -3.0, rng.standard_normal(features), np.ones(features),
-        rng.uniform(0.1, 0.9, vocab.num_products), vocab.popularity.astype(np.float64),
-    )  # fmt: skip
-    checkpoints.write_scorer(checkpoint, scorer, state)
+    checkpoints.write_scorer(checkpoint, random_ranker(vocab.num_products), state)
     bundle = export_bundle(checkpoint, tmp_path / "repeat-bundle", indexes.flat)
     manifest = job("aware", bundle=bundle, parts=2, batch_size=40, **{"rules.exclude_purchased": "true"})
     assert manifest["job"]["rules"]["repeat_aware"]

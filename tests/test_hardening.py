@@ -44,9 +44,9 @@ from recsys.bundle import (
 from recsys.data.synthetic import SyntheticConfig, generate_table
 from recsys.data.vocabulary import Vocabulary
 from recsys.io import exchange_directory
-from recsys.repeat_scorer import FEATURES, RepeatScorer
 from serving.recommender import Recommender
 from tests.bundles import make_bundle
+from tests.rankers import random_ranker
 from training import checkpoint as checkpoints
 from training.module import NextItemModule, load_module, save_module
 
@@ -68,12 +68,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     module.expects_scorer = True
     checkpoint = root / "model.ckpt"
     save_module(module, checkpoint)
-    rng = np.random.default_rng(0)
-    scorer = RepeatScorer(
-        rng.standard_normal(len(FEATURES)), -3.0, np.zeros(len(FEATURES)), np.ones(len(FEATURES)),
-        rng.uniform(0.1, 0.9, vocab.num_products), vocab.popularity.astype(np.float64),
-    )  # fmt: skip
-    checkpoints.write_scorer(checkpoint, scorer, checkpoints.read(checkpoint))
+    checkpoints.write_scorer(checkpoint, random_ranker(vocab.num_products), checkpoints.read(checkpoint))
     bundle = export_bundle(checkpoint, root / "bundle", indexes.flat)
     return {"root": root, "receipts": root / "receipts.parquet", "checkpoint": checkpoint, "bundle": bundle}
 
@@ -210,9 +205,9 @@ def test_an_edited_max_len_is_refused_at_load(world: dict[str, Any], tmp_path: P
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda m: m["repeat_scorer"]["weights"].__setitem__(0, float("nan")), "every number must be finite"),
-        (lambda m: m["repeat_scorer"]["weights"].__setitem__(0, "1e999"), "list of numbers"),
-        (lambda m: m["repeat_scorer"].update(bias=None), "'bias' must be a number"),
+        (lambda m: m["ranker"].update(new_candidates=float("nan")), "every number must be finite"),
+        (lambda m: m["ranker"].update(new_candidates="1e999"), "'new_candidates' must be an integer"),
+        (lambda m: m["ranker"].update(version=None), "ranker version None"),
         (lambda m: m.update(num_items=-1), "'num_items' must be a positive integer"),
         (lambda m: m["files"]["items.faiss"].update(sha256="x"), r"files\.items\.faiss\.sha256"),
     ],
@@ -229,7 +224,7 @@ def test_bad_manifest_values_are_refused_naming_the_key(
 
 def test_an_overflowing_number_is_refused(world: dict[str, Any], tmp_path: Path) -> None:
     copy = _copy(world["bundle"], tmp_path / "b")
-    text = (copy / MANIFEST_FILE).read_text().replace('"bias": ', '"bias": 1e999, "was": ', 1)
+    text = (copy / MANIFEST_FILE).read_text().replace('"max_len": ', '"extra": 1e999, "max_len": ', 1)
     (copy / MANIFEST_FILE).write_text(text)
     with pytest.raises(BundleError, match="1e999: every number must be finite"):
         read_bundle(copy)

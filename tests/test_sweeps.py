@@ -10,23 +10,27 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import hydra
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
 
 from tests.conftest import CONF
 from tests.contract import small_run, train_run
 from training.datamodule import Batch, EpochBatches, ReceiptsDataModule, TrainingWindows
 from training.module import NextItemModule
 from training.sweep_report import write_report
+from training.train import instantiate_all
 
 ROOT = CONF.parent
 TINY = ["data.receipts.config.num_shoppers=600", "data.receipts.config.num_products=300", "logger=csv"]
 # values of metrics.json that are not results: wall time and where the run wrote its checkpoint
-NOT_RESULTS = {"fit_seconds", "best_checkpoint"}
+NOT_RESULTS = {"fit_seconds", "best_checkpoint", "ranker/seconds"}  # timings and paths
 ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1"}  # as the tests' own process (conftest.py)
 
 
@@ -47,6 +51,83 @@ def test_batches_are_a_function_of_seed_and_epoch() -> None:
     windows = TrainingWindows([(i, i + 1) for i in range(103)])
     key = next(iter(EpochBatches(103, 10, drop_last=False, seed=0)))
     assert windows.__getitems__(key) == Batch(0, 0, [(i, i + 1) for i in key[2].tolist()])
+
+
+def test_processes_train_disjoint_batches_of_one_epoch_order() -> None:
+    """Two processes split the epoch's batches between them, each as long as the other (DDP steps in
+    lockstep), and a resumed process continues with its own share."""
+
+    def batches(rank: int, done: int = 0) -> list[list[int]]:
+        sampler = EpochBatches(103, 10, True, seed=0, position=lambda: (3, done), rank=rank, world=2)
+        return [indices.tolist() for _, _, indices in sampler]
+
+    whole = [indices.tolist() for _, _, indices in EpochBatches(103, 10, True, 0, lambda: (3, 0))]
+    assert batches(0) == whole[0::2] and batches(1) == whole[1::2]
+    assert len(batches(0)) == len(batches(1)) == 5 and batches(1, done=2) == batches(1)[2:]
+    with pytest.raises(ValueError, match="rank 2"):
+        EpochBatches(103, 10, True, 0, rank=2, world=2)
+
+
+def test_each_process_evaluates_its_own_shoppers_and_no_sampler_is_injected(
+    compose_config: Callable[..., DictConfig],
+) -> None:
+    datamodule = hydra.utils.instantiate(compose_config("train", small_run("sasrec", 3e-3)).data)
+    datamodule.setup("fit")
+    shoppers = datamodule.histories("val").num_shoppers
+    connector = SimpleNamespace(use_distributed_sampler=False)
+    datamodule.trainer = SimpleNamespace(world_size=2, global_rank=1, _accelerator_connector=connector)
+    positions = torch.cat([batch[0] for batch in datamodule.val_dataloader()])
+    assert positions.tolist() == list(range(1, shoppers, 2))
+    connector.use_distributed_sampler = True
+    with pytest.raises(ValueError, match="use_distributed_sampler=false"):
+        datamodule.val_dataloader()
+
+
+def test_ddp_metrics_equal_one_process_on_the_same_model(tmp_path: Path) -> None:
+    """Training, validation, the scorer's fit and the test through ``trainer=ddp`` with 2 CPU processes
+    (gloo) give the single-process figures exactly. At lr=0 both runs keep the seed's initial weights, so
+    a difference could only come from how the evaluated shoppers are split across the processes and
+    gathered back (an odd count: the shares differ in size)."""
+    args = [a for a in small_run("sasrec", 0.0, "trainer.max_epochs=1") if a != "trainer=cpu"]
+    single = train_run(tmp_path / "single", ["trainer=cpu", *args])
+    run_dir = tmp_path / "ddp"
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+    command = [sys.executable, "-m", "training.train", *ddp, *args, f"hydra.run.dir={run_dir}"]
+    done = subprocess.run(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    distributed = json.loads((run_dir / "metrics.json").read_text())
+    assert distributed["processes"] == 2 and single.metrics["processes"] == 1
+    figures = {key for key in single.metrics if key.startswith(("val/", "test/"))}
+    assert "test/repeat_aware/ndcg@10" in figures and "val/ndcg@10" in figures
+    assert {key: distributed[key] for key in figures} == {key: single.metrics[key] for key in figures}
+
+
+def test_ddp_in_a_local_multirun_is_refused_before_training(tmp_path: Path) -> None:
+    args = [a for a in small_run("sasrec", 3e-3, "trainer.max_epochs=1") if a != "trainer=cpu"]
+    command = [sys.executable, "-m", "training.train", "-m", "trainer=ddp", "trainer.accelerator=cpu",
+               "trainer.devices=2", *args, "seed=0,1", f"hydra.sweep.dir={tmp_path}"]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "trainer=ddp in a local multirun (-m) is not supported" in done.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("search", [True, False])
+def test_wandb_runs_carry_their_overrides_and_the_multirun_as_group(search: bool, tmp_path: Path) -> None:
+    overrides = ["logger=default", "model.lr=0.002", f"paths.output_dir={tmp_path}"]
+    if search:
+        overrides += ["hparams_search=sasrec"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    # as in a job of the multirun (an Optuna search, or the sweep dir's name for a plain -m)
+    cfg.hydra.mode, cfg.hydra.sweep.dir = "MULTIRUN", str(tmp_path / "my-sweep")
+    HydraConfig.instance().set_config(cfg)
+    try:
+        (wandb,) = [logger for logger in instantiate_all(cfg.logger) if isinstance(logger, WandbLogger)]
+    finally:
+        HydraConfig.instance().cfg = None
+    assert wandb._wandb_init["group"] == ("sasrec" if search else "my-sweep")
+    assert "model.lr=0.002" in wandb._wandb_init["config"]["overrides"]
+    assert wandb._offline  # offline unless asked (conf/logger/wandb.yaml)
 
 
 def test_same_seed_and_config_give_identical_metrics(tmp_path: Path) -> None:

@@ -8,12 +8,13 @@ it can name code to run:
   key of :data:`recsys.models.MODELS` (never an importable path), and the data protocol (``data``);
 - ``caddie``: this module's entries: the format version, the vocabulary (product ids and popularity, kept
   out of the hyperparameters so logged configs stay small), the product metadata of the vocabulary's
-  products (parquet bytes, or none), whether the run was to fit a repeat-aware scorer, and that scorer
-  once fitted (``repeat_scorer``), and torch's random state when the checkpoint was written (``rng``:
-  a fit resumed from it draws the same dropout, negatives and masks as the uninterrupted one).
+  products (parquet bytes, or none), whether the run was to fit a ranker, and that ranker once fitted
+  (``ranker``: its plain settings, LightGBM's text model and per-item tensors, ``recsys.ranker``), and
+  torch's random state when the checkpoint was written (``rng``: a fit resumed from it draws the same
+  dropout, negatives and masks as the uninterrupted one).
 
 Writes are atomic (a temporary file beside the target, flushed, then renamed), whoever writes:
-:class:`AtomicCheckpointIO` serves Lightning, :func:`write_scorer` the scorer's fit. Reading refuses
+:class:`AtomicCheckpointIO` serves Lightning, :func:`write_scorer` the ranker's fit. Reading refuses
 files over :data:`MAX_CHECKPOINT_BYTES`, other formats, and unknown models.
 """
 
@@ -30,14 +31,15 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 
 from recsys.data.vocabulary import Vocabulary
 from recsys.io import atomic_path
-from recsys.repeat_scorer import RepeatScorer
+from recsys.ranker import Ranker
 
 KEY = "caddie"
 # The only code a checkpoint's hyperparameters may name: the training schedule (the optimizer may be any
 # torch.optim class). They are instantiated only when training resumes or fine-tunes, never to load.
 SAFE_TARGETS = frozenset({"training.module.warmup_cosine"})
 FORMAT_VERSION = 1
-SCORER_KEY = "repeat_scorer"
+SCORER_KEY = "ranker"
+OLD_SCORER_KEY = "repeat_scorer"  # the logistic-regression scorer before the ranker: refused, refit
 RNG_KEY = "rng"
 MAX_CHECKPOINT_BYTES = 16 << 30
 
@@ -153,26 +155,40 @@ def products(state: dict[str, Any]) -> pa.Table | None:
         raise CheckpointError(f"the checkpoint's product metadata cannot be read: {error}") from error
 
 
-def scorer(state: dict[str, Any]) -> RepeatScorer | None:
-    """The repeat-aware scorer of a checkpoint, or None if none was fitted."""
+def scorer(state: dict[str, Any]) -> Ranker | None:
+    """The ranker of a checkpoint, or None if none was fitted."""
     data = state[KEY].get(SCORER_KEY)
     if data is None:
+        if state[KEY].get(OLD_SCORER_KEY) is not None:
+            raise CheckpointError(
+                "the checkpoint holds the logistic-regression scorer of an earlier version, which the "
+                "ranker replaced: refit it with python -m training.rank checkpoint=..."
+            )
         return None
     try:
-        return RepeatScorer.from_dict(data, np.asarray(data["repeat_rate"]), vocabulary(state).popularity)
-    except (KeyError, TypeError, ValueError) as error:
+        items = {name: np.asarray(values) for name, values in data["items"].items()}
+        return Ranker.from_parts(data["settings"], data["model"], items)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise CheckpointError(f"the checkpoint's {SCORER_KEY} is invalid: {error}") from error
 
 
 def expects_scorer(state: dict[str, Any]) -> bool:
-    """Whether the run that wrote the checkpoint was to fit a repeat-aware scorer into it."""
+    """Whether the run that wrote the checkpoint was to fit a ranker into it."""
     return bool(state[KEY].get("expects_scorer"))
 
 
-def write_scorer(path: str | Path, fitted: RepeatScorer, state: dict[str, Any]) -> None:
-    """Add ``fitted`` to the checkpoint at ``path`` whose dictionary is ``state``, atomically."""
+def write_scorer(path: str | Path, fitted: Ranker, state: dict[str, Any]) -> None:
+    """Add ``fitted`` to the checkpoint dictionary ``state`` and write it to ``path``, atomically."""
     updated = dict(state)
-    updated[KEY] = {**state[KEY], SCORER_KEY: fitted.to_dict() | {"repeat_rate": fitted.repeat_rate.tolist()}}
+    entry = {
+        "settings": fitted.to_dict(),
+        "model": fitted.model,
+        "items": {
+            name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in fitted.item_columns().items()
+        },
+    }
+    ours = {key: value for key, value in state[KEY].items() if key != OLD_SCORER_KEY}
+    updated[KEY] = {**ours, SCORER_KEY: entry}
     with atomic_path(Path(path)) as tmp:
         torch.save(updated, tmp)
 

@@ -44,6 +44,11 @@ class EpochBatches(Sampler):
     ``(epoch, batches of it already trained)``, when iteration starts; without it, the epoch is the last
     :meth:`set_epoch` and iteration starts at the first batch. Yields :class:`Batch` keys without windows
     (:class:`TrainingWindows` fills them in); no global random state is read or advanced.
+
+    Distributed (``world`` processes), process ``rank`` takes batches ``rank, rank + world, ...`` of the
+    epoch's one order, so the processes train on disjoint batches and ``batch_size`` is per process. Every
+    process must run the same number of steps, so an epoch's last ``len % world`` batches are left out
+    (a different few each epoch, as the order changes); one process takes every batch.
     """
 
     def __init__(
@@ -53,16 +58,21 @@ class EpochBatches(Sampler):
         drop_last: bool,
         seed: int,
         position: Callable[[], tuple[int, int]] | None = None,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not one of the {world} processes")
         self.size, self.batch_size, self.drop_last, self.seed = size, batch_size, drop_last, seed
-        self.position, self.epoch = position, 0
+        self.position, self.epoch, self.rank, self.world = position, 0, rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
+        """Batches this process trains per epoch."""
         full, rest = divmod(self.size, self.batch_size)
-        return full if self.drop_last or rest == 0 else full + 1
+        return (full if self.drop_last or rest == 0 else full + 1) // self.world
 
     def order(self, epoch: int) -> np.ndarray:
         """The window indices of ``epoch`` in training order."""
@@ -73,7 +83,8 @@ class EpochBatches(Sampler):
         if done >= len(self):  # a fit resumed from the end of an epoch continues with the next one
             epoch, done = epoch + 1, 0
         order = self.order(epoch)
-        for number in range(done, len(self)):
+        for step in range(done, len(self)):
+            number = step * self.world + self.rank  # the epoch's batch this process trains at this step
             yield epoch, number, order[number * self.batch_size : (number + 1) * self.batch_size]
 
 
@@ -233,12 +244,15 @@ class ReceiptsDataModule(pl.LightningDataModule):
         interrupted one had not trained yet. The loader's own generator seeds workers, so iterating it
         leaves torch's global random state (dropout, negatives, masks) alone."""
         collate = WindowBatches(self.train_sequences, self.max_len, self.shuffle_baskets, self.seed)
+        rank, world = self._process()
         sampler = EpochBatches(
             len(self.windows),
             self.batch_size,
             len(self.windows) > self.batch_size,
             self.seed,
             self._position(),
+            rank,
+            world,
         )
         return DataLoader(
             TrainingWindows(self.windows),
@@ -247,6 +261,22 @@ class ReceiptsDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def _process(self) -> tuple[int, int]:
+        """(rank, number of processes) of the attached trainer; (0, 1) outside one.
+
+        The loaders split the work across processes themselves (:class:`EpochBatches`, :meth:`_eval_loader`),
+        so a distributed trainer must not inject its own sampler (``conf/trainer/ddp.yaml``)."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return 0, 1
+        if trainer._accelerator_connector.use_distributed_sampler:
+            raise ValueError(
+                "distributed training needs trainer.use_distributed_sampler=false (trainer=ddp sets it): "
+                "the data module shards training batches and evaluated shoppers by rank itself, and a "
+                "DistributedSampler would pad the evaluation with duplicate shoppers"
+            )
+        return trainer.global_rank, trainer.world_size
 
     def _position(self) -> Callable[[], tuple[int, int]] | None:
         """Where the attached trainer's fit is: (epoch, batches of it already trained), as Lightning's
@@ -272,8 +302,16 @@ class ReceiptsDataModule(pl.LightningDataModule):
         return self._histories[stage]
 
     def _eval_loader(self, stage: str) -> DataLoader:
+        """Batches of (shopper position, item ids, gaps) of the stage's shoppers; with several processes,
+        this process's share (positions ``rank, rank + world, ...``): every shopper is evaluated by exactly
+        one process, and the positions let the module put the results back in order
+        (``NextItemModule._gathered``)."""
         items, gaps = self.histories(stage).model_inputs(self.max_len)
-        dataset = TensorDataset(torch.from_numpy(items), torch.from_numpy(gaps))
+        rank, world = self._process()
+        positions = np.arange(rank, len(items), world)
+        dataset = TensorDataset(
+            torch.from_numpy(positions), torch.from_numpy(items[positions]), torch.from_numpy(gaps[positions])
+        )
         return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
@@ -298,4 +336,8 @@ class ReceiptsDataModule(pl.LightningDataModule):
         data = self.val_data if stage == "val" else self.test_data
         if data is None:
             raise RuntimeError(f"no {stage} split to evaluate")
+        if len(rows) != len(data.targets.shopper_ids):
+            raise ValueError(
+                f"{len(rows)} ranked shoppers for the {len(data.targets.shopper_ids)} of the {stage} split"
+            )
         return evaluate(self.rank(stage, rows, scores, max(ks)), data, ks)

@@ -36,7 +36,7 @@ from recsys.losses import (
     uniform_negatives,
 )
 from recsys.models import build_model
-from recsys.repeat_scorer import RepeatScorer
+from recsys.ranker import Ranker
 from recsys.rules import Rules
 from recsys.scoring import popularity_order, search_size
 from recsys.scoring import recommend as score_candidates
@@ -202,19 +202,42 @@ class NextItemModule(pl.LightningModule):
         if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
             checkpoints.restore_random_state(checkpoint)
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor]) -> None:
-        item_ids, gaps = batch
+    def _eval_step(self, batch: tuple[Tensor, Tensor, Tensor]) -> None:
+        positions, item_ids, gaps = batch  # [B] shoppers' positions in the stage's order, [B, L] each
         rows, scores = self.top_k(item_ids, max(self.ks), gaps)
-        self._searched.append((rows.cpu(), scores.cpu()))
+        self._searched.append((positions, rows, scores))
 
     def _eval_epoch_end(self, stage: str) -> None:
-        rows = torch.cat([r for r, _ in self._searched]).numpy().astype(np.int64)
-        scores = torch.cat([s for _, s in self._searched]).numpy()
+        positions, rows, scores = (torch.cat(parts) for parts in zip(*self._searched, strict=True))
         self._searched.clear()
         if self.trainer.sanity_checking:
             return
+        if self.trainer.world_size > 1:
+            positions, rows, scores = self._gathered(positions, rows, scores)
+        order = positions.argsort()
+        if not torch.equal(positions[order].cpu(), torch.arange(len(positions))):
+            raise RuntimeError(f"the {stage} shoppers were not each evaluated exactly once")
+        rows, scores = rows[order].cpu().numpy().astype(np.int64), scores[order].float().cpu().numpy()
+        # every process ranks all shoppers alike and logs the same figures: their max is each one exactly
+        # (a mean over processes could round them)
         metrics = self.trainer.datamodule.evaluate(stage, rows, scores, self.ks)
-        self.log_dict({f"{stage}/{name}": float(value) for name, value in metrics.items()})
+        figures = {f"{stage}/{name}": float(value) for name, value in metrics.items()}
+        self.log_dict(figures, sync_dist=True, reduce_fx="max")
+
+    def _gathered(self, positions: Tensor, rows: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Every process's evaluated shoppers, on every process: an all-gather of per-shopper results
+        (padded to the largest share, the padding's position -1 dropped after)."""
+        size = torch.tensor([len(positions)], device=self.device)
+        largest = int(self.all_gather(size).max())
+        pad = largest - len(positions)
+        shares = (
+            F.pad(positions.to(self.device), (0, pad), value=-1),  # [n_max]
+            F.pad(rows.to(self.device), (0, 0, 0, pad), value=-1),  # [n_max, k]
+            F.pad(scores.float().to(self.device), (0, 0, 0, pad)),  # [n_max, k]
+        )
+        positions, rows, scores = (self.all_gather(t).flatten(0, 1) for t in shares)  # [world * n_max, ...]
+        kept = positions >= 0
+        return positions[kept], rows[kept], scores[kept]
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch)
@@ -311,7 +334,7 @@ def ranked_products(
     rows: np.ndarray,
     scores: np.ndarray,
     rules: Rules,
-    scorer: RepeatScorer | None = None,
+    scorer: Ranker | None = None,
 ) -> np.ndarray:
     """Product ids [S, k] (-1 padding) from a model's searched item rows and scores [S, C]: the one scorer
     (``recsys.scoring.recommend``) with ``rules`` and ``scorer``, the popularity fallback included."""
@@ -321,7 +344,7 @@ def ranked_products(
 
 
 def recommend(
-    module: NextItemModule, histories: Histories, rules: Rules, scorer: RepeatScorer | None = None
+    module: NextItemModule, histories: Histories, rules: Rules, scorer: Ranker | None = None
 ) -> np.ndarray:
     """Ranked product ids [S, k] (-1 padding) for ``histories``, as serving would rank them: the module's
     exact search, then :func:`ranked_products`."""

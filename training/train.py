@@ -18,20 +18,46 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from recsys.io import write_json
 from recsys.models import model_config
-from training import scorer_fit
+from training import rank
 from training.datamodule import ReceiptsDataModule
 from training.module import NextItemModule
 
 log = logging.getLogger(__name__)
 
 
+WANDB_LOGGER = "pytorch_lightning.loggers.WandbLogger"
+
+
 def instantiate_all(group: DictConfig | None) -> list[Any]:
-    """Instantiate every entry of a group of named objects (callbacks, loggers)."""
-    return [hydra.utils.instantiate(entry) for entry in (group or {}).values() if "_target_" in entry]
+    """Instantiate every entry of a group of named objects (callbacks, loggers); a wandb logger also gets
+    this job's :func:`tracking` settings."""
+    # a partial first: wandb's ``config`` argument would clash with instantiate's own first parameter
+    return [
+        hydra.utils.instantiate(entry, _partial_=True)(
+            **(tracking() if entry["_target_"] == WANDB_LOGGER else {})
+        )
+        for entry in (group or {}).values()
+        if "_target_" in entry
+    ]
+
+
+def tracking() -> dict[str, Any]:
+    """wandb settings of the running Hydra job: its command-line overrides as the run's config, and in a
+    multirun (a sweep, an Optuna search) the multirun's name as the run's group (the study name of a
+    search, else the sweep dir's name), so a search's trials sit together. Empty outside a Hydra job."""
+    if not HydraConfig.initialized():
+        return {}
+    job = HydraConfig.get()
+    settings: dict[str, Any] = {"config": {"overrides": list(job.overrides.task)}}
+    if job.mode == RunMode.MULTIRUN:
+        settings["group"] = job.sweeper.get("study_name") or Path(job.sweep.dir).name
+    return settings
 
 
 def wants_features(net: dict[str, Any]) -> bool:
@@ -51,6 +77,20 @@ def model_net(cfg: DictConfig, num_items: int, max_len: int) -> dict[str, Any]:
             "source, set data.max_len instead"
         )
     return net | {"num_items": num_items, "max_len": max_len}
+
+
+def refuse_local_ddp_multirun(trainer: pl.Trainer) -> None:
+    """A clear error for DDP inside a local Hydra multirun: Lightning starts the other processes by
+    re-running this command line, ``-m`` and the sweep included, so each would start a sweep of its own.
+    On SLURM (``hydra/launcher=slurm``) the processes are SLURM's tasks and nothing is re-run."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if trainer.world_size == 1 or environment is None or environment.creates_processes_externally:
+        return
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ValueError(
+            "trainer=ddp in a local multirun (-m) is not supported: Lightning would re-run the whole sweep "
+            "in every process. Run the DDP jobs one at a time, or through hydra/launcher=slurm"
+        )
 
 
 def train(cfg: DictConfig) -> float:
@@ -83,6 +123,7 @@ def train(cfg: DictConfig) -> float:
         callbacks=instantiate_all(cfg.get("callbacks")),
         logger=instantiate_all(cfg.get("logger")),
     )
+    refuse_local_ddp_multirun(trainer)
     log.info(
         "vocabulary %d products, %d training windows", datamodule.vocab.num_products, len(datamodule.windows)
     )
@@ -107,15 +148,24 @@ def train(cfg: DictConfig) -> float:
         "fit_seconds": round(fit_seconds, 1),
         "epochs": trainer.current_epoch,
         "device": str(trainer.strategy.root_device),
+        "processes": trainer.world_size,
     }
     if cfg.get("test"):
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
         results |= {name: float(value) for name, value in tested[0].items()}
-        if best_path and fits_scorer and datamodule.test_data is not None:
-            # the repeat-aware scorer: fitted on validation, kept in the best checkpoint, tested here
-            results |= scorer_fit.fit_and_test(
-                best_path, datamodule.test_data, datamodule.val_data, tuple(cfg.model.ks)
-            )
+    if not trainer.is_global_zero:
+        # distributed: the other processes' work ends with the test; one process (rank 0, which holds
+        # every process's results after the gather) fits the scorer and writes the run's results
+        return float(score)
+    if cfg.get("test") and best_path and fits_scorer and datamodule.test_data is not None:
+        # the ranker: fitted on internal cutoffs before validation, kept in the best checkpoint, tested here
+        results |= rank.fit_and_test(
+            best_path,
+            datamodule.test_data,
+            datamodule.val_data,
+            tuple(cfg.model.ks),
+            rank.RankerConfig.from_config(cfg.get("ranker")),
+        )
     write_json(Path(cfg.paths.output_dir) / "metrics.json", results)
     log.info("results: %s", json.dumps(results, indent=2, sort_keys=True))
     return float(score)

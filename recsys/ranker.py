@@ -1,0 +1,263 @@
+"""The ranker: gradient-boosted trees (LightGBM) turn candidate features into P(in the next basket).
+
+In grocery about half of a next basket was bought before, and a shopper's own purchase pattern is the
+baseline to beat. The network (shopper encoder + item index) proposes new products and scores them; the
+ranker scores every candidate pair (:mod:`recsys.candidate_sources`) from its row of features
+(:func:`recsys.rank_features.features`) with one binary LightGBM model fitted in ``training.rank`` on
+stacked internal cutoffs, so repeat and new products compete on one probability scale and ``min_score``
+is a probability.
+
+The model travels as LightGBM's own text format (``Booster(model_str=...)``): plain numbers and names, no
+code, read by LightGBM's parser. It names its features; the ranker refuses a model whose features differ
+from the ones it declares, or a :data:`VERSION` other than this library's. Serving
+(:class:`serving.Recommender`), the batch job and training's test metrics all reach :meth:`Ranker.blend`
+through :func:`recsys.scoring.recommend`. No torch on this path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightgbm
+import numpy as np
+
+from recsys.data.sequences import concat_ranges
+from recsys.inputs import Histories
+from recsys.rank_features import Candidates, ItemStats, feature_names, features
+
+VERSION = 1  # of the ranker's features and their meaning: a model fitted on another version is refused
+END_OF_TREES = "end of trees"
+_TREE_ARRAYS = ("split_feature", "threshold", "decision_type", "left_child", "right_child")
+STAT_COLUMNS = ("popularity", "repeat_rate", "trend", "interval", "buyers")
+
+
+def _numbers(block: dict[str, str], key: str, count: int, kind: type) -> np.ndarray:
+    values = block.get(key, "").split()
+    if len(values) != count:
+        raise ValueError(f"tree {block.get('Tree')}: {key} needs {count} values, has {len(values)}")
+    try:
+        array = np.array([kind(v) for v in values])
+    except ValueError as error:
+        raise ValueError(f"tree {block.get('Tree')}: {key} holds a non-number") from error
+    # a split threshold may be infinite (LightGBM's bound of a feature's last bin), never NaN
+    if np.isnan(array).any() or (key != "threshold" and not np.isfinite(array).all()):
+        raise ValueError(f"tree {block.get('Tree')}: {key} holds a non-finite number")
+    return array
+
+
+def _verified_trees(text: str, features: tuple[str, ...]) -> str:
+    """The header and trees of LightGBM text model ``text``, checked line by line before LightGBM reads
+    them: LightGBM parses trees on several threads and aborts the whole process on a malformed one, so
+    a model that is not exactly a binary model over ``features`` of numerical splits is refused here
+    (ValueError naming the problem). What follows the trees (importances, training parameters) is left
+    out: prediction needs none of it."""
+    if not isinstance(text, str) or END_OF_TREES not in text or not text.startswith("tree\n"):
+        raise ValueError("the ranker's model cannot be read: it is not a LightGBM text model")
+    body = text[: text.index(END_OF_TREES)]
+    first = body.find("\nTree=")
+    header_text = body if first < 0 else body[: first + 1]
+    header = dict(line.split("=", 1) for line in header_text.splitlines()[1:] if "=" in line)
+    if header.get("feature_names", "").split() != list(features):
+        raise ValueError(
+            f"the ranker's model reads features {header.get('feature_names')}, it declares {list(features)}"
+        )
+    expected = {"version": "v4", "num_class": "1", "num_tree_per_iteration": "1",
+                "max_feature_idx": str(len(features) - 1)}  # fmt: skip
+    for key, value in expected.items():
+        if header.get(key) != value:
+            raise ValueError(
+                f"the ranker's model cannot be read: {key}={header.get(key)!r}, expected {value}"
+            )
+    if header.get("objective", "").split()[:1] != ["binary"]:
+        raise ValueError(
+            f"the ranker's model must output probabilities (binary), not {header.get('objective')!r}"
+        )
+    try:
+        sizes = [int(v) for v in header.get("tree_sizes", "").split()]
+    except ValueError as error:
+        raise ValueError("the ranker's model cannot be read: tree_sizes are not integers") from error
+    position = len(header_text)
+    for i, size in enumerate(sizes):
+        chunk = body[position : position + size]
+        position += size
+        block = dict(line.split("=", 1) for line in chunk.splitlines() if "=" in line)
+        if not chunk.startswith(f"Tree={i}\n") or len(chunk) != size:
+            raise ValueError(f"the ranker's model cannot be read: tree {i} is not where tree_sizes put it")
+        leaves = int(_numbers(block, "num_leaves", 1, int)[0])
+        if leaves < 1 or block.get("num_cat") != "0":
+            raise ValueError(f"tree {i}: needs >= 1 leaves and no categorical splits")
+        _numbers(block, "leaf_value", leaves, float)
+        if leaves == 1:
+            continue
+        split_feature, _, _, left, right = (
+            _numbers(block, key, leaves - 1, float if key == "threshold" else int) for key in _TREE_ARRAYS
+        )
+        children = np.concatenate([left, right])
+        if (split_feature < 0).any() or (split_feature >= len(features)).any():
+            raise ValueError(f"tree {i}: a split names a feature outside the model's {len(features)}")
+        if (children < -leaves).any() or (children >= leaves - 1).any() or (children == 0).any():
+            raise ValueError(f"tree {i}: a child index is out of range")
+    if body[position:].strip():
+        raise ValueError("the ranker's model cannot be read: text between the trees and their end")
+    return body + END_OF_TREES + "\n"
+
+
+@dataclass(frozen=True)
+class Ranker:
+    """A fitted LightGBM model over the named ``features`` plus the per-product statistics they read.
+
+    ``features`` is the model's input columns, a subset of :func:`recsys.rank_features.feature_names` in
+    its order (an ablation drops some); ``new_candidates``, ``co_purchase_candidates`` and
+    ``category_candidates`` size the candidate sources, the same in the fit and wherever it is applied.
+    """
+
+    model: str  # LightGBM's text model
+    stats: ItemStats
+    features: tuple[str, ...]
+    new_candidates: int
+    co_purchase_candidates: int = 0
+    category_candidates: int = 0
+    history_candidates: int = 0  # 0: every history product
+    booster: lightgbm.Booster = field(init=False, repr=False, compare=False)
+    columns: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("new_candidates", "co_purchase_candidates", "category_candidates", "history_candidates"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        known = feature_names(self.stats.levels)
+        if not self.features or any(f not in known for f in self.features):
+            unknown = [f for f in self.features if f not in known]
+            raise ValueError(f"ranker features {unknown or '[]'} are not features of this library: {known}")
+        booster = lightgbm.Booster(model_str=_verified_trees(self.model, self.features))
+        object.__setattr__(self, "booster", booster)
+        object.__setattr__(self, "columns", np.array([known.index(f) for f in self.features], dtype=np.int64))
+
+    @property
+    def num_items(self) -> int:
+        return self.stats.num_items
+
+    def probability(self, x: np.ndarray) -> np.ndarray:
+        """P(in the next basket) [M] of full feature rows [M, F] (every column of ``feature_names``)."""
+        if not len(x):
+            return np.zeros(0)
+        return self.booster.predict(x[:, self.columns], num_threads=1)
+
+    def candidates(self, histories: Histories, rows: np.ndarray, scores: np.ndarray) -> Candidates:
+        """The candidate pairs and their feature rows (:class:`recsys.rank_features.Candidates`)."""
+        return features(
+            histories,
+            np.asarray(rows, dtype=np.int64),
+            scores,
+            self.stats,
+            self.new_candidates,
+            self.co_purchase_candidates,
+            self.category_candidates,
+            self.history_candidates,
+        )
+
+    def blend(
+        self, histories: Histories, rows: np.ndarray, scores: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each shopper's candidates (history products, the network's and the other sources' new ones),
+        scored by P(in the next basket).
+
+        The network's pool is the shopper's best :attr:`new_candidates` searched products new to it (the
+        search must hold that many beyond the history: :func:`recsys.scoring.search_size`). No source
+        depends on how many products a caller wants, so every list is the prefix of a longer one, and
+        serving, the batch job and training agree.
+
+        Returns rows [B, W] int64 (-1 padding) and scores [B, W] float32 (NaN padding), unordered: feed
+        them to :func:`recsys.scoring.select`, which ranks and applies the rules.
+        """
+        found = self.candidates(histories, rows, scores)
+        probability = self.probability(found.x).astype(np.float32)
+        owner = found.owner
+        count = np.bincount(owner, minlength=histories.num_shoppers)
+        width = max(int(count.max(initial=0)), 1)
+        slot = concat_ranges(np.zeros_like(count), count)  # owners ascend: the position within a shopper
+        out_rows = np.full((histories.num_shoppers, width), -1, dtype=np.int64)
+        out_scores = np.full((histories.num_shoppers, width), np.nan, dtype=np.float32)
+        out_rows[owner, slot] = found.rows
+        out_scores[owner, slot] = probability
+        return out_rows, out_scores
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the model text and the per-item arrays, as plain values (a bundle keeps the model
+        as a file and the arrays as ``items.parquet`` columns; a checkpoint keeps them beside these)."""
+        return {
+            "version": VERSION,
+            "features": list(self.features),
+            "category_levels": self.stats.levels,
+            "neighbours": int(self.stats.neighbours.shape[1]),
+            "new_candidates": self.new_candidates,
+            "co_purchase_candidates": self.co_purchase_candidates,
+            "category_candidates": self.category_candidates,
+            "history_candidates": self.history_candidates,
+        }
+
+    def item_columns(self) -> dict[str, np.ndarray]:
+        """The per-item statistics as named 1-D columns (one row per item row)."""
+        columns = {name: getattr(self.stats, name) for name in STAT_COLUMNS}
+        for level in range(self.stats.levels):
+            columns[f"category_{level}"] = self.stats.categories[:, level]
+        for j in range(self.stats.neighbours.shape[1]):
+            columns[f"neighbour_{j}"] = self.stats.neighbours[:, j]
+            columns[f"neighbour_score_{j}"] = self.stats.neighbour_scores[:, j]
+        return columns
+
+    @classmethod
+    def from_parts(cls, data: dict[str, Any], model: str, columns: dict[str, np.ndarray]) -> Ranker:
+        """Inverse of :meth:`to_dict`, the model text and :meth:`item_columns`; refuses another version,
+        unknown features, and missing, mistyped or non-finite values (ValueError naming the key)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a ranker is a mapping, got {type(data).__name__}")
+        if data.get("version") != VERSION:
+            raise ValueError(f"ranker version {data.get('version')!r}; this library reads version {VERSION}")
+        integers = {}
+        for key in (
+            "category_levels",
+            "neighbours",
+            "new_candidates",
+            "co_purchase_candidates",
+            "category_candidates",
+            "history_candidates",
+        ):
+            value = data.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"ranker {key!r} must be an integer >= 0, got {value!r}")
+            integers[key] = value
+        names = data.get("features")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError("ranker 'features' must be a list of names")
+        wanted = [*STAT_COLUMNS, *(f"category_{i}" for i in range(integers["category_levels"]))]
+        wanted += [f"neighbour{kind}_{j}" for j in range(integers["neighbours"]) for kind in ("", "_score")]
+        missing = [name for name in wanted if name not in columns]
+        if missing:
+            raise ValueError(f"ranker item columns {missing} are missing")
+        array = {name: np.asarray(columns[name]) for name in wanted}
+        levels, neighbours = integers["category_levels"], integers["neighbours"]
+        n = len(array["popularity"])
+        stats = ItemStats(
+            *(array[name].astype(np.float64) for name in STAT_COLUMNS),
+            np.stack([array[f"category_{i}"] for i in range(levels)], axis=1).astype(np.int64)
+            if levels
+            else np.zeros((n, 0), np.int64),
+            np.stack([array[f"neighbour_{j}"] for j in range(neighbours)], axis=1).astype(np.int64)
+            if neighbours
+            else np.zeros((n, 0), np.int64),
+            np.stack([array[f"neighbour_score_{j}"] for j in range(neighbours)], axis=1).astype(np.float64)
+            if neighbours
+            else np.zeros((n, 0)),
+        )
+        return cls(
+            model,
+            stats,
+            tuple(names),
+            integers["new_candidates"],
+            integers["co_purchase_candidates"],
+            integers["category_candidates"],
+            integers["history_candidates"],
+        )

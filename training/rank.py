@@ -1,0 +1,353 @@
+"""Fit the ranker (:mod:`recsys.ranker`) of a trained model and keep it in the checkpoint.
+
+    python -m training.rank checkpoint=outputs/train/<run>/checkpoints/best.ckpt   # refit on a checkpoint
+    python -m training.rank checkpoint=... output=other.ckpt ranker.num_leaves=31  # into a copy
+
+``train(cfg)`` calls :func:`fit_and_test` after the network. Labels come from stacked internal cutoffs
+that end before the validation window: at each cutoff ``val_cutoff - j * spacing_days`` (``j = 1 ..
+cutoffs``) every shopper's history before it is ranked and its first basket from it up to the
+validation cutoff is the label, with item statistics of the data before that cutoff only. The number of
+boosting rounds is selected on the validation split (its log-loss), never on the test split; the
+deployed ranker reads item statistics of all training data. LightGBM runs with ``deterministic=true``, a
+fixed thread count and the config's seed, so a fit is a function of its data and config.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightgbm
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from omegaconf import DictConfig, OmegaConf
+
+from recsys.candidate_sources import SOURCES
+from recsys.data.sequences import build_sequences
+from recsys.data.split import next_basket_targets, temporal_split
+from recsys.data.vocabulary import Vocabulary
+from recsys.evaluation.protocol import EvaluationData, evaluate, evaluated_histories
+from recsys.inputs import Histories, pair_member
+from recsys.io import write_json
+from recsys.rank_features import ItemStats, feature_names, features, item_statistics
+from recsys.ranker import Ranker
+from recsys.rules import Rules
+from training import checkpoint as checkpoints
+from training.datamodule import ReceiptsDataModule
+from training.module import NextItemModule, module_from_checkpoint, recommend, search
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    """``conf/ranker/*.yaml``: the candidate sources, the internal cutoffs and LightGBM's settings."""
+
+    new_candidates: int = 50  # the network's best new products per shopper
+    history_candidates: int = 100  # history products per shopper, most bought (90-day decay) first; 0: all
+    co_purchase_candidates: int = 0  # new co-purchase neighbours of the recent baskets per shopper
+    category_candidates: int = 0  # new popular products of the shopper's categories per shopper
+    neighbours: int = 20  # co-purchase neighbours kept per product (0: no co-purchase features)
+    co_purchase_baskets: int = 20  # each shopper's most recent baskets counted for co-purchase
+    categories: tuple[str, ...] = ("product_category", "product_type")  # metadata columns, coarse first
+    exclude: tuple[str, ...] = ()  # feature names left out (ablations), e.g. the network's
+    cutoffs: int = 4
+    spacing_days: float = 14.0
+    negative_rate: float = 0.3  # share of the stacked negatives kept (weighted back: calibration holds)
+    learning_rate: float = 0.05
+    num_leaves: int = 63
+    min_data_in_leaf: int = 200
+    feature_fraction: float = 0.8
+    lambda_l2: float = 1.0
+    max_rounds: int = 600
+    early_stopping_rounds: int = 40
+    num_threads: int = 2
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig | dict[str, Any] | None) -> RankerConfig:
+        """From a Hydra node (plain keys; unknown keys are an error naming them)."""
+        values = (
+            {}
+            if cfg is None
+            else OmegaConf.to_container(cfg, resolve=True)
+            if isinstance(cfg, DictConfig)
+            else dict(cfg)
+        )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ranker setting(s) {unknown}; known: {sorted(known)}")
+        for key in ("categories", "exclude"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+def category_codes(products: pa.Table | None, vocab: Vocabulary, columns: tuple[str, ...]) -> np.ndarray:
+    """[N, L] int64 codes of each vocabulary product's category in ``columns`` of its metadata (-1 for
+    unknown); the levels whose column the metadata lacks are left out (none without metadata)."""
+    present = [] if products is None else [c for c in columns if c in products.column_names]
+    if products is not None and len(present) < len(columns):
+        log.warning("ranker: product metadata lacks %s", sorted(set(columns) - set(present)))
+    if products is None:
+        return np.zeros((vocab.num_products, 0), dtype=np.int64)
+    if not np.array_equal(products.column("product_id").to_numpy(), vocab.product_ids):
+        raise ValueError("product metadata rows must be the vocabulary's products, in its order")
+    codes = []
+    for column in present:
+        encoded = pc.dictionary_encode(products.column(column)).combine_chunks()
+        codes.append(pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64))
+    return np.stack(codes, axis=1) if codes else np.zeros((vocab.num_products, 0), dtype=np.int64)
+
+
+@dataclass
+class _Examples:
+    owner: np.ndarray
+    rows: np.ndarray
+    source: np.ndarray
+    x: np.ndarray
+    labels: np.ndarray
+    targets: int  # target products in the vocabulary, over all shoppers (the candidate recall's denominator)
+    per_source: dict[str, int] = field(default_factory=dict)  # targets each source proposed
+
+
+def _stats(train: pa.Table, vocab: Vocabulary, codes: np.ndarray, config: RankerConfig) -> ItemStats:
+    everyone = Histories.from_sequences(build_sequences(train, vocab))
+    return item_statistics(everyone, codes, config.neighbours, config.co_purchase_baskets)
+
+
+def _examples(
+    module: NextItemModule, data: EvaluationData, stats: ItemStats, config: RankerConfig
+) -> _Examples:
+    """Every candidate of ``data``'s evaluated shoppers, its features and whether it is in the target."""
+    vocab = module.vocab
+    histories = evaluated_histories(data, vocab)
+    wanted = min(vocab.num_products, config.new_candidates + int(histories.distinct_sizes().max(initial=0)))
+    rows, scores = search(module, histories, max(wanted, 1))
+    found = features(
+        histories, rows, scores, stats, config.new_candidates, config.co_purchase_candidates,
+        config.category_candidates, config.history_candidates,
+    )  # fmt: skip
+    target_rows = [vocab.rows(items) for items in data.targets.items]
+    target_owner = np.repeat(np.arange(len(target_rows)), [len(t) for t in target_rows])
+    flat = np.concatenate(target_rows) if target_rows else np.zeros(0, np.int64)
+    labels = pair_member(found.owner, found.rows, target_owner, flat)
+    per_source = {name: int(labels[found.source == i].sum()) for i, name in enumerate(SOURCES)}
+    return _Examples(
+        found.owner, found.rows, found.source, found.x, labels, int((flat >= 0).sum()), per_source
+    )
+
+
+def internal_cutoffs(
+    val: EvaluationData, config: RankerConfig, horizon: timedelta | None
+) -> list[EvaluationData]:
+    """The stacked training cutoffs: histories before ``val.cutoff - j * spacing_days``, labels from the
+    first basket at or after it and before the validation cutoff (so nothing of validation is a label)."""
+    found = []
+    for j in range(1, config.cutoffs + 1):
+        cutoff = val.cutoff - timedelta(days=j * config.spacing_days)
+        before, after = temporal_split(val.train, cutoff)
+        if before.num_rows == 0 or after.num_rows == 0:
+            continue
+        found.append(
+            EvaluationData(cutoff, before, val.vocab, next_basket_targets(before, after, val.vocab, horizon))
+        )
+    if not found:
+        raise ValueError(
+            "no internal cutoff has receipts on both sides: lower ranker.spacing_days or cutoffs"
+        )
+    return found
+
+
+def lightgbm_params(config: RankerConfig) -> dict[str, Any]:
+    """LightGBM's parameters: a binary model (P(in the next basket)), deterministic for the seed."""
+    return {
+        "objective": "binary",
+        "learning_rate": config.learning_rate,
+        "num_leaves": config.num_leaves,
+        "min_data_in_leaf": config.min_data_in_leaf,
+        "feature_fraction": config.feature_fraction,
+        "lambda_l2": config.lambda_l2,
+        "num_threads": config.num_threads,
+        "seed": config.seed,
+        "deterministic": True,
+        "force_row_wise": True,
+        "verbosity": -1,
+    }
+
+
+def fit_booster(
+    x: np.ndarray,
+    labels: np.ndarray,
+    names: list[str],
+    config: RankerConfig,
+    weights: np.ndarray | None = None,
+    valid: tuple[np.ndarray, np.ndarray] | None = None,
+) -> lightgbm.Booster:
+    """A binary LightGBM model of ``labels`` from ``x`` (columns ``names``), with its number of rounds
+    selected on ``valid`` (its log-loss) when given, else ``max_rounds``."""
+    params = lightgbm_params(config)
+    train = lightgbm.Dataset(
+        x, labels.astype(np.float64), weight=weights, feature_name=names, free_raw_data=True
+    )
+    sets, callbacks = [], []
+    if valid is not None:
+        sets = [lightgbm.Dataset(valid[0], valid[1].astype(np.float64), reference=train, feature_name=names)]
+        callbacks = [lightgbm.early_stopping(config.early_stopping_rounds, verbose=False)]
+    booster = lightgbm.train(params, train, config.max_rounds, valid_sets=sets, callbacks=callbacks)
+    return booster
+
+
+def fit(
+    module: NextItemModule,
+    val: EvaluationData,
+    deploy_train: EvaluationData,
+    products: pa.Table | None,
+    config: RankerConfig,
+    horizon: timedelta | None = None,
+) -> tuple[Ranker, dict[str, Any]]:
+    """A ranker fitted on ``val``'s internal cutoffs, its rounds selected on ``val``, carrying item
+    statistics of ``deploy_train``; and a report (sizes, candidate recall per source, validation
+    log-loss, reliability, feature importances, seconds)."""
+    start = time.perf_counter()
+    codes = category_codes(products, module.vocab, config.categories)
+    names = list(feature_names(codes.shape[1]))
+    unknown = sorted(set(config.exclude) - set(names))
+    if unknown:
+        raise ValueError(f"ranker.exclude names unknown features {unknown}")
+    used = [i for i, name in enumerate(names) if name not in config.exclude]
+    rng = np.random.default_rng(config.seed)
+    parts, weights = [], []
+    for data in internal_cutoffs(val, config, horizon):
+        part = _examples(module, data, _stats(data.train, module.vocab, codes, config), config)
+        keep = part.labels | (rng.random(len(part.labels)) < config.negative_rate)
+        parts.append((part.x[keep][:, used], part.labels[keep]))
+        weights.append(np.where(part.labels[keep], 1.0, 1.0 / config.negative_rate))
+        log.info(
+            "ranker: cutoff %s, %d shoppers, %d candidates",
+            data.cutoff.date(),
+            len(data.targets.shopper_ids),
+            len(part.labels),
+        )
+    x = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    validation = _examples(module, val, _stats(val.train, module.vocab, codes, config), config)
+    booster = fit_booster(
+        x,
+        labels,
+        [names[i] for i in used],
+        config,
+        np.concatenate(weights),
+        (validation.x[:, used], validation.labels),
+    )
+    deployed = _stats(deploy_train.train, module.vocab, codes, config)
+    ranker = Ranker(
+        booster.model_to_string(),
+        deployed,
+        tuple(names[i] for i in used),
+        config.new_candidates,
+        config.co_purchase_candidates,
+        config.category_candidates,
+        config.history_candidates,
+    )
+    predicted = ranker.probability(validation.x)
+    importance = booster.feature_importance("gain")
+    report = {
+        "rows": len(labels),
+        "rounds": int(booster.best_iteration or booster.current_iteration()),
+        "val_logloss": float(_logloss(predicted, validation.labels)),
+        "val_candidate_recall": validation.labels.sum() / max(validation.targets, 1),
+        "val_source_recall": {k: v / max(validation.targets, 1) for k, v in validation.per_source.items()},
+        "val_candidates_per_shopper": len(validation.labels) / max(len(val.targets.shopper_ids), 1),
+        "val_reliability": reliability(predicted, validation.labels),
+        "importance": dict(
+            sorted(
+                zip(ranker.features, (importance / importance.sum()).round(4).tolist(), strict=True),
+                key=lambda kv: -kv[1],
+            )
+        ),
+        "seconds": round(time.perf_counter() - start, 1),
+        "config": asdict(config),
+    }
+    return ranker, report
+
+
+def _logloss(p: np.ndarray, y: np.ndarray) -> float:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return float(-np.mean(np.where(y, np.log(p), np.log1p(-p))))
+
+
+def reliability(predicted: np.ndarray, labels: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+    """Mean predicted vs observed rate in ``bins`` equal-count bins of the predictions (calibration)."""
+    order = np.argsort(predicted, kind="stable")
+    out = []
+    for chunk in np.array_split(order, bins):
+        if len(chunk):
+            out.append(
+                {
+                    "predicted": float(predicted[chunk].mean()),
+                    "observed": float(labels[chunk].mean()),
+                    "pairs": len(chunk),
+                }
+            )
+    return out
+
+
+def fit_and_test(
+    best_checkpoint: str,
+    test_data: EvaluationData,
+    val_data: EvaluationData,
+    ks: tuple,
+    config: RankerConfig | None = None,
+    output: str | None = None,
+) -> dict:
+    """Fit the checkpoint's ranker, store it in the checkpoint (or a copy at ``output``), return its test
+    metrics (``test/repeat_aware/<metric>``, the protocol's, as serving ranks) and the fit's report
+    (``ranker/...``)."""
+    config = config or RankerConfig()
+    state = checkpoints.read(best_checkpoint)
+    module = module_from_checkpoint(state)
+    horizon = state["hyper_parameters"]["data"].get("horizon_days")
+    ranker, report = fit(
+        module, val_data, test_data, checkpoints.products(state), config,
+        timedelta(days=horizon) if horizon else None,
+    )  # fmt: skip
+    checkpoints.write_scorer(output or best_checkpoint, ranker, state)
+    ranked = recommend(module, evaluated_histories(test_data, module.vocab), Rules(k=max(ks)), ranker)
+    metrics = evaluate(ranked, test_data, ks)
+    log.info("ranker: %s", {k: v for k, v in report.items() if k not in ("config", "val_reliability")})
+    flat = {f"ranker/{k}": v for k, v in report.items() if isinstance(v, int | float)}
+    return {f"test/repeat_aware/{name}": float(value) for name, value in metrics.items()} | flat
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="rank")
+def main(cfg: DictConfig) -> dict:
+    """Refit the ranker of ``cfg.checkpoint`` on the data it was trained on (``cfg.data`` must match the
+    checkpoint's protocol)."""
+    state = checkpoints.read(cfg.checkpoint)
+    datamodule: ReceiptsDataModule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup("fit")
+    trained = state["hyper_parameters"]["data"]
+    for key, value in datamodule.describe().items():
+        if key in ("cutoff", "val_days", "min_baskets", "horizon_days") and trained.get(key) != value:
+            raise ValueError(f"data.{key} is {value!r}, the checkpoint was trained with {trained.get(key)!r}")
+    if datamodule.val_data is None or datamodule.test_data is None:
+        raise ValueError("the ranker needs a validation split (data.val_days > 0)")
+    results = fit_and_test(
+        cfg.checkpoint, datamodule.test_data, datamodule.val_data, tuple(cfg.ks),
+        RankerConfig.from_config(cfg.ranker), cfg.get("output"),
+    )  # fmt: skip
+    write_json(Path(cfg.paths.output_dir) / "rank.json", results)
+    log.info("results: %s", results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
