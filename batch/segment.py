@@ -72,9 +72,9 @@ def top_categories(
     """Per segment, its ``count`` categories with the largest share of its members' purchase lines."""
     position = np.searchsorted(shopper_ids, receipts.column(SHOPPER).to_numpy())
     segment = assigned[np.minimum(position, len(assigned) - 1)]
-    names = np.array(
-        [categories.get(p, "unknown") for p in receipts.column(PRODUCT).to_numpy().tolist()], dtype=object
-    )
+    # products without metadata, or with a null category, count as "unknown"
+    products = receipts.column(PRODUCT).to_numpy().tolist()
+    names = np.array([categories.get(p) or "unknown" for p in products], dtype=object)
     result = {}
     for s in np.unique(assigned):
         values, counts = np.unique(names[segment == s], return_counts=True)
@@ -148,7 +148,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             with atomic_path(staging / "report.html") as tmp:
                 tmp.write_text(page)
         write_json(staging / "summary.json", summary)
-    log.info("segments: %s", json.dumps({s.name: s.size for s in segments}))
+    log.info("segments: %s", json.dumps({f"{s.segment}: {s.name}": s.size for s in segments}))
     return summary
 
 

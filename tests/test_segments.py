@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from omegaconf import DictConfig
 
-from batch.segment import run
+from batch.segment import run, top_categories
 from batch.segments import PROFILE_COLUMNS, ChurnModel, churned, cluster, fit_churn, lever, profiles
 from recsys.data.schema import BASKET, PRICE, PRODUCT, QUANTITY, SHOPPER, TIMESTAMP
 from tests.bundles import make_bundle
@@ -150,3 +150,9 @@ def test_the_job_writes_segments_a_summary_and_a_report_that_renders(
     again = run(cfg)  # deterministic for the seed
     assert pq.read_table(tmp_path / "out" / "segments.parquet").equals(segments)
     assert [s["name"] for s in again["segments"]] == [s["name"] for s in summary["segments"]]
+
+
+def test_top_categories_count_missing_metadata_as_unknown() -> None:
+    rows = [(1, 1, 10, AS_OF, 1.0), (1, 1, 11, AS_OF, 1.0), (2, 2, 12, AS_OF, 1.0), (2, 2, 10, AS_OF, 1.0)]
+    shares = top_categories(receipts(rows), np.array([1, 2]), np.array([0, 1]), {10: "MILK", 11: None})
+    assert shares == {0: [("MILK", 0.5), ("unknown", 0.5)], 1: [("MILK", 0.5), ("unknown", 0.5)]}
