@@ -282,6 +282,21 @@ def test_command_line(data: dict[str, Any], tmp_path: Path) -> None:
     assert manifest["rows"] == len(histories(data["receipts"])) and manifest["job"]["k"] == 5
 
 
+def test_shards_as_an_array_through_the_local_launcher(data: dict[str, Any], tmp_path: Path) -> None:
+    """``-m shard_index='range(2)' num_shards=2 hydra/launcher=local``: each shard runs as its own submitit
+    job, as one SLURM array task per shard would, and together they write the combined manifest."""
+    args = [f"receipts={data['dir']}", f"output={tmp_path / 'out'}", f"bundle={data['bundle']}", "k=5"]
+    array = ["-m", "shard_index=range(2)", "num_shards=2", "hydra/launcher=local"]
+    command = [sys.executable, "-m", "batch.candidates", *array, *args, "progress=false",
+               f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((tmp_path / "sweep" / ".submitit").glob("*/*_result.pkl"))) == 2
+    manifest = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())
+    assert sorted(manifest["shards"]) == [f"shard={i:05d}-of-00002" for i in range(2)]
+    assert manifest["rows"] == len(histories(data["receipts"]))
+
+
 @pytest.mark.gpu
 def test_cuda_path_agrees_with_cpu(job: Job, tmp_path: Path) -> None:
     """bf16 autocast changes embeddings slightly: top-K mostly agrees, scores stay close."""
