@@ -104,6 +104,7 @@ class OnnxEngine(Engine):
         self._gaps = bundle.gaps_name
         self._output = bundle.manifest["output_name"]
         self._index = bundle.index
+        self.items = bundle.items  # the bundle's product table: ids, popularity, training-data metadata
         self._identity = {
             "engine": "onnx",
             "bundle": str(bundle.path.resolve()),

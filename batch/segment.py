@@ -36,7 +36,6 @@ from omegaconf import DictConfig
 from batch.engines import OnnxEngine
 from batch.segment_report import render
 from batch.segments import PROFILE_COLUMNS, churned, cluster, describe, fit_churn, profiles
-from recsys.bundle import read_bundle
 from recsys.data.loader import read_receipts
 from recsys.data.schema import PRODUCT, SHOPPER, TIMESTAMP
 from recsys.data.sequences import build_sequences
@@ -48,18 +47,11 @@ from recsys.io import atomic_path, staged_directory, write_json
 log = logging.getLogger(__name__)
 
 
-def embeddings(
-    engine: OnnxEngine, receipts: pa.Table, shopper_ids: np.ndarray, batch_size: int
-) -> np.ndarray:
-    """The bundle encoder's embedding [S, d] of each shopper's history in ``receipts``."""
+def embeddings(engine: OnnxEngine, receipts: pa.Table, shopper_ids: np.ndarray) -> np.ndarray:
+    """The bundle encoder's embedding [S, d] of each shopper's history in ``receipts`` (the engine calls
+    ONNX Runtime on ``encode_rows`` shoppers at a time)."""
     sequences = build_sequences(receipts, engine.vocab).select(shopper_ids)
-    histories = Histories.from_sequences(sequences)
-    items, gaps = histories.model_inputs(engine.max_len)
-    parts = [
-        engine.encode(items[s : s + batch_size], gaps[s : s + batch_size])
-        for s in range(0, len(items), batch_size)
-    ]
-    return np.concatenate(parts)
+    return engine.encode(*Histories.from_sequences(sequences).model_inputs(engine.max_len))
 
 
 def top_categories(
@@ -96,8 +88,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"{len(profile.shopper_ids):,} shoppers, over max_shoppers={cfg.max_shoppers:,}")
     model = fit_churn(before, as_of, cfg.horizon_days, cfg.window_days)
     churn = model.probability(profile.values)
-    engine = OnnxEngine(cfg.bundle, threads=cfg.threads)
-    assigned = cluster(embeddings(engine, before, profile.shopper_ids, cfg.batch_size), cfg.k, cfg.seed)
+    engine = OnnxEngine(cfg.bundle, threads=cfg.threads, encode_rows=cfg.batch_size)
+    assigned = cluster(embeddings(engine, before, profile.shopper_ids), cfg.k, cfg.seed)
     segments = describe(assigned, profile.values, churn)
     by_id = {s.segment: s for s in segments}
     evaluation, outcome = None, None
@@ -136,7 +128,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         with atomic_path(staging / "segments.parquet") as tmp:
             pq.write_table(table, tmp)
         if cfg.report:
-            items = read_bundle(cfg.bundle).items
+            items = engine.items  # read and verified once, by the engine
             categories = {}
             if cfg.category_column in items.column_names:
                 products = items.column("product_id").to_pylist()
