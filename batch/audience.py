@@ -1,103 +1,298 @@
-"""A campaign's audience from per-shopper probabilities: the threshold, exclusions, the exploration share.
+"""A campaign's audience from a bundle's ranking stage, over every shopper in a receipts dataset (Hydra job).
 
-:func:`select_audience` takes each shopper's calibrated probability of buying the campaign's products
-within its horizon and when the shopper last bought them, and returns the ranked audience:
+    python -m batch.audience campaign=spec.yaml bundle=PATH receipts=PATH output=PATH as_of=2017-12-01
 
-- never a shopper under ``min_probability``, opted out, or who bought the products within
-  ``bought_within_days``: the audience is smaller than asked rather than padded (the shortfall is
-  reported);
-- ``exploration`` of the audience is new to the products (never bought them), ranked by their own
-  probability; the share is exact (to one shopper of rounding): when one pool runs short, the audience
-  shrinks so that the share still holds;
-- every member's segment: ``repeat`` (bought the products within ``lapse_days``), ``lapsed`` (bought them
-  before that) or ``new`` (never);
-- the cost of exploring (expected conversions given up against the plain top of the ranking of the same
-  size) and its benefit (shoppers new to the products reached beyond that top).
+Two steps (library: :mod:`batch.audiences`, :mod:`recsys.propensity`, :mod:`recsys.calibration`):
+
+1. **Scores**, sharded and resumable like the candidate job (the same partitioning, engine and manifests,
+   :mod:`batch.shards`): every shopper with a purchase before ``as_of`` gets its raw within-horizon score
+   of the campaign's products. A ``calibration_share`` of the shoppers (chosen by a hash of the id, so
+   every shard agrees) is also scored one horizon before ``as_of`` on the receipts before that date,
+   with what it bought in the horizon that followed: the calibration's examples, all before ``as_of``.
+2. **Audience**, once every shard is complete (the shard that completes last writes it): the isotonic
+   calibration fitted on those examples maps every raw score to a probability; :func:`select_audience`
+   applies the spec's threshold, exclusions and exploration share. When the receipts go on past
+   ``as_of + horizon``, the probabilities are also judged against what happened (AUC, Brier, ECE,
+   reliability; overall and for the low-activity third of shoppers by baskets).
+
+Output::
+
+    output/scores/shard=00000-of-00001/part-00000.parquet + _manifest.json    per-shopper raw scores
+    output/audience/audience.parquet   shopper_id, probability, rank (1 = best), segment
+    output/audience/audience.json      bundle id, spec and its hash, counts, shortfall, exploration's cost
+                                       and reach, calibration fit and evaluation
+    output/audience/calibration.json   the calibration's knots (recsys.calibration.Calibration)
+    output/audience/reliability.png    the reliability curve (report=true; needs matplotlib)
+
+``audience/`` is replaced in one atomic step (:func:`recsys.io.staged_directory`). Limits: those of the
+spec (:mod:`batch.campaign`) and of the candidate job's parts (``rows_per_part``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
 
+import hydra
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from omegaconf import DictConfig
 
-from batch.campaign import CampaignSpec
+from batch.audiences import SCORES, SEGMENTS, campaign_rows, score_part, select_audience
+from batch.campaign import CampaignSpec, load_spec
+from batch.engines import OnnxEngine
+from batch.lock import LockError, locked
+from batch.manifests import CandidatesError, ShardManifest, combine_shards, write_part
+from batch.partition import Layout, read_part, shopper_hash
+from batch.shards import layout, partition_shard, receipts_identity
+from recsys.calibration import fit_isotonic, reliability_png, summary
+from recsys.data.loader import open_dataset
+from recsys.data.schema import SHOPPER, TIMESTAMP
+from recsys.data.split import parse_cutoff
+from recsys.evaluation.campaigns import auc
+from recsys.io import atomic_path, staged_directory, write_json
 
-SEGMENTS = ("repeat", "lapsed", "new")
-LAPSE_DAYS = 90.0
+log = logging.getLogger(__name__)
+
+FORMAT = "caddie-audience-scores"
+SAMPLE_BITS = 24  # the calibration sample reads the hash's top bits (the shard and part read its low ones)
 
 
-@dataclass(frozen=True)
-class Audience:
-    """The chosen shoppers (positions into the scored arrays), best first, and what it cost."""
-
-    members: np.ndarray  # [A] int64 positions, by probability descending (ties: smaller position first)
-    segment: np.ndarray  # [A] int8 index into SEGMENTS
-    eligible: int  # shoppers passing the threshold and exclusions
-    shortfall: int  # audience asked minus audience given
-    explorers: int  # members new to the products
-    expected_conversions: float  # sum of the members' probabilities
-    exploration_cost: float  # expected conversions of the plain top of the same size, minus the above
-    exploration_reach: int  # new-to-products members beyond those the plain top would have had
+def calibration_sample(shopper_ids: np.ndarray, share: float) -> np.ndarray:
+    """[S] bool: the shoppers in the calibration sample (a ``share`` of them, the same in every shard)."""
+    top = (shopper_hash(np.asarray(shopper_ids, np.int64)) >> np.uint64(64 - SAMPLE_BITS)).astype(np.int64)
+    return top < share * (1 << SAMPLE_BITS)
 
 
-def select_audience(
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Score this shard, then, if every shard is complete, write the audience; the shard's manifest and
+    (when written) the audience summary."""
+    start = time.perf_counter()
+    spec = load_spec(cfg.campaign)
+    as_of = parse_cutoff(str(cfg.as_of), cfg.timezone)
+    if not 0.0 < cfg.calibration_share <= 1.0:
+        raise CandidatesError(f"calibration_share must be in (0, 1], got {cfg.calibration_share}")
+    engine = OnnxEngine(cfg.bundle, cfg.threads, None, cfg.onnx.encode_rows, cfg.onnx.graph_optimization)
+    products = spec.product_ids(engine.items)
+    rows = campaign_rows(engine, products)
+    output = Path(cfg.output)
+    scores_dir = output / "scores"
+    dataset = open_dataset(cfg.receipts)
+    num_rows = dataset.count_rows()
+    found = layout(cfg, num_rows, scores_dir)
+    receipts = receipts_identity(cfg, dataset)
+    # what the scores depend on; the audience's size, threshold and exclusions only change step 2
+    job = {
+        "model": engine.identity,
+        "campaign_products": _digest(products.tolist()),
+        "horizon_days": spec.horizon_days,
+        "as_of": as_of.isoformat(),
+        "calibration_share": float(cfg.calibration_share),
+        "popular": int(cfg.popular),
+        "receipts": receipts,
+        "num_shards": found.num_shards,
+        "parts": found.parts,
+    }
+    try:
+        with locked(scores_dir / f".{found.shard_name}.lock"):
+            manifest = _score(cfg, engine, spec, products, as_of, found, receipts, job, num_rows)
+    except LockError as error:
+        raise CandidatesError(str(error)) from error
+    result = {"shard": manifest.save(complete=True)}
+    combined = combine_shards(scores_dir, found.num_shards, manifest.job, FORMAT)
+    if combined is not None:
+        summary_ = write_audience(
+            output, spec, products, rows, as_of, engine.identity, combined, bool(cfg.report), start
+        )
+        result["audience"] = summary_
+        log.info(
+            "audience: %d of %d asked (shortfall %d), %d new to the products; expected conversions %.1f",
+            summary_["audience"],
+            spec.audience,
+            summary_["shortfall"],
+            summary_["explorers"],
+            summary_["expected_conversions"],
+        )
+    return result
+
+
+def _score(
+    cfg: DictConfig,
+    engine: OnnxEngine,
     spec: CampaignSpec,
-    shopper_ids: np.ndarray,
-    probability: np.ndarray,
-    days_since_bought: np.ndarray,
-    lapse_days: float = LAPSE_DAYS,
-) -> Audience:
-    """The audience of ``spec`` among shoppers ``shopper_ids`` [S] with ``probability`` [S] and days since
-    they last bought one of its products [S] (``inf``: never)."""
-    probability = np.asarray(probability, dtype=np.float64)
-    if not (np.isfinite(probability) & (probability >= 0) & (probability <= 1)).all():
-        raise ValueError("probabilities must be finite and within [0, 1]")
-    new = np.isinf(days_since_bought)
-    eligible = probability >= spec.min_probability
-    if spec.bought_within_days is not None:
-        eligible &= ~(days_since_bought <= spec.bought_within_days)
-    if spec.opted_out:
-        eligible &= ~np.isin(shopper_ids, np.asarray(spec.opted_out, dtype=np.int64))
-    order = np.lexsort((np.arange(len(probability)), -probability))  # best first, ties by position
-    ranked = order[eligible[order]]
-    if spec.exploration == 0.0:  # no reserved share: the plain top, whoever it is
-        size = min(spec.audience, len(ranked))
-        members = ranked[:size]
-    else:
-        ranked_new, ranked_old = ranked[new[ranked]], ranked[~new[ranked]]
-        size = _size(spec.audience, spec.exploration, len(ranked_new), len(ranked_old))
-        explore = _explorers(spec.exploration, size)
-        members = np.concatenate([ranked_new[:explore], ranked_old[: size - explore]])
-        members = members[np.lexsort((members, -probability[members]))]
-    segment = np.where(new[members], 2, np.where(days_since_bought[members] <= lapse_days, 0, 1)).astype(
-        np.int8
+    products: np.ndarray,
+    as_of: datetime,
+    found: Layout,
+    receipts: dict[str, Any],
+    job: dict[str, Any],
+    num_rows: int,
+) -> ShardManifest:
+    """Score the shard's parts not written yet (step 1)."""
+    directory = Path(cfg.output) / "scores" / found.shard_name
+    directory.mkdir(parents=True, exist_ok=True)
+    shard = {"index": found.shard_index, "count": found.num_shards}
+    manifest = ShardManifest(directory, job, shard, cfg.overwrite, FORMAT)
+    pending = [p for p in range(found.parts) if found.part_name(p) not in manifest.parts]
+    if not pending:
+        return manifest
+    partitions = Path(cfg.output) / "_partitions" / found.shard_name
+    partition_shard(cfg, found, receipts, partitions, num_rows)
+    for index in pending:
+        table = read_part(partitions, found, index)
+        name = found.part_name(index)
+        if table is None:
+            batches = [pa.record_batch([pa.array([], f.type) for f in SCORES], schema=SCORES)]
+        else:
+            sample = calibration_sample(np.unique(table.column(SHOPPER).to_numpy()), cfg.calibration_share)
+            batches = [score_part(engine, table, spec, products, as_of, sample, cfg.popular)]
+        entry = write_part(directory, name, batches, SCORES)
+        # the latest receipt says whether what happened after as_of is known (the evaluation)
+        latest = None if table is None else pc.max(table.column(TIMESTAMP)).as_py()
+        manifest.record(name, entry | {"last_receipt": None if latest is None else latest.isoformat()})
+    if not cfg.keep_partitions:
+        shutil.rmtree(partitions, ignore_errors=True)
+        with contextlib.suppress(OSError):  # other shards may still be using theirs
+            partitions.parent.rmdir()
+    return manifest
+
+
+def read_scores(scores_dir: Path, combined: dict[str, Any]) -> pa.Table:
+    """Every shard's scores, in shopper order (the parts the combined manifest lists)."""
+    tables = [
+        pq.read_table(scores_dir / shard / name, schema=SCORES)
+        for shard, entry in sorted(combined["shards"].items())
+        for name in sorted(entry["parts"])
+    ]
+    table = pa.concat_tables(tables)
+    return table.take(pc.sort_indices(table, [(SHOPPER, "ascending")]))
+
+
+def write_audience(
+    output: Path,
+    spec: CampaignSpec,
+    products: np.ndarray,
+    rows: np.ndarray,
+    as_of: datetime,
+    model: dict[str, Any],
+    combined: dict[str, Any],
+    report: bool,
+    started: float,
+) -> dict[str, Any]:
+    """Step 2: calibrate, select and write ``output/audience``; its summary."""
+    scores = read_scores(output / "scores", combined)
+    ids = scores.column(SHOPPER).to_numpy()
+    raw = scores.column("raw").to_numpy(zero_copy_only=False)
+    earlier = scores.column("calibration_raw").to_numpy(zero_copy_only=False)
+    sampled = ~np.isnan(earlier)
+    if not sampled.any():
+        raise CandidatesError("no shopper of the calibration sample has receipts one horizon before as_of")
+    calibration = fit_isotonic(earlier[sampled], scores.column("calibration_bought").to_numpy()[sampled])
+    probability = calibration(raw)
+    scored = ~np.isnan(probability)
+    since = scores.column("days_since_bought").to_numpy(zero_copy_only=False)
+    chosen = select_audience(spec, ids[scored], probability[scored], since[scored])
+    members = np.flatnonzero(scored)[chosen.members]
+    table = pa.table(
+        {
+            SHOPPER: pa.array(ids[members], pa.int64()),
+            "probability": pa.array(probability[members]),
+            "rank": pa.array(np.arange(1, len(members) + 1), pa.int64()),
+            "segment": pa.array([SEGMENTS[s] for s in chosen.segment.tolist()], pa.string()),
+        }
     )
-    plain = ranked[:size]
-    return Audience(
-        members=members,
-        segment=segment,
-        eligible=len(ranked),
-        shortfall=spec.audience - size,
-        explorers=int(new[members].sum()),
-        expected_conversions=float(probability[members].sum()),
-        exploration_cost=float(probability[plain].sum() - probability[members].sum()),
-        exploration_reach=int(new[members].sum() - new[plain].sum()),
+    baskets = scores.column("baskets").to_numpy()
+    low = baskets <= np.quantile(baskets[scored], 1 / 3) if scored.any() else np.zeros(len(ids), bool)
+    summary_: dict[str, Any] = {
+        "campaign_id": spec.campaign_id,
+        "spec": asdict(spec) | {"opted_out": len(spec.opted_out)},
+        "spec_sha256": _digest(asdict(spec)),
+        "bundle_id": model.get("bundle_id"),
+        "as_of": as_of.isoformat(),
+        "horizon_days": spec.horizon_days,
+        "products": len(products),
+        "products_in_bundle": len(rows),
+        "shoppers": len(ids),
+        "scored": int(scored.sum()),
+        "eligible": chosen.eligible,
+        "audience": len(members),
+        "shortfall": chosen.shortfall,
+        "explorers": chosen.explorers,
+        "segments": {name: int((chosen.segment == i).sum()) for i, name in enumerate(SEGMENTS)},
+        "expected_conversions": chosen.expected_conversions,
+        "exploration_cost": chosen.exploration_cost,
+        "exploration_reach": chosen.exploration_reach,
+        "low_activity": {
+            "max_baskets": int(baskets[low].max(initial=0)),
+            "in_audience": int(low[members].sum()),
+        },
+        "calibration": {
+            "window": [(as_of - timedelta(days=spec.horizon_days)).isoformat(), as_of.isoformat()],
+            "fit": summary(
+                calibration(earlier[sampled]), scores.column("calibration_bought").to_numpy()[sampled]
+            ),
+        },
+        "evaluation": None,
+    }
+    latest = max(
+        datetime.fromisoformat(entry["last_receipt"])
+        for shard in combined["shards"].values()
+        for entry in shard["parts"].values()
+        if entry.get("last_receipt")
     )
+    if latest >= as_of + timedelta(days=spec.horizon_days):  # what happened after as_of is known
+        outcome = scores.column("bought_after").to_numpy()
+        summary_["evaluation"] = {
+            "overall": _judged(probability[scored], outcome[scored]),
+            "low_activity": _judged(probability[scored & low], outcome[scored & low]),
+            "audience_conversions": int(outcome[members].sum()),
+        }
+    target = output / "audience"
+    with staged_directory(target) as staging:
+        with atomic_path(staging / "audience.parquet") as tmp:
+            pq.write_table(table, tmp)
+        write_json(staging / "calibration.json", calibration.to_dict())
+        if report:
+            judged = (
+                summary_["evaluation"]["overall"]
+                if summary_["evaluation"]
+                else summary_["calibration"]["fit"]
+            )
+            when = "after the scoring date" if summary_["evaluation"] else "calibration window"
+            with atomic_path(staging / "reliability.png") as tmp:
+                tmp.write_bytes(
+                    reliability_png(judged["reliability"], f"Campaign {spec.campaign_id}: {when}")
+                )
+        summary_["seconds"] = round(time.perf_counter() - started, 1)  # this shard's run, both steps
+        write_json(staging / "audience.json", summary_)
+    return summary_
 
 
-def _explorers(share: float, size: int) -> int:
-    """Members of an audience of ``size`` reserved for shoppers new to the products (half rounds up)."""
-    return int(np.floor(share * size + 0.5))
+def _judged(probability: np.ndarray, outcome: np.ndarray) -> dict[str, Any]:
+    """Calibration measures and AUC of probabilities against what happened (AUC None without both
+    outcomes)."""
+    judged = summary(probability, outcome)
+    judged["auc"] = auc(probability, outcome) if 0 < outcome.sum() < len(outcome) else None
+    return judged
 
 
-def _size(asked: int, share: float, new: int, old: int) -> int:
-    """The largest audience <= ``asked`` whose exploration share can be filled from ``new`` explorers and
-    ``old`` other eligible shoppers."""
-    size = min(asked, new + old, int((new + 0.5) / share) if share > 0 else asked)
-    if share < 1:
-        size = min(size, int((old + 0.5) / (1 - share)))
-    # the bounds above are within rounding of the answer: step down the last few
-    while size > 0 and (_explorers(share, size) > new or size - _explorers(share, size) > old):
-        size -= 1
-    return size
+@hydra.main(version_base="1.3", config_path="../conf", config_name="audience")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -47,14 +47,18 @@ class CandidatesError(ValueError):
     """A job that cannot run as configured; the message names the setting or input at fault."""
 
 
-def write_part(directory: Path, name: str, batches: list[pa.RecordBatch]) -> dict[str, Any]:
-    """Write a part atomically (hidden temporary file, then ``os.replace``); returns its manifest entry."""
-    table = pa.Table.from_batches(batches, schema=SCHEMA)
+def write_part(
+    directory: Path, name: str, batches: list[pa.RecordBatch], schema: pa.Schema = SCHEMA
+) -> dict[str, Any]:
+    """Write a part atomically (hidden temporary file, then ``os.replace``); returns its manifest entry
+    (its ``fallback`` rows: those of a ``fallback`` column, if the schema has one)."""
+    table = pa.Table.from_batches(batches, schema=schema)
     with atomic_path(directory / name) as tmp:
         pq.write_table(table, tmp)
+        fallback = pc.sum(table.column("fallback")).as_py() if "fallback" in schema.names else 0
         return {
             "rows": table.num_rows,
-            "fallback": int(pc.sum(table.column("fallback")).as_py() or 0),
+            "fallback": int(fallback or 0),
             "sha256": sha256_file(tmp),
             "bytes": tmp.stat().st_size,
         }
@@ -63,8 +67,15 @@ def write_part(directory: Path, name: str, batches: list[pa.RecordBatch]) -> dic
 class ShardManifest:
     """The shard's ``_manifest.json``: the job, and each finished part (rewritten as each one lands)."""
 
-    def __init__(self, directory: Path, job: dict[str, Any], shard: dict[str, int], overwrite: bool) -> None:
-        self.path = directory / MANIFEST_FILE
+    def __init__(
+        self,
+        directory: Path,
+        job: dict[str, Any],
+        shard: dict[str, int],
+        overwrite: bool,
+        kind: str = FORMAT,
+    ) -> None:
+        self.path, self.kind = directory / MANIFEST_FILE, kind
         self.job, self.shard = json.loads(json.dumps(job, default=str)), shard
         self.parts: dict[str, dict[str, Any]] = {}
         # left by a killed run; the shard's lock (batch.lock) guarantees no other run is writing them
@@ -77,7 +88,11 @@ class ShardManifest:
         except json.JSONDecodeError:  # e.g. lost in a crash of the machine: its parts are recomputed
             log.warning("%s is unreadable; recomputing every part of this shard", self.path)
             return
-        same = previous.get("format_version") == FORMAT_VERSION and previous.get("job") == self.job
+        same = (
+            previous.get("format", FORMAT) == kind
+            and previous.get("format_version") == FORMAT_VERSION
+            and previous.get("job") == self.job
+        )
         if same and previous.get("shard") == shard:
             # a recorded part counts only if its file is still the one that was recorded
             self.parts = {
@@ -102,7 +117,7 @@ class ShardManifest:
 
     def save(self, complete: bool, **extra: Any) -> dict[str, Any]:
         manifest = {
-            "format": FORMAT,
+            "format": self.kind,
             "format_version": FORMAT_VERSION,
             "job": self.job,
             "shard": self.shard,
@@ -117,7 +132,9 @@ class ShardManifest:
         return manifest
 
 
-def combine_shards(output: Path, num_shards: int, job: dict[str, Any]) -> dict[str, Any] | None:
+def combine_shards(
+    output: Path, num_shards: int, job: dict[str, Any], kind: str = FORMAT
+) -> dict[str, Any] | None:
     """Write ``output/_manifest.json`` over all shards if every one is complete (else return None).
 
     Any shard may be the last to finish, so each one tries; the content is the same whoever writes it.
@@ -132,7 +149,7 @@ def combine_shards(output: Path, num_shards: int, job: dict[str, Any]) -> dict[s
             return None
         shards[path.parent.name] = {key: manifest[key] for key in ("rows", "fallback_rows", "parts")}
     combined = {
-        "format": FORMAT,
+        "format": kind,
         "format_version": FORMAT_VERSION,
         "job": job,
         "num_shards": num_shards,

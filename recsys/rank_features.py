@@ -349,31 +349,76 @@ def features(
     (:func:`recsys.scoring.search_size`); only that many best ones are read, so the answer does not depend
     on how many more were searched.
     """
-    if not histories.timed.all():
-        raise ValueError("ranking needs the purchase times of every history")
-    if len(histories.rows) and histories.rows.max() >= stats.num_items:
-        raise ValueError(f"history item rows must be < {stats.num_items}, the ranker's catalogue size")
-    rows = np.asarray(rows)
-    if rows.ndim != 2 or rows.shape[0] != histories.num_shoppers:
-        raise ValueError(f"candidate rows {rows.shape} for {histories.num_shoppers} histories")
-    entries = _entries(histories)
-    pairs = _pairs(entries)
-    distinct = np.bincount(pairs.owner, minlength=histories.num_shoppers)
-    net_owner, net_rows, net_scores, net_rank = _searched(rows, scores, new_candidates + distinct)
-    recent_owner, recent_rows = _recent_products(entries)
-    co_owner, co_rows, co_scores = _co_candidates(recent_owner, recent_rows, stats)
+    context = _Context.of(histories, rows, scores, stats, new_candidates)
     owner, item_rows, source = gather(
-        (pairs.owner, pairs.rows, pairs.baskets),
-        (net_owner, net_rows, net_rank),
-        (co_owner, co_rows, co_scores),
+        (context.pairs.owner, context.pairs.rows, context.pairs.baskets),
+        (context.searched[0], context.searched[1], context.searched[3]),  # owner, rows, rank
+        context.co,
         stats.categories,
         stats.popularity,
         (history_candidates, new_candidates, co_purchase_candidates, category_candidates),
-        pairs.decayed[HALF_LIVES_DAYS.index(90.0)],
+        context.pairs.decayed[HALF_LIVES_DAYS.index(90.0)],
     )
-    searched = (net_owner, net_rows, net_scores, net_rank)
-    x = _matrix(histories, entries, pairs, owner, item_rows, searched, (co_owner, co_rows, co_scores), stats)
-    return Candidates(owner, item_rows, source, x)
+    return Candidates(owner, item_rows, source, context.matrix(owner, item_rows))
+
+
+def pair_features(
+    histories: Histories,
+    owner: np.ndarray,
+    rows: np.ndarray,
+    searched_rows: np.ndarray,
+    searched_scores: np.ndarray,
+    stats: ItemStats,
+    new_candidates: int,
+) -> np.ndarray:
+    """The feature rows [M, F] of given (shopper position ``owner``, item ``rows``) pairs, whatever source
+    would or would not have proposed them (a campaign's products, say); the network features read the
+    same best searched candidates as :func:`features` with ``new_candidates``."""
+    owner, rows = np.asarray(owner, dtype=np.int64), np.asarray(rows, dtype=np.int64)
+    if owner.shape != rows.shape or owner.ndim != 1:
+        raise ValueError(f"owner {owner.shape} and rows {rows.shape} must be the same 1-D shape")
+    if len(rows) and (rows.min() < 0 or rows.max() >= stats.num_items):
+        raise ValueError(f"pair item rows must be in [0, {stats.num_items})")
+    if len(owner) and (owner.min() < 0 or owner.max() >= histories.num_shoppers):
+        raise ValueError(f"pair owners must be in [0, {histories.num_shoppers})")
+    context = _Context.of(histories, searched_rows, searched_scores, stats, new_candidates)
+    return context.matrix(owner, rows)
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What every feature row of some histories reads: their entries and pairs, the network's searched
+    candidates and the co-purchase neighbours of their recent baskets."""
+
+    histories: Histories
+    entries: _Entries
+    pairs: _Pairs
+    searched: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # owner, rows, scores, rank
+    co: tuple[np.ndarray, np.ndarray, np.ndarray]  # owner, rows, score
+    stats: ItemStats
+
+    @classmethod
+    def of(
+        cls, histories: Histories, rows: np.ndarray, scores: np.ndarray, stats: ItemStats, new_candidates: int
+    ) -> _Context:
+        if not histories.timed.all():
+            raise ValueError("ranking needs the purchase times of every history")
+        if len(histories.rows) and histories.rows.max() >= stats.num_items:
+            raise ValueError(f"history item rows must be < {stats.num_items}, the ranker's catalogue size")
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[0] != histories.num_shoppers:
+            raise ValueError(f"candidate rows {rows.shape} for {histories.num_shoppers} histories")
+        entries = _entries(histories)
+        pairs = _pairs(entries)
+        distinct = np.bincount(pairs.owner, minlength=histories.num_shoppers)
+        searched = _searched(rows, scores, new_candidates + distinct)
+        co = _co_candidates(*_recent_products(entries), stats)
+        return cls(histories, entries, pairs, searched, co, stats)
+
+    def matrix(self, owner: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return _matrix(
+            self.histories, self.entries, self.pairs, owner, rows, self.searched, self.co, self.stats
+        )
 
 
 def _matrix(

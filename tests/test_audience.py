@@ -1,16 +1,33 @@
-"""Campaign specs (batch/campaign.py) and audience selection (batch/audience.py): validation, the
-threshold, exclusions and the exact exploration share, against a brute-force reading of the rules."""
+"""Campaign specs (batch/campaign.py), audience selection (batch/audiences.py) and the audience job
+(batch/audience.py): validation, the threshold, exclusions and the exact exploration share against a
+brute-force reading of the rules; the job against a brute-force scoring, resumed, sharded, leak-free."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
+import yaml
+from omegaconf import DictConfig
 
-from batch.audience import SEGMENTS, select_audience
+from batch import audience as audience_job
+from batch.audiences import SEGMENTS, campaign_rows, raw_scores, score_part, select_audience
 from batch.campaign import MAX_SPEC_BYTES, CampaignSpec, SpecError, load_spec
+from batch.engines import OnnxEngine
+from recsys.calibration import Calibration
+from recsys.data.schema import PRODUCT, SHOPPER, TIMESTAMP
+from recsys.data.split import temporal_split
+from recsys.inputs import Histories
+from tests.bundles import make_bundle
+from tests.rankers import random_ranker
+from tests.shoppers import AS_OF, receipts, world
 
 BASE = {"campaign_id": 3, "products": [11, 12], "audience": 10}
 
@@ -124,3 +141,167 @@ def test_exploration_costs_conversions_and_reaches_new_shoppers() -> None:
         "new",
         "new",
     ]
+
+
+# --- the job: python -m batch.audience -------------------------------------------------------------
+
+HORIZON = 14
+
+
+@pytest.fixture(scope="module")
+def campaign_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A bundle with a ranker, seeded receipts reaching past the scoring date, and a campaign file."""
+    root = tmp_path_factory.mktemp("audience")
+    bundle = make_bundle(root / "bundle", num_items=40, max_len=6, repeat=random_ranker(40))
+    table = world(bundle.product_ids, shoppers=90)
+    pq.write_table(table, root / "receipts.parquet")
+    products = sorted(int(p) for p in bundle.product_ids[:6])
+    spec_file = root / "spec.yaml"
+    spec = {"campaign_id": 7, "products": products, "horizon_days": HORIZON, "audience": 30,
+            "min_probability": 0.05, "exploration": 0.2}  # fmt: skip
+    spec_file.write_text(yaml.safe_dump(spec))
+    return {"root": root, "bundle": bundle, "table": table, "products": np.array(products), "spec": spec_file}
+
+
+def _job(compose_config: Callable[..., DictConfig], w: dict, output: Path, *extra: str) -> DictConfig:
+    return compose_config("audience", [
+        f"campaign={w['spec']}", f"bundle={w['bundle'].path}", f"receipts={w['root'] / 'receipts.parquet'}",
+        f"output={output}", f"as_of={AS_OF.date()}", "progress=false", *extra,
+    ])  # fmt: skip
+
+
+def test_the_job_writes_a_calibrated_thresholded_audience(
+    tmp_path: Path, compose_config: Callable[..., DictConfig], campaign_world: dict
+) -> None:
+    summary = audience_job.run(_job(compose_config, campaign_world, tmp_path / "out"))["audience"]
+    folder = tmp_path / "out" / "audience"
+    table = pq.read_table(folder / "audience.parquet")
+    p = table.column("probability").to_numpy()
+    assert table.num_rows == summary["audience"] and len(set(table.column("shopper_id").to_pylist())) == len(
+        p
+    )
+    assert (p >= 0.05).all() and np.all(np.diff(p) <= 0)  # the threshold; best first
+    assert table.column("rank").to_pylist() == list(range(1, len(p) + 1))
+    assert summary["audience"] + summary["shortfall"] == 30
+    new = table.column("segment").to_numpy(zero_copy_only=False) == "new"
+    assert new.sum() == summary["explorers"] == int(np.floor(0.2 * len(p) + 0.5))  # the exact share
+    calibration = Calibration.from_dict(json.loads((folder / "calibration.json").read_text()))
+    assert np.all(np.diff(calibration.probability) >= 0) and calibration.examples > 0  # monotone, stored
+    assert (folder / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    judged = summary["evaluation"]["overall"]  # the receipts go on past as_of + horizon
+    assert judged["examples"] == summary["scored"] and 0 <= judged["ece"] <= 1
+    assert json.loads(json.dumps(summary)) == json.loads((folder / "audience.json").read_text())
+
+
+def test_the_audience_equals_a_brute_force_scoring_of_each_shopper(
+    tmp_path: Path, compose_config: Callable[..., DictConfig], campaign_world: dict
+) -> None:
+    """Each shopper scored alone, as serving would see it (its own history from the receipts), through
+    the stored calibration, then the rules: the same audience and probabilities as the job's."""
+    audience_job.run(_job(compose_config, campaign_world, tmp_path / "out"))
+    folder = tmp_path / "out" / "audience"
+    calibration = Calibration.from_dict(json.loads((folder / "calibration.json").read_text()))
+    engine = OnnxEngine(campaign_world["bundle"].path, threads=1)
+    rows = campaign_rows(engine, campaign_world["products"])
+    before, _ = temporal_split(campaign_world["table"], AS_OF)
+    ids = np.unique(before.column(SHOPPER).to_numpy())
+    probability, since = np.zeros(len(ids)), np.zeros(len(ids))
+    for i, shopper in enumerate(ids):
+        mine = before.filter(pc.equal(before.column(SHOPPER), shopper))
+        mine = mine.take(pc.sort_indices(mine, [(TIMESTAMP, "ascending")]))
+        seconds = pc.cast(mine.column(TIMESTAMP), pa.int64()).to_numpy() / 1e6
+        one = Histories.from_requests(engine.vocab, [mine.column(PRODUCT).to_numpy()], [seconds])
+        probability[i] = calibration(raw_scores(engine, one, rows, AS_OF, HORIZON))[0]
+        bought = np.isin(mine.column(PRODUCT).to_numpy(), campaign_world["products"])
+        since[i] = (AS_OF.timestamp() - seconds[bought].max()) / 86400 if bought.any() else np.inf
+    expected = select_audience(load_spec(campaign_world["spec"]), ids, probability, since)
+    table = pq.read_table(folder / "audience.parquet")
+    assert table.column("shopper_id").to_pylist() == ids[expected.members].tolist()
+    np.testing.assert_allclose(table.column("probability").to_numpy(), probability[expected.members], 1e-9)
+
+
+def test_a_killed_job_resumes_with_one_row_per_shopper(
+    tmp_path: Path,
+    compose_config: Callable[..., DictConfig],
+    campaign_world: dict,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg = _job(compose_config, campaign_world, tmp_path / "out", "parts=3")
+    calls = []
+    real = audience_job.score_part
+
+    def dies_on_the_second_part(*args: object, **kwargs: object) -> pa.RecordBatch:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a kill would stop it
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(audience_job, "score_part", dies_on_the_second_part)
+    with pytest.raises(KeyboardInterrupt):
+        audience_job.run(cfg)
+    assert not (tmp_path / "out" / "audience").exists()
+    monkeypatch.setattr(audience_job, "score_part", real)
+    resumed = audience_job.run(cfg)
+    assert len(resumed["shard"]["parts"]) == 3
+    scores = pq.read_table(tmp_path / "out" / "scores")
+    ids = scores.column("shopper_id").to_numpy()
+    before, _ = temporal_split(campaign_world["table"], AS_OF)
+    assert sorted(ids.tolist()) == np.unique(before.column(SHOPPER).to_numpy()).tolist()  # once each
+    single = audience_job.run(_job(compose_config, campaign_world, tmp_path / "one"))
+    assert resumed["audience"]["expected_conversions"] == pytest.approx(
+        single["audience"]["expected_conversions"]
+    )
+
+
+def test_two_shards_give_the_audience_of_one(
+    tmp_path: Path, compose_config: Callable[..., DictConfig], campaign_world: dict
+) -> None:
+    first = audience_job.run(_job(compose_config, campaign_world, tmp_path / "two", "num_shards=2"))
+    assert "audience" not in first  # written by the shard that completes last
+    audience_job.run(_job(compose_config, campaign_world, tmp_path / "two", "num_shards=2", "shard_index=1"))
+    audience_job.run(_job(compose_config, campaign_world, tmp_path / "one"))
+    two, one = (pq.read_table(tmp_path / d / "audience" / "audience.parquet") for d in ("two", "one"))
+    assert two.equals(one)
+
+
+def test_nothing_on_or_after_the_scoring_date_reaches_the_scores_or_the_calibration(
+    campaign_world: dict,
+) -> None:
+    """Planted purchases of the campaign's products on and after as_of change only the outcome; planted
+    ones in the calibration window change its outcome, never its scores (read one horizon earlier)."""
+    engine = OnnxEngine(campaign_world["bundle"].path, threads=1)
+    table, products = campaign_world["table"], campaign_world["products"]
+    spec_ = load_spec(campaign_world["spec"])
+    ids = np.unique(table.column(SHOPPER).to_numpy())
+    everyone = np.ones(len(ids), dtype=bool)
+
+    def planted(start: datetime, days: int) -> pa.Table:
+        rows = [
+            (
+                int(s),
+                10**9 + i,
+                int(products[i % len(products)]),
+                start + timedelta(days=i % days, hours=1),
+                1.0,
+            )
+            for i, s in enumerate(ids)
+        ]
+        return pa.concat_tables([table, receipts(rows)])
+
+    clean = score_part(engine, table, spec_, products, AS_OF, everyone)
+    future = score_part(engine, planted(AS_OF, 30), spec_, products, AS_OF, everyone)
+    for column in (
+        "shopper_id",
+        "raw",
+        "days_since_bought",
+        "baskets",
+        "calibration_raw",
+        "calibration_bought",
+    ):
+        assert future.column(column).equals(clean.column(column)), column
+    assert not future.column("bought_after").equals(clean.column("bought_after"))
+    window = score_part(
+        engine, planted(AS_OF - timedelta(days=HORIZON), HORIZON), spec_, products, AS_OF, everyone
+    )
+    assert window.column("calibration_raw").equals(clean.column("calibration_raw"))
+    assert not window.column("calibration_bought").equals(clean.column("calibration_bought"))

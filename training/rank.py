@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from omegaconf import DictConfig, OmegaConf
 
+from recsys.calibration import reliability
 from recsys.candidate_sources import SOURCES
 from recsys.data.sequences import build_sequences
 from recsys.data.split import next_basket_targets, temporal_split
@@ -282,22 +283,6 @@ def fit(
 def _logloss(p: np.ndarray, y: np.ndarray) -> float:
     p = np.clip(p, 1e-7, 1 - 1e-7)
     return float(-np.mean(np.where(y, np.log(p), np.log1p(-p))))
-
-
-def reliability(predicted: np.ndarray, labels: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
-    """Mean predicted vs observed rate in ``bins`` equal-count bins of the predictions (calibration)."""
-    order = np.argsort(predicted, kind="stable")
-    out = []
-    for chunk in np.array_split(order, bins):
-        if len(chunk):
-            out.append(
-                {
-                    "predicted": float(predicted[chunk].mean()),
-                    "observed": float(labels[chunk].mean()),
-                    "pairs": len(chunk),
-                }
-            )
-    return out
 
 
 def fit_and_test(

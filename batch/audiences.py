@@ -1,0 +1,238 @@
+"""Campaign audiences: every shopper's calibrated probability of buying a campaign's products, and the
+audience chosen from them (the threshold, exclusions, the exploration share).
+
+Scoring (:func:`score_part`, what the job ``batch.audience`` runs on each part of the receipts): the
+bundle's engine encodes and searches each shopper as the candidate job does (:func:`batch.pipeline.search`)
+and the ranker scores the campaign's products (:mod:`recsys.propensity`), at the scoring date and, for
+the calibration sample, one horizon earlier, where what happened next is known; and, when the receipts
+go on past the scoring date, what happened after it (the evaluation).
+
+:func:`select_audience` takes each shopper's calibrated probability of buying the campaign's products
+within its horizon and when the shopper last bought them, and returns the ranked audience:
+
+- never a shopper under ``min_probability``, opted out, or who bought the products within
+  ``bought_within_days``: the audience is smaller than asked rather than padded (the shortfall is
+  reported);
+- ``exploration`` of the audience is new to the products (never bought them), ranked by their own
+  probability; the share is exact (to one shopper of rounding): when one pool runs short, the audience
+  shrinks so that the share still holds;
+- every member's segment: ``repeat`` (bought the products within ``lapse_days``), ``lapsed`` (bought them
+  before that) or ``new`` (never);
+- the cost of exploring (expected conversions given up against the plain top of the ranking of the same
+  size) and its benefit (shoppers new to the products reached beyond that top).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from batch.campaign import CampaignSpec
+from batch.engines import Engine
+from batch.pipeline import Part, Timings, search
+from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
+from recsys.data.sequences import build_sequences
+from recsys.data.split import temporal_split
+from recsys.inputs import Histories
+from recsys.propensity import POPULAR, expected_baskets, next_basket, within_horizon
+from recsys.rules import Rules
+
+SEGMENTS = ("repeat", "lapsed", "new")
+LAPSE_DAYS = 90.0
+SECONDS_PER_DAY = 86_400.0
+SCORES = pa.schema(
+    [
+        pa.field(SHOPPER, pa.int64(), nullable=False),
+        pa.field("raw", pa.float64()),  # within-horizon raw score at the scoring date (NaN: no history)
+        pa.field("days_since_bought", pa.float64()),  # to the scoring date, inf: never bought the products
+        pa.field("baskets", pa.int64()),  # baskets before the scoring date (the low-activity view)
+        pa.field("calibration_raw", pa.float64()),  # raw score one horizon earlier (NaN: not sampled)
+        pa.field("calibration_bought", pa.bool_()),  # bought the products in the horizon before the date
+        pa.field("bought_after", pa.bool_()),  # bought them in the horizon after it (if the receipts say)
+    ]
+)
+
+
+def campaign_rows(engine: Engine, product_ids: np.ndarray) -> np.ndarray:
+    """The bundle's item rows of a campaign's products; ValueError when none is in the bundle's catalogue
+    (the products unknown to it cannot be scored, and are counted by the job's manifest)."""
+    rows = engine.vocab.rows(np.asarray(product_ids, dtype=np.int64))
+    if not (rows >= 0).any():
+        raise ValueError(f"none of the campaign's {len(product_ids)} products is in the bundle's catalogue")
+    return np.unique(rows[rows >= 0])
+
+
+def raw_scores(
+    engine: Engine,
+    histories: Histories,
+    rows: np.ndarray,
+    as_of: datetime,
+    horizon_days: float,
+    popular: int = POPULAR,
+) -> np.ndarray:
+    """[S] each shopper's raw within-horizon score (:mod:`recsys.propensity`) for the campaign of item
+    ``rows``, its history ending before ``as_of``; NaN for a shopper without a known product."""
+    if engine.repeat is None:
+        raise ValueError("campaign scores need the bundle's ranking stage (a bundle with a ranker)")
+    ids = np.arange(histories.num_shoppers, dtype=np.int64)
+    item_ids, gap_days = histories.model_inputs(engine.max_len)
+    part = Part(0, ids, histories, item_ids, gap_days, 0)
+    batch = search(engine, part, 0, histories.num_shoppers, Rules(k=1), Timings("encode", "top_k"))
+    q = next_basket(engine.repeat, histories, batch.rows, batch.scores, rows, popular)
+    baskets = expected_baskets(histories, as_of.timestamp() / SECONDS_PER_DAY, horizon_days)
+    return within_horizon(q, baskets)
+
+
+def _bought_between(table: pa.Table, products: np.ndarray, start: datetime, end: datetime) -> np.ndarray:
+    """Shopper ids with a purchase of ``products`` at or after ``start`` and before ``end``."""
+    kind = table.schema.field(TIMESTAMP).type
+    when = table.column(TIMESTAMP)
+    mask = pc.and_(
+        pc.and_(pc.greater_equal(when, pa.scalar(start, kind)), pc.less(when, pa.scalar(end, kind))),
+        pc.is_in(table.column(PRODUCT), pa.array(products, pa.int64())),
+    )
+    return np.unique(table.filter(mask).column(SHOPPER).to_numpy())
+
+
+def _histories(table: pa.Table, engine: Engine, shopper_ids: np.ndarray) -> Histories:
+    return Histories.from_sequences(
+        build_sequences(table, engine.vocab, drop_unknown=True).select(shopper_ids)
+    )
+
+
+def score_part(
+    engine: Engine,
+    table: pa.Table,
+    spec: CampaignSpec,
+    product_ids: np.ndarray,
+    as_of: datetime,
+    calibration: np.ndarray,
+    popular: int = POPULAR,
+) -> pa.RecordBatch:
+    """One part's rows of :data:`SCORES`: every shopper of receipts ``table`` with a purchase before
+    ``as_of``; ``calibration`` [S] marks (by the part's ascending shopper ids) the shoppers also scored one
+    horizon earlier for the calibration. ``product_ids``: the campaign's (all of them, for
+    ``days_since_bought`` and the outcomes; the bundle scores the ones it knows)."""
+    horizon = timedelta(days=spec.horizon_days)
+    before, after = temporal_split(table, as_of)
+    shopper_ids = np.unique(before.column(SHOPPER).to_numpy())
+    sample = calibration[np.searchsorted(np.unique(table.column(SHOPPER).to_numpy()), shopper_ids)]
+    rows = campaign_rows(engine, product_ids)
+    now = _histories(before, engine, shopper_ids)
+    raw = raw_scores(engine, now, rows, as_of, spec.horizon_days, popular)
+    # days since bought reads the receipts, not the bundle's catalogue: every campaign product counts
+    last = np.full(len(shopper_ids), -np.inf)
+    mine = before.filter(pc.is_in(before.column(PRODUCT), pa.array(product_ids, pa.int64())))
+    if mine.num_rows:
+        grouped = mine.group_by([SHOPPER]).aggregate([(TIMESTAMP, "max")])
+        at = np.searchsorted(shopper_ids, grouped.column(SHOPPER).to_numpy())
+        seconds = pc.cast(grouped.column(f"{TIMESTAMP}_max"), pa.int64()).to_numpy() / 1e6
+        last[at] = seconds / SECONDS_PER_DAY
+    since = as_of.timestamp() / SECONDS_PER_DAY - last
+    baskets = before.group_by([SHOPPER]).aggregate([(BASKET, "count_distinct")])
+    basket_count = np.zeros(len(shopper_ids), np.int64)
+    basket_count[np.searchsorted(shopper_ids, baskets.column(SHOPPER).to_numpy())] = baskets.column(
+        f"{BASKET}_count_distinct"
+    ).to_numpy()
+    calibration_raw = np.full(len(shopper_ids), np.nan)
+    earlier, window = temporal_split(before, as_of - horizon)
+    sampled = shopper_ids[sample & np.isin(shopper_ids, earlier.column(SHOPPER).to_numpy())]
+    if len(sampled):
+        then = _histories(earlier, engine, sampled)
+        calibration_raw[np.searchsorted(shopper_ids, sampled)] = raw_scores(
+            engine, then, rows, as_of - horizon, spec.horizon_days, popular
+        )
+    calibration_bought = np.isin(shopper_ids, _bought_between(window, product_ids, as_of - horizon, as_of))
+    bought_after = np.isin(shopper_ids, _bought_between(after, product_ids, as_of, as_of + horizon))
+    return pa.record_batch(
+        [
+            pa.array(shopper_ids, pa.int64()),
+            pa.array(raw),
+            pa.array(since),
+            pa.array(basket_count),
+            pa.array(calibration_raw),
+            pa.array(calibration_bought),
+            pa.array(bought_after),
+        ],
+        schema=SCORES,
+    )
+
+
+@dataclass(frozen=True)
+class Audience:
+    """The chosen shoppers (positions into the scored arrays), best first, and what it cost."""
+
+    members: np.ndarray  # [A] int64 positions, by probability descending (ties: smaller position first)
+    segment: np.ndarray  # [A] int8 index into SEGMENTS
+    eligible: int  # shoppers passing the threshold and exclusions
+    shortfall: int  # audience asked minus audience given
+    explorers: int  # members new to the products
+    expected_conversions: float  # sum of the members' probabilities
+    exploration_cost: float  # expected conversions of the plain top of the same size, minus the above
+    exploration_reach: int  # new-to-products members beyond those the plain top would have had
+
+
+def select_audience(
+    spec: CampaignSpec,
+    shopper_ids: np.ndarray,
+    probability: np.ndarray,
+    days_since_bought: np.ndarray,
+    lapse_days: float = LAPSE_DAYS,
+) -> Audience:
+    """The audience of ``spec`` among shoppers ``shopper_ids`` [S] with ``probability`` [S] and days since
+    they last bought one of its products [S] (``inf``: never)."""
+    probability = np.asarray(probability, dtype=np.float64)
+    if not (np.isfinite(probability) & (probability >= 0) & (probability <= 1)).all():
+        raise ValueError("probabilities must be finite and within [0, 1]")
+    new = np.isinf(days_since_bought)
+    eligible = probability >= spec.min_probability
+    if spec.bought_within_days is not None:
+        eligible &= ~(days_since_bought <= spec.bought_within_days)
+    if spec.opted_out:
+        eligible &= ~np.isin(shopper_ids, np.asarray(spec.opted_out, dtype=np.int64))
+    order = np.lexsort((np.arange(len(probability)), -probability))  # best first, ties by position
+    ranked = order[eligible[order]]
+    if spec.exploration == 0.0:  # no reserved share: the plain top, whoever it is
+        size = min(spec.audience, len(ranked))
+        members = ranked[:size]
+    else:
+        ranked_new, ranked_old = ranked[new[ranked]], ranked[~new[ranked]]
+        size = _size(spec.audience, spec.exploration, len(ranked_new), len(ranked_old))
+        explore = _explorers(spec.exploration, size)
+        members = np.concatenate([ranked_new[:explore], ranked_old[: size - explore]])
+        members = members[np.lexsort((members, -probability[members]))]
+    segment = np.where(new[members], 2, np.where(days_since_bought[members] <= lapse_days, 0, 1)).astype(
+        np.int8
+    )
+    plain = ranked[:size]
+    return Audience(
+        members=members,
+        segment=segment,
+        eligible=len(ranked),
+        shortfall=spec.audience - size,
+        explorers=int(new[members].sum()),
+        expected_conversions=float(probability[members].sum()),
+        exploration_cost=float(probability[plain].sum() - probability[members].sum()),
+        exploration_reach=int(new[members].sum() - new[plain].sum()),
+    )
+
+
+def _explorers(share: float, size: int) -> int:
+    """Members of an audience of ``size`` reserved for shoppers new to the products (half rounds up)."""
+    return int(np.floor(share * size + 0.5))
+
+
+def _size(asked: int, share: float, new: int, old: int) -> int:
+    """The largest audience <= ``asked`` whose exploration share can be filled from ``new`` explorers and
+    ``old`` other eligible shoppers."""
+    size = min(asked, new + old, int((new + 0.5) / share) if share > 0 else asked)
+    if share < 1:
+        size = min(size, int((old + 0.5) / (1 - share)))
+    # the bounds above are within rounding of the answer: step down the last few
+    while size > 0 and (_explorers(share, size) > new or size - _explorers(share, size) > old):
+        size -= 1
+    return size
