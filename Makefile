@@ -21,7 +21,8 @@ install: $(STAMP)
 
 # Train SASRec on Complete Journey (CPU-sized), compare it with the baselines, export the bundle
 # (ONNX + FAISS), print candidates for a few households through the torch-free serving library, and
-# write candidates for every household with the CPU batch job (ONNX + FAISS).
+# write candidates for every household with the CPU batch job (ONNX + FAISS), then the audience of one of
+# Complete Journey's coupon campaigns (batch.audience: calibrated, thresholded, 10% exploration).
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(PY) -m training.train experiment=demo hydra.run.dir=$(DEMO)/train
@@ -34,6 +35,14 @@ demo: $(STAMP)
 		import pyarrow.parquet as pq; pq.write_table(load(), '$(DEMO)/receipts.parquet')"
 	$(PY) -m batch.candidates receipts=$(DEMO)/receipts.parquet bundle=$(DEMO)/bundle \
 		output=$(DEMO)/candidates k=50 progress=false hydra.run.dir=$(DEMO)/candidates_run
+	$(PY) -c "import yaml; from recsys.data.completejourney import load_campaign_tables as load; \
+		c = load()['coupons']; ids = sorted(set(c.filter(c['campaign_id'].to_numpy() == 22)['product_id'].to_pylist())); \
+		yaml.safe_dump({'campaign_id': 22, 'name': 'Complete Journey campaign 22, its coupon products', \
+		'products': ids, 'horizon_days': 28, 'audience': 250, 'min_probability': 0.05, 'exploration': 0.1, \
+		'exclude': {'bought_within_days': 7}}, open('$(DEMO)/campaign_22.yaml', 'w'))"
+	$(PY) -m batch.audience campaign=$(DEMO)/campaign_22.yaml bundle=$(DEMO)/bundle \
+		receipts=$(DEMO)/receipts.parquet output=$(DEMO)/audience as_of=2017-12-01 \
+		timezone=America/New_York progress=false hydra.run.dir=$(DEMO)/audience_run
 
 # An Optuna TPE search (6 trials) over SASRec on Complete Journey, CPU-sized (one short epoch per trial): its
 # study, best trial as an experiment, trials.csv and search.png land in $(SWEEP_DEMO) (README, "Sweeps and clusters")

@@ -3,8 +3,9 @@
     python -m batch.allocate probabilities=PATH output=PATH shopper_cap=2 \\
         'campaigns=[{campaign_id: 7, audience: 5000, min_probability: 0.05}, {campaign_id: 9, audience: 800}]'
 
-Input: a parquet file of calibrated probabilities, one row per (shopper, campaign) pair: ``shopper_id``
-int64, ``campaign_id`` int64, ``probability`` float in [0, 1] (e.g. campaign audiences' scores). The
+Input: parquet files of calibrated probabilities (``probabilities=PATH`` or ``'probabilities=[A,B]'``,
+e.g. each campaign's ``batch.audience`` output ``audience/probabilities.parquet``), one row per (shopper,
+campaign) pair: ``shopper_id`` int64, ``campaign_id`` int64, ``probability`` float in [0, 1]. The
 campaigns (``campaigns``) give each one's ``audience`` (contacts at most), ``min_probability`` (pairs
 below it are never contacted: better no message than an irrelevant one) and ``value`` per conversion
 (expected value = probability x value; 1 counts expected conversions).
@@ -57,13 +58,19 @@ class AllocationError(ValueError):
     """Invalid allocation input or settings; the message names the problem."""
 
 
-def read_probabilities(path: str | Path, max_pairs: int) -> pa.Table:
-    """The probabilities table, checked: the three columns with integer ids and finite probabilities in
-    [0, 1], at most ``max_pairs`` rows, each (shopper, campaign) pair once."""
-    rows = pq.ParquetFile(path).metadata.num_rows
+def read_probabilities(paths: str | Path | list[str | Path], max_pairs: int) -> pa.Table:
+    """The probabilities of one parquet file or several (e.g. each campaign's audience job's
+    ``probabilities.parquet``), checked: the three columns with integer ids and finite probabilities in
+    [0, 1], at most ``max_pairs`` rows in all, each (shopper, campaign) pair once."""
+    files = [paths] if isinstance(paths, str | Path) else list(paths)
+    if not files:
+        raise AllocationError("probabilities names no file")
+    rows = sum(pq.ParquetFile(path).metadata.num_rows for path in files)
+    path = ", ".join(str(f) for f in files)
     if rows > max_pairs:
         raise AllocationError(f"{path} has {rows:,} rows, over max_pairs={max_pairs:,}")
-    table = pq.read_table(path)
+    tables = [pq.read_table(f) for f in files]
+    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     missing = set(INPUT_COLUMNS) - set(table.column_names)
     if missing:
         raise AllocationError(f"{path} lacks column(s) {sorted(missing)}; needs {sorted(INPUT_COLUMNS)}")
@@ -138,6 +145,8 @@ def solve(problem: Problem, solver: str) -> Allocation:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Allocate the week's contacts of ``cfg`` (conf/allocate.yaml) into ``cfg.output``; the summary."""
     campaigns = [campaign_spec(entry) for entry in OmegaConf.to_container(cfg.campaigns, resolve=True)]
+    given = cfg.probabilities
+    sources = [str(given)] if isinstance(given, str | Path) else [str(p) for p in given]
     if not campaigns:
         raise AllocationError("no campaigns given")
     if cfg.shopper_cap < 0 or (cfg.max_campaigns is not None and cfg.max_campaigns < 0):
@@ -147,7 +156,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "shopper_cap": int(cfg.shopper_cap),
         "max_campaigns": cfg.max_campaigns,
         "solver": cfg.solver,
-        "input": fingerprint([str(cfg.probabilities)]),
+        "input": fingerprint([str(p) for p in sources]),
     }
     identity = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     output = Path(cfg.output)
@@ -158,7 +167,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output.parent.mkdir(parents=True, exist_ok=True)
     with locked(output.with_name(f".{output.name}.lock")):
         start = time.perf_counter()
-        table = read_probabilities(cfg.probabilities, int(cfg.max_pairs))
+        table = read_probabilities(sources, int(cfg.max_pairs))
         problem, shoppers, probabilities = problem_of(
             table, campaigns, int(cfg.shopper_cap), cfg.max_campaigns, int(cfg.max_cells)
         )

@@ -19,6 +19,8 @@ Output::
 
     output/scores/shard=00000-of-00001/part-00000.parquet + _manifest.json    per-shopper raw scores
     output/audience/audience.parquet   shopper_id, probability, rank (1 = best), segment
+    output/audience/probabilities.parquet   shopper_id, campaign_id, probability of every shopper the
+                                       campaign may contact (threshold, exclusions): batch.allocate's input
     output/audience/audience.json      bundle id, spec and its hash, counts, shortfall, exploration's cost
                                        and reach, calibration fit and evaluation
     output/audience/calibration.json   the calibration's knots (recsys.calibration.Calibration)
@@ -48,30 +50,22 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
-from batch.audiences import SCORES, SEGMENTS, campaign_rows, score_part, select_audience
+from batch.audiences import SCORES, calibration_sample, campaign_rows, choose, score_part
 from batch.campaign import CampaignSpec, load_spec
 from batch.engines import OnnxEngine
 from batch.lock import LockError, locked
 from batch.manifests import CandidatesError, ShardManifest, combine_shards, write_part
-from batch.partition import Layout, read_part, shopper_hash
+from batch.partition import Layout, read_part
 from batch.shards import layout, partition_shard, receipts_identity
-from recsys.calibration import fit_isotonic, reliability_png, summary
+from recsys.calibration import reliability_png
 from recsys.data.loader import open_dataset
 from recsys.data.schema import SHOPPER, TIMESTAMP
 from recsys.data.split import parse_cutoff
-from recsys.evaluation.campaigns import auc
 from recsys.io import atomic_path, staged_directory, write_json
 
 log = logging.getLogger(__name__)
 
 FORMAT = "caddie-audience-scores"
-SAMPLE_BITS = 24  # the calibration sample reads the hash's top bits (the shard and part read its low ones)
-
-
-def calibration_sample(shopper_ids: np.ndarray, share: float) -> np.ndarray:
-    """[S] bool: the shoppers in the calibration sample (a ``share`` of them, the same in every shard)."""
-    top = (shopper_hash(np.asarray(shopper_ids, np.int64)) >> np.uint64(64 - SAMPLE_BITS)).astype(np.int64)
-    return top < share * (1 << SAMPLE_BITS)
 
 
 def _digest(value: Any) -> str:
@@ -127,6 +121,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             summary_["explorers"],
             summary_["expected_conversions"],
         )
+        for member in summary_["top"]:
+            log.info(
+                "  #%d household %d: probability %.3f (%s)",
+                member["rank"], member[SHOPPER], member["probability"], member["segment"],
+            )  # fmt: skip
     return result
 
 
@@ -193,77 +192,29 @@ def write_audience(
     started: float,
 ) -> dict[str, Any]:
     """Step 2: calibrate, select and write ``output/audience``; its summary."""
-    scores = read_scores(output / "scores", combined)
-    ids = scores.column(SHOPPER).to_numpy()
-    raw = scores.column("raw").to_numpy(zero_copy_only=False)
-    earlier = scores.column("calibration_raw").to_numpy(zero_copy_only=False)
-    sampled = ~np.isnan(earlier)
-    if not sampled.any():
-        raise CandidatesError("no shopper of the calibration sample has receipts one horizon before as_of")
-    calibration = fit_isotonic(earlier[sampled], scores.column("calibration_bought").to_numpy()[sampled])
-    probability = calibration(raw)
-    scored = ~np.isnan(probability)
-    since = scores.column("days_since_bought").to_numpy(zero_copy_only=False)
-    chosen = select_audience(spec, ids[scored], probability[scored], since[scored])
-    members = np.flatnonzero(scored)[chosen.members]
-    table = pa.table(
-        {
-            SHOPPER: pa.array(ids[members], pa.int64()),
-            "probability": pa.array(probability[members]),
-            "rank": pa.array(np.arange(1, len(members) + 1), pa.int64()),
-            "segment": pa.array([SEGMENTS[s] for s in chosen.segment.tolist()], pa.string()),
-        }
-    )
-    baskets = scores.column("baskets").to_numpy()
-    low = baskets <= np.quantile(baskets[scored], 1 / 3) if scored.any() else np.zeros(len(ids), bool)
-    summary_: dict[str, Any] = {
-        "campaign_id": spec.campaign_id,
-        "spec": asdict(spec) | {"opted_out": len(spec.opted_out)},
-        "spec_sha256": _digest(asdict(spec)),
-        "bundle_id": model.get("bundle_id"),
-        "as_of": as_of.isoformat(),
-        "horizon_days": spec.horizon_days,
-        "products": len(products),
-        "products_in_bundle": len(rows),
-        "shoppers": len(ids),
-        "scored": int(scored.sum()),
-        "eligible": chosen.eligible,
-        "audience": len(members),
-        "shortfall": chosen.shortfall,
-        "explorers": chosen.explorers,
-        "segments": {name: int((chosen.segment == i).sum()) for i, name in enumerate(SEGMENTS)},
-        "expected_conversions": chosen.expected_conversions,
-        "exploration_cost": chosen.exploration_cost,
-        "exploration_reach": chosen.exploration_reach,
-        "low_activity": {
-            "max_baskets": int(baskets[low].max(initial=0)),
-            "in_audience": int(low[members].sum()),
-        },
-        "calibration": {
-            "window": [(as_of - timedelta(days=spec.horizon_days)).isoformat(), as_of.isoformat()],
-            "fit": summary(
-                calibration(earlier[sampled]), scores.column("calibration_bought").to_numpy()[sampled]
-            ),
-        },
-        "evaluation": None,
-    }
     latest = max(
         datetime.fromisoformat(entry["last_receipt"])
         for shard in combined["shards"].values()
         for entry in shard["parts"].values()
         if entry.get("last_receipt")
     )
-    if latest >= as_of + timedelta(days=spec.horizon_days):  # what happened after as_of is known
-        outcome = scores.column("bought_after").to_numpy()
-        summary_["evaluation"] = {
-            "overall": _judged(probability[scored], outcome[scored]),
-            "low_activity": _judged(probability[scored & low], outcome[scored & low]),
-            "audience_conversions": int(outcome[members].sum()),
-        }
+    scores = read_scores(output / "scores", combined)
+    chosen = choose(scores, spec, as_of, latest >= as_of + timedelta(days=spec.horizon_days))
+    table, calibration, summary_ = chosen.table, chosen.calibration, chosen.summary
+    summary_ = {
+        "campaign_id": spec.campaign_id,
+        "spec": asdict(spec) | {"opted_out": len(spec.opted_out)},
+        "spec_sha256": _digest(asdict(spec)),
+        "bundle_id": model.get("bundle_id"),
+        "products": len(products),
+        "products_in_bundle": len(rows),
+    } | summary_
     target = output / "audience"
     with staged_directory(target) as staging:
         with atomic_path(staging / "audience.parquet") as tmp:
             pq.write_table(table, tmp)
+        with atomic_path(staging / "probabilities.parquet") as tmp:
+            pq.write_table(chosen.eligible, tmp)
         write_json(staging / "calibration.json", calibration.to_dict())
         if report:
             judged = (
@@ -279,14 +230,6 @@ def write_audience(
         summary_["seconds"] = round(time.perf_counter() - started, 1)  # this shard's run, both steps
         write_json(staging / "audience.json", summary_)
     return summary_
-
-
-def _judged(probability: np.ndarray, outcome: np.ndarray) -> dict[str, Any]:
-    """Calibration measures and AUC of probabilities against what happened (AUC None without both
-    outcomes)."""
-    judged = summary(probability, outcome)
-    judged["auc"] = auc(probability, outcome) if 0 < outcome.sum() < len(outcome) else None
-    return judged
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="audience")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,21 +34,26 @@ import pyarrow.compute as pc
 
 from batch.campaign import CampaignSpec
 from batch.engines import Engine
+from batch.partition import shopper_hash
 from batch.pipeline import Part, Timings, search
+from recsys.calibration import Calibration, fit_isotonic, summary
 from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
 from recsys.data.sequences import build_sequences
 from recsys.data.split import temporal_split
+from recsys.evaluation.campaigns import auc
 from recsys.inputs import Histories
-from recsys.propensity import POPULAR, expected_baskets, next_basket, within_horizon
+from recsys.propensity import POPULAR, raw_score
 from recsys.rules import Rules
 
 SEGMENTS = ("repeat", "lapsed", "new")
+TOP = 5  # members a summary shows
+SAMPLE_BITS = 24  # the calibration sample reads the hash's top bits (the shard and part read its low ones)
 LAPSE_DAYS = 90.0
 SECONDS_PER_DAY = 86_400.0
 SCORES = pa.schema(
     [
         pa.field(SHOPPER, pa.int64(), nullable=False),
-        pa.field("raw", pa.float64()),  # within-horizon raw score at the scoring date (NaN: no history)
+        pa.field("raw", pa.float64()),  # the raw score (recsys.propensity) at the scoring date (NaN: none)
         pa.field("days_since_bought", pa.float64()),  # to the scoring date, inf: never bought the products
         pa.field("baskets", pa.int64()),  # baskets before the scoring date (the low-activity view)
         pa.field("calibration_raw", pa.float64()),  # raw score one horizon earlier (NaN: not sampled)
@@ -82,9 +88,8 @@ def raw_scores(
     item_ids, gap_days = histories.model_inputs(engine.max_len)
     part = Part(0, ids, histories, item_ids, gap_days, 0)
     batch = search(engine, part, 0, histories.num_shoppers, Rules(k=1), Timings("encode", "top_k"))
-    q = next_basket(engine.repeat, histories, batch.rows, batch.scores, rows, popular)
-    baskets = expected_baskets(histories, as_of.timestamp() / SECONDS_PER_DAY, horizon_days)
-    return within_horizon(q, baskets)
+    days = as_of.timestamp() / SECONDS_PER_DAY
+    return raw_score(engine.repeat, histories, batch.rows, batch.scores, rows, days, horizon_days, popular)
 
 
 def _bought_between(table: pa.Table, products: np.ndarray, start: datetime, end: datetime) -> np.ndarray:
@@ -186,14 +191,8 @@ def select_audience(
     """The audience of ``spec`` among shoppers ``shopper_ids`` [S] with ``probability`` [S] and days since
     they last bought one of its products [S] (``inf``: never)."""
     probability = np.asarray(probability, dtype=np.float64)
-    if not (np.isfinite(probability) & (probability >= 0) & (probability <= 1)).all():
-        raise ValueError("probabilities must be finite and within [0, 1]")
     new = np.isinf(days_since_bought)
-    eligible = probability >= spec.min_probability
-    if spec.bought_within_days is not None:
-        eligible &= ~(days_since_bought <= spec.bought_within_days)
-    if spec.opted_out:
-        eligible &= ~np.isin(shopper_ids, np.asarray(spec.opted_out, dtype=np.int64))
+    eligible = eligibility(spec, shopper_ids, probability, days_since_bought)
     order = np.lexsort((np.arange(len(probability)), -probability))  # best first, ties by position
     ranked = order[eligible[order]]
     if spec.exploration == 0.0:  # no reserved share: the plain top, whoever it is
@@ -221,6 +220,22 @@ def select_audience(
     )
 
 
+def eligibility(
+    spec: CampaignSpec, shopper_ids: np.ndarray, probability: np.ndarray, days_since_bought: np.ndarray
+) -> np.ndarray:
+    """[S] bool: who ``spec`` may contact at all: at or over ``min_probability``, not opted out, not a
+    buyer of the products within ``bought_within_days``."""
+    probability = np.asarray(probability, dtype=np.float64)
+    if not (np.isfinite(probability) & (probability >= 0) & (probability <= 1)).all():
+        raise ValueError("probabilities must be finite and within [0, 1]")
+    eligible = probability >= spec.min_probability
+    if spec.bought_within_days is not None:
+        eligible &= ~(days_since_bought <= spec.bought_within_days)
+    if spec.opted_out:
+        eligible &= ~np.isin(shopper_ids, np.asarray(spec.opted_out, dtype=np.int64))
+    return eligible
+
+
 def _explorers(share: float, size: int) -> int:
     """Members of an audience of ``size`` reserved for shoppers new to the products (half rounds up)."""
     return int(np.floor(share * size + 0.5))
@@ -236,3 +251,116 @@ def _size(asked: int, share: float, new: int, old: int) -> int:
     while size > 0 and (_explorers(share, size) > new or size - _explorers(share, size) > old):
         size -= 1
     return size
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """A campaign's audience (shopper_id, probability, rank, segment), the shoppers it may contact (the
+    allocation's input, ``batch.allocate``), its calibration and summary."""
+
+    table: pa.Table
+    eligible: pa.Table  # every shopper the campaign may contact: shopper_id, campaign_id, probability
+    calibration: Calibration
+    summary: dict[str, Any]
+
+
+def choose(scores: pa.Table, spec: CampaignSpec, as_of: datetime, outcome_known: bool) -> Chosen:
+    """Calibrate ``scores`` (rows of :data:`SCORES`, every shopper once) on their calibration sample and
+    choose the audience of ``spec``; judge the probabilities against ``bought_after`` when
+    ``outcome_known`` (the receipts reach ``as_of + horizon``)."""
+    ids = scores.column(SHOPPER).to_numpy()
+    raw = scores.column("raw").to_numpy(zero_copy_only=False)
+    earlier = scores.column("calibration_raw").to_numpy(zero_copy_only=False)
+    bought = scores.column("calibration_bought").to_numpy(zero_copy_only=False)
+    sampled = ~np.isnan(earlier)
+    if not sampled.any():
+        raise ValueError("no shopper of the calibration sample has receipts one horizon before as_of")
+    calibration = fit_isotonic(earlier[sampled], bought[sampled])
+    probability = calibration(raw)
+    scored = ~np.isnan(probability)
+    since = scores.column("days_since_bought").to_numpy(zero_copy_only=False)
+    chosen = select_audience(spec, ids[scored], probability[scored], since[scored])
+    members = np.flatnonzero(scored)[chosen.members]
+    table = pa.table(
+        {
+            SHOPPER: pa.array(ids[members], pa.int64()),
+            "probability": pa.array(probability[members]),
+            "rank": pa.array(np.arange(1, len(members) + 1), pa.int64()),
+            "segment": pa.array([SEGMENTS[s] for s in chosen.segment.tolist()], pa.string()),
+        }
+    )
+    may = np.flatnonzero(scored)[eligibility(spec, ids[scored], probability[scored], since[scored])]
+    eligible = pa.table(
+        {
+            SHOPPER: pa.array(ids[may], pa.int64()),
+            "campaign_id": pa.array(np.full(len(may), spec.campaign_id), pa.int64()),
+            "probability": pa.array(probability[may]),
+        }
+    )
+    baskets = scores.column("baskets").to_numpy()
+    low = baskets <= np.quantile(baskets[scored], 1 / 3) if scored.any() else np.zeros(len(ids), bool)
+    summary_: dict[str, Any] = {
+        "as_of": as_of.isoformat(),
+        "horizon_days": spec.horizon_days,
+        "shoppers": len(ids),
+        "scored": int(scored.sum()),
+        "eligible": chosen.eligible,
+        "audience": len(members),
+        "shortfall": chosen.shortfall,
+        "explorers": chosen.explorers,
+        "segments": {name: int((chosen.segment == i).sum()) for i, name in enumerate(SEGMENTS)},
+        "expected_conversions": chosen.expected_conversions,
+        "exploration_cost": chosen.exploration_cost,
+        "exploration_reach": chosen.exploration_reach,
+        "low_activity": {
+            "max_baskets": int(baskets[low].max(initial=0)),
+            "in_audience": int(low[members].sum()),
+        },
+        "calibration": {
+            "window": [(as_of - timedelta(days=spec.horizon_days)).isoformat(), as_of.isoformat()],
+            "fit": summary(calibration(earlier[sampled]), bought[sampled]),
+        },
+        "evaluation": None,
+        "top": table.slice(0, TOP).to_pylist(),
+    }
+    if outcome_known:
+        outcome = scores.column("bought_after").to_numpy(zero_copy_only=False)
+        summary_["evaluation"] = {
+            "overall": _judged(probability[scored], outcome[scored]),
+            "low_activity": _judged(probability[scored & low], outcome[scored & low]),
+            "audience_conversions": int(outcome[members].sum()),
+        }
+    return Chosen(table, eligible, calibration, summary_)
+
+
+def audience(
+    engine: Engine,
+    receipts: pa.Table,
+    spec: CampaignSpec,
+    as_of: datetime,
+    calibration_share: float = 1.0,
+    popular: int = POPULAR,
+) -> Chosen:
+    """The audience of ``spec`` among the shoppers of an in-memory receipts table (canonical columns),
+    scored and chosen as the job does (without its sharding, resuming and files)."""
+    product_ids = spec.product_ids(engine.items)
+    shopper_ids = np.unique(receipts.column(SHOPPER).to_numpy())
+    sample = calibration_sample(shopper_ids, calibration_share)
+    scores = pa.Table.from_batches([score_part(engine, receipts, spec, product_ids, as_of, sample, popular)])
+    latest = pc.max(receipts.column(TIMESTAMP)).as_py()
+    return choose(scores, spec, as_of, latest >= as_of + timedelta(days=spec.horizon_days))
+
+
+def calibration_sample(shopper_ids: np.ndarray, share: float) -> np.ndarray:
+    """[S] bool: the shoppers in the calibration sample (a ``share`` of them by a hash of the id, so every
+    shard and every run agrees)."""
+    top = (shopper_hash(np.asarray(shopper_ids, np.int64)) >> np.uint64(64 - SAMPLE_BITS)).astype(np.int64)
+    return top < share * (1 << SAMPLE_BITS)
+
+
+def _judged(probability: np.ndarray, outcome: np.ndarray) -> dict[str, Any]:
+    """Calibration measures and AUC of probabilities against what happened (AUC None without both
+    outcomes)."""
+    judged = summary(probability, outcome)
+    judged["auc"] = auc(probability, outcome) if 0 < outcome.sum() < len(outcome) else None
+    return judged

@@ -1,27 +1,39 @@
-"""Coupon-campaign targeting on Complete Journey's recorded campaigns: the reference scorers.
+"""Coupon-campaign targeting on Complete Journey's recorded campaigns: the ranking stage's propensity
+against the reference scorers.
 
 For every campaign with a redeeming recipient that starts after the first receipt (24 of 30), its
 recipients are ranked with data strictly before its start date (``recsys.evaluation.campaigns``) by
 
 - past purchases: baskets containing one of the campaign's coupon products;
 - past redemptions: coupon redemptions of any earlier campaign;
+- the ranking stage (``--model``): the raw propensity score of buying one of the coupon products within
+  the campaign's duration (``recsys.propensity``; the calibration keeps its order), from a ranker fitted
+  on the receipts before the first of the start's month (``benchmarks.cj_rankers``: no network);
 
 and scored by AUC and lift in the top 10% (mean over campaigns and redeemer-weighted, 95% bootstrap
-intervals over campaigns), plus the paired difference of the two.
+intervals over campaigns), with paired differences; then the same AUCs over the low-activity recipients
+(the bottom third of all households by baskets before the start), where both outcomes occur.
 
-    python -m benchmarks.cj_campaigns
+    python -m benchmarks.cj_campaigns [--model]
 """
 
 from __future__ import annotations
 
 import argparse
+import time
+from collections.abc import Callable
+from datetime import date
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
-from recsys.data.completejourney import load_campaign_tables, load_complete_journey
-from recsys.data.schema import TIMESTAMP
+from benchmarks.cj_rankers import month_of, ranker_before
+from recsys.data.completejourney import load_campaign_tables, load_complete_journey, load_products
+from recsys.data.schema import BASKET, SHOPPER, TIMESTAMP
+from recsys.data.sequences import build_sequences
 from recsys.evaluation.campaigns import (
+    Campaign,
     Summary,
     auc,
     paired_summary,
@@ -32,6 +44,10 @@ from recsys.evaluation.campaigns import (
     summarise,
     top_lift,
 )
+from recsys.inputs import Histories
+from recsys.propensity import raw_score
+
+SECONDS_PER_DAY = 86_400.0
 
 
 def _line(name: str, metric: str, summary: Summary) -> str:
@@ -41,11 +57,43 @@ def _line(name: str, metric: str, summary: Summary) -> str:
     )
 
 
+def ranking_stage(
+    receipts: pa.Table, products: pa.Table, durations: dict[int, int]
+) -> Callable[[Campaign, pa.Table], np.ndarray]:
+    """A scorer: each recipient's raw propensity for the campaign's products over its duration (recipients
+    without a known product score below everyone)."""
+
+    def score(campaign: Campaign, before: pa.Table) -> np.ndarray:
+        ranker, vocab = ranker_before(receipts, products, month_of(campaign.start))
+        histories = Histories.from_sequences(build_sequences(before, vocab).select(campaign.recipients))
+        rows = vocab.rows(campaign.products)
+        searched = np.full((histories.num_shoppers, 0), -1, dtype=np.int64)
+        start = campaign.start.timestamp() / SECONDS_PER_DAY
+        known = np.unique(rows[rows >= 0])
+        empty = searched.astype(np.float32)
+        raw = raw_score(ranker, histories, searched, empty, known, start, durations[campaign.campaign_id])
+        return np.nan_to_num(raw, nan=-1.0)
+
+    return score
+
+
+def low_activity(campaign: Campaign, before: pa.Table) -> np.ndarray:
+    """[recipients] bool: in the bottom third of all households by baskets before the start."""
+    baskets = before.group_by([SHOPPER]).aggregate([(BASKET, "count_distinct")])
+    counts = baskets.column(f"{BASKET}_count_distinct").to_numpy()
+    threshold = np.quantile(counts, 1 / 3)
+    ids = baskets.column(SHOPPER).to_numpy()
+    mine = dict(zip(ids.tolist(), counts.tolist(), strict=True))
+    return np.array([mine.get(int(r), 0) <= threshold for r in campaign.recipients])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timezone", default="America/New_York")
+    parser.add_argument("--model", action="store_true", help="also the ranking stage (fits rankers)")
     args = parser.parse_args()
 
+    started = time.perf_counter()
     receipts = load_complete_journey(timezone=args.timezone)
     tables = load_campaign_tables()
     first = pc.min(receipts.column(TIMESTAMP)).as_py()
@@ -61,24 +109,41 @@ def main() -> None:
         "past purchases": past_purchases,
         "past redemptions": past_redemptions(tables["coupon_redemptions"], args.timezone),
     }
+    if args.model:
+        descriptions = tables["campaign_descriptions"].to_pylist()
+        durations = {d["campaign_id"]: (d["end_date"] - d["start_date"]).days for d in descriptions}
+        scorers["ranking stage"] = ranking_stage(receipts, load_products(), durations)
     redeemers = np.array([c.redeemed.sum() for c in campaigns])
+    low = [scores_before(c, receipts, low_activity) > 0 for c in campaigns]
     figures: dict[str, dict[str, np.ndarray]] = {}
+    quiet: dict[str, list[float]] = {}
     for name, scorer in scorers.items():
         scores = [scores_before(c, receipts, scorer) for c in campaigns]
         figures[name] = {
             "AUC": np.array([auc(s, c.redeemed) for s, c in zip(scores, campaigns, strict=True)]),
             "lift@10%": np.array([top_lift(s, c.redeemed) for s, c in zip(scores, campaigns, strict=True)]),
         }
-    print(f"{len(campaigns)} campaigns, {int(redeemers.sum())} redeeming recipients")
+        quiet[name] = [
+            auc(s[m], c.redeemed[m])
+            for s, c, m in zip(scores, campaigns, low, strict=True)
+            if 0 < c.redeemed[m].sum() < m.sum()
+        ]
+    print(f"{len(campaigns)} campaigns, {int(redeemers.sum())} redeeming recipients, {date.today()}")
     print("| scorer | metric | mean [95% CI] | redeemer-weighted [95% CI] |\n|---|---|---|---|")
     for name, metrics in figures.items():
         for metric, values in metrics.items():
             print(_line(name, metric, summarise(values, redeemers)))
-    for metric in ("AUC", "lift@10%"):
-        difference = paired_summary(
-            figures["past redemptions"][metric], figures["past purchases"][metric], redeemers
-        )
-        print(_line("redemptions - purchases", metric, difference))
+    pairs = [("past redemptions", "past purchases")]
+    if args.model:
+        pairs += [("ranking stage", "past purchases"), ("ranking stage", "past redemptions")]
+    for better, worse in pairs:
+        for metric in ("AUC", "lift@10%"):
+            difference = paired_summary(figures[better][metric], figures[worse][metric], redeemers)
+            print(_line(f"{better} - {worse}", metric, difference))
+    print("\nLow-activity recipients (bottom third of households by baskets before the start):")
+    for name, values in quiet.items():
+        print(f"- {name}: mean AUC {np.mean(values):.3f} over {len(values)} campaigns with both outcomes")
+    print(f"\n{time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

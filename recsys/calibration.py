@@ -75,9 +75,10 @@ class Calibration:
 
 
 def fit_isotonic(raw: np.ndarray, outcome: np.ndarray) -> Calibration:
-    """The monotone map from ``raw`` scores [M] to the rate of boolean ``outcome`` [M] (least squares,
-    which for 0/1 outcomes is also the maximum-likelihood monotone fit). Equal scores are pooled first;
-    each block of equal fitted value keeps its two end knots, so the map is exact on the fit's scores."""
+    """The monotone map from ``raw`` scores [M] to the rate of boolean ``outcome`` [M]: pool-adjacent-
+    violators (least squares, for 0/1 outcomes also the maximum-likelihood monotone fit), each block's
+    rate then shrunk to ``(hits + 1/2) / (n + 1)`` so that no probability is 0 or 1. Equal scores are
+    pooled first; each block keeps its two end knots."""
     raw, outcome = np.asarray(raw, np.float64), np.asarray(outcome, bool)
     if raw.shape != outcome.shape or raw.ndim != 1 or not len(raw):
         raise ValueError("calibration needs one outcome per raw score, and at least one")
@@ -85,8 +86,14 @@ def fit_isotonic(raw: np.ndarray, outcome: np.ndarray) -> Calibration:
         raise ValueError("raw scores to calibrate must be finite")
     values, inverse = np.unique(raw, return_inverse=True)
     counts = np.bincount(inverse).astype(np.float64)
-    rates = np.bincount(inverse, weights=outcome.astype(np.float64)) / counts
-    fitted = np.clip(isotonic_regression(rates, weights=counts).x, 0.0, 1.0)
+    hits = np.bincount(inverse, weights=outcome.astype(np.float64))
+    fitted = isotonic_regression(hits / counts, weights=counts).x
+    # A block's rate from finite data is never exactly 0 or 1: each block takes (hits + 1/2) / (n + 1)
+    # (Jeffreys), and a second pass restores the order where a small block's shrinkage broke it.
+    starts = np.flatnonzero(np.r_[True, np.diff(fitted) != 0])
+    n, k = np.add.reduceat(counts, starts), np.add.reduceat(hits, starts)
+    shrunk = isotonic_regression((k + 0.5) / (n + 1.0), weights=n).x
+    fitted = np.clip(np.repeat(shrunk, np.diff(np.append(starts, len(values)))), 0.0, 1.0)
     # knots: the first and last score of every run of equal fitted value
     change = np.flatnonzero(np.diff(fitted) != 0)
     keep = np.unique(np.concatenate([[0, len(values) - 1], change, change + 1]))

@@ -3,17 +3,20 @@
 The ranker (:mod:`recsys.ranker`) gives P(product in the shopper's next basket) for any (shopper,
 product) pair (:func:`recsys.rank_features.pair_features`). A campaign's raw score combines those over
 its products in two documented steps, and a calibration fitted where the outcome is known
-(:mod:`recsys.calibration`) turns the raw score into a probability:
+(:mod:`recsys.calibration`) turns the raw score into a probability. The raw score is a rate, ``-log P(no
+purchase)`` under the independence reading below, so that ``1 - exp(-raw)`` is that reading's
+probability, and a campaign of thousands of products does not saturate it at 1.0 in floating point:
 
-1. **Next basket**: ``q = 1 - prod(1 - p)`` over the pairs scored, as if the products entered the basket
-   independently. Scored pairs (:func:`campaign_pairs`): the campaign's products the shopper bought, those
-   among the network's searched candidates, and the campaign's :data:`POPULAR` most popular products, so
-   a shopper new to the products is scored on the ones most likely to be its first. A product outside
-   these counts as p = 0: the few most likely products carry the score.
-2. **Horizon**: ``1 - (1 - q) ** n`` with ``n`` the baskets the shopper is expected to make in the
-   horizon, its own rate: baskets over the days from its first basket to the scoring date (at least one
-   horizon long, at most a basket a day). The days without a basket up to the scoring date count, so a
-   shopper who stopped coming scores lower than one who comes every week.
+1. **Next basket**: ``h = -sum(log(1 - p))`` over the pairs scored, so ``1 - exp(-h)`` is the chance
+   that one of them enters the next basket if the products entered it independently. Scored pairs
+   (:func:`campaign_pairs`): the campaign's products the shopper bought, those among the network's
+   searched candidates, and the campaign's :data:`POPULAR` most popular products, so a shopper new to
+   the products is scored on the ones most likely to be its first. A product outside these counts as
+   p = 0: the few most likely products carry the score.
+2. **Horizon**: ``raw = n * h`` with ``n`` the baskets the shopper is expected to make in the horizon
+   (independent baskets), at its own rate: baskets over the days from its first basket to the scoring
+   date (at least one horizon long, at most a basket a day). The days without a basket up to the
+   scoring date count, so a shopper who stopped coming scores lower than one who comes every week.
 
 The ranker's features read times back from the shopper's last purchase (no clock); step 2 is where the
 scoring date enters. numpy only.
@@ -63,8 +66,8 @@ def next_basket(
     campaign_rows: np.ndarray,
     popular: int = POPULAR,
 ) -> np.ndarray:
-    """[S] P(the next basket holds one of the campaign's products), step 1 of the module docstring
-    (NaN for a shopper without a known product: nothing to score it on)."""
+    """[S] ``-log P(the next basket holds none of the campaign's products)``, step 1 of the module
+    docstring (NaN for a shopper without a known product: nothing to score it on)."""
     owner, rows = campaign_pairs(histories, searched_rows, campaign_rows, ranker.stats.popularity, popular)
     known = histories.lengths[owner] > 0
     owner, rows = owner[known], rows[known]
@@ -73,7 +76,7 @@ def next_basket(
     )
     p = np.clip(ranker.probability(x), 0.0, 1.0 - 1e-12)
     none = np.bincount(owner, weights=np.log1p(-p), minlength=histories.num_shoppers)  # log P(none)
-    return np.where(histories.lengths > 0, -np.expm1(none), np.nan)
+    return np.where(histories.lengths > 0, -none, np.nan)
 
 
 def expected_baskets(histories: Histories, as_of_days: float, horizon_days: float) -> np.ndarray:
@@ -91,7 +94,19 @@ def expected_baskets(histories: Histories, as_of_days: float, horizon_days: floa
     return np.where(baskets > 0, np.minimum(horizon_days * baskets / span, horizon_days), 0.0)
 
 
-def within_horizon(next_basket_probability: np.ndarray, baskets: np.ndarray) -> np.ndarray:
-    """Step 2: P(at least one of the products in ``baskets`` independent baskets)."""
-    q = np.clip(np.asarray(next_basket_probability, dtype=np.float64), 0.0, 1.0 - 1e-12)
-    return -np.expm1(np.asarray(baskets, dtype=np.float64) * np.log1p(-q))
+def raw_score(
+    ranker: Ranker,
+    histories: Histories,
+    searched_rows: np.ndarray,
+    searched_scores: np.ndarray,
+    campaign_rows: np.ndarray,
+    as_of_days: float,
+    horizon_days: float,
+    popular: int = POPULAR,
+) -> np.ndarray:
+    """[S] both steps: the raw score (a rate: ``1 - exp(-raw)`` is the uncalibrated P(one of the
+    campaign's products within ``horizon_days`` after ``as_of_days``); NaN for a shopper without a known
+    product). ``searched_rows`` / ``_scores``
+    [S, C]: the network's searched candidates ([S, 0] for a ranker fitted without a network)."""
+    h = next_basket(ranker, histories, searched_rows, searched_scores, campaign_rows, popular)
+    return expected_baskets(histories, as_of_days, horizon_days) * h

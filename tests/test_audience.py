@@ -17,8 +17,9 @@ import pytest
 import yaml
 from omegaconf import DictConfig
 
+from batch import allocate as allocate_job
 from batch import audience as audience_job
-from batch.audiences import SEGMENTS, campaign_rows, raw_scores, score_part, select_audience
+from batch.audiences import SEGMENTS, audience, campaign_rows, raw_scores, score_part, select_audience
 from batch.campaign import MAX_SPEC_BYTES, CampaignSpec, SpecError, load_spec
 from batch.engines import OnnxEngine
 from recsys.calibration import Calibration
@@ -253,7 +254,7 @@ def test_a_killed_job_resumes_with_one_row_per_shopper(
     )
 
 
-def test_two_shards_give_the_audience_of_one(
+def test_two_shards_and_the_library_function_give_the_audience_of_one(
     tmp_path: Path, compose_config: Callable[..., DictConfig], campaign_world: dict
 ) -> None:
     first = audience_job.run(_job(compose_config, campaign_world, tmp_path / "two", "num_shards=2"))
@@ -262,6 +263,9 @@ def test_two_shards_give_the_audience_of_one(
     audience_job.run(_job(compose_config, campaign_world, tmp_path / "one"))
     two, one = (pq.read_table(tmp_path / d / "audience" / "audience.parquet") for d in ("two", "one"))
     assert two.equals(one)
+    engine = OnnxEngine(campaign_world["bundle"].path, threads=1)
+    in_memory = audience(engine, campaign_world["table"], load_spec(campaign_world["spec"]), AS_OF)
+    assert in_memory.table.equals(one)  # the library function, without files
 
 
 def test_nothing_on_or_after_the_scoring_date_reaches_the_scores_or_the_calibration(
@@ -305,3 +309,35 @@ def test_nothing_on_or_after_the_scoring_date_reaches_the_scores_or_the_calibrat
     )
     assert window.column("calibration_raw").equals(clean.column("calibration_raw"))
     assert not window.column("calibration_bought").equals(clean.column("calibration_bought"))
+
+
+def test_audiences_feed_the_allocation_of_a_week(
+    tmp_path: Path, compose_config: Callable[..., DictConfig], campaign_world: dict
+) -> None:
+    """Two campaigns' audience jobs, then one allocation over both under a cap of one contact each:
+    every contact is a shopper its campaign may contact, at the audience job's probability."""
+    products = campaign_world["products"]
+    files = []
+    for campaign_id, chosen in ((7, products[:3]), (8, products[3:])):
+        spec_file = tmp_path / f"spec_{campaign_id}.yaml"
+        spec_file.write_text(yaml.safe_dump({"campaign_id": campaign_id, "products": chosen.tolist(),
+                                             "horizon_days": HORIZON, "audience": 25}))  # fmt: skip
+        out = tmp_path / f"audience_{campaign_id}"
+        audience_job.run(_job(compose_config, campaign_world | {"spec": spec_file}, out))
+        files.append(out / "audience" / "probabilities.parquet")
+    plan = tmp_path / "plan"
+    campaigns = "[{campaign_id: 7, audience: 20}, {campaign_id: 8, audience: 20}]"
+    allocate_job.run(compose_config("allocate", [f"probabilities=[{files[0]},{files[1]}]", f"output={plan}",
+                                                 "shopper_cap=1", f"campaigns={campaigns}"]))  # fmt: skip
+    contacts = pq.read_table(plan / "contacts.parquet").to_pylist()
+    eligible = {
+        (r["shopper_id"], r["campaign_id"]): r["probability"]
+        for f in files
+        for r in pq.read_table(f).to_pylist()
+    }
+    shoppers = [c["shopper_id"] for c in contacts]
+    assert contacts and len(shoppers) == len(set(shoppers))  # the cap of one
+    for contact in contacts:
+        assert contact["probability"] == pytest.approx(
+            eligible[(contact["shopper_id"], contact["campaign_id"])]
+        )

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
-from datetime import timedelta
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys.calibration import reliability
 from recsys.candidate_sources import SOURCES
+from recsys.data.features import product_metadata
 from recsys.data.sequences import build_sequences
 from recsys.data.split import next_basket_targets, temporal_split
 from recsys.data.vocabulary import Vocabulary
-from recsys.evaluation.protocol import EvaluationData, evaluate, evaluated_histories
+from recsys.evaluation.protocol import EvaluationData, evaluate, evaluated_histories, prepare
 from recsys.inputs import Histories, pair_member
 from recsys.io import write_json
 from recsys.rank_features import ItemStats, feature_names, features, item_statistics
@@ -125,13 +126,20 @@ def _stats(train: pa.Table, vocab: Vocabulary, codes: np.ndarray, config: Ranker
 
 
 def _examples(
-    module: NextItemModule, data: EvaluationData, stats: ItemStats, config: RankerConfig
+    module: NextItemModule | None, data: EvaluationData, stats: ItemStats, config: RankerConfig
 ) -> _Examples:
-    """Every candidate of ``data``'s evaluated shoppers, its features and whether it is in the target."""
-    vocab = module.vocab
+    """Every candidate of ``data``'s evaluated shoppers, its features and whether it is in the target
+    (``module`` None: no network, so no network candidates and its features missing)."""
+    vocab = data.vocab if module is None else module.vocab
     histories = evaluated_histories(data, vocab)
-    wanted = min(vocab.num_products, config.new_candidates + int(histories.distinct_sizes().max(initial=0)))
-    rows, scores = search(module, histories, max(wanted, 1))
+    if module is None:
+        rows = np.full((histories.num_shoppers, 0), -1, dtype=np.int64)
+        scores = np.zeros(rows.shape, dtype=np.float32)
+    else:
+        wanted = min(
+            vocab.num_products, config.new_candidates + int(histories.distinct_sizes().max(initial=0))
+        )
+        rows, scores = search(module, histories, max(wanted, 1))
     found = features(
         histories, rows, scores, stats, config.new_candidates, config.co_purchase_candidates,
         config.category_candidates, config.history_candidates,
@@ -207,7 +215,7 @@ def fit_booster(
 
 
 def fit(
-    module: NextItemModule,
+    module: NextItemModule | None,
     val: EvaluationData,
     deploy_train: EvaluationData,
     products: pa.Table | None,
@@ -216,9 +224,16 @@ def fit(
 ) -> tuple[Ranker, dict[str, Any]]:
     """A ranker fitted on ``val``'s internal cutoffs, its rounds selected on ``val``, carrying item
     statistics of ``deploy_train``; and a report (sizes, candidate recall per source, validation
-    log-loss, reliability, feature importances, seconds)."""
+    log-loss, reliability, feature importances, seconds).
+
+    ``module`` None fits a ranker without a network (over ``val``'s vocabulary): it needs
+    ``new_candidates=0``, and its network features are missing everywhere, so leave them out (``exclude``).
+    """
     start = time.perf_counter()
-    codes = category_codes(products, module.vocab, config.categories)
+    if module is None and config.new_candidates:
+        raise ValueError("a ranker without a network has no network candidates: set new_candidates=0")
+    vocab = val.vocab if module is None else module.vocab
+    codes = category_codes(products, vocab, config.categories)
     names = list(feature_names(codes.shape[1]))
     unknown = sorted(set(config.exclude) - set(names))
     if unknown:
@@ -227,7 +242,7 @@ def fit(
     rng = np.random.default_rng(config.seed)
     parts, weights = [], []
     for data in internal_cutoffs(val, config, horizon):
-        part = _examples(module, data, _stats(data.train, module.vocab, codes, config), config)
+        part = _examples(module, data, _stats(data.train, vocab, codes, config), config)
         keep = part.labels | (rng.random(len(part.labels)) < config.negative_rate)
         parts.append((part.x[keep][:, used], part.labels[keep]))
         weights.append(np.where(part.labels[keep], 1.0, 1.0 / config.negative_rate))
@@ -239,7 +254,7 @@ def fit(
         )
     x = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
-    validation = _examples(module, val, _stats(val.train, module.vocab, codes, config), config)
+    validation = _examples(module, val, _stats(val.train, vocab, codes, config), config)
     booster = fit_booster(
         x,
         labels,
@@ -248,7 +263,7 @@ def fit(
         np.concatenate(weights),
         (validation.x[:, used], validation.labels),
     )
-    deployed = _stats(deploy_train.train, module.vocab, codes, config)
+    deployed = _stats(deploy_train.train, vocab, codes, config)
     ranker = Ranker(
         booster.model_to_string(),
         deployed,
@@ -278,6 +293,30 @@ def fit(
         "config": asdict(config),
     }
     return ranker, report
+
+
+NETWORK_FEATURES = ("net_score", "net_gap", "net_rank")
+
+
+def fit_at(
+    receipts: pa.Table,
+    products: pa.Table | None,
+    date: datetime,
+    config: RankerConfig,
+    val_days: float = 28.0,
+    min_baskets: int = 5,
+) -> tuple[Ranker, Vocabulary, dict[str, Any]]:
+    """A ranker without a network, fitted on the receipts strictly before ``date`` alone: a vocabulary
+    of the products in ``min_baskets`` baskets before its validation window (the last ``val_days``
+    before ``date``), internal cutoffs before that window, and item statistics of everything before
+    ``date``. What a model trained just before a campaign or a cutoff would know, and nothing after.
+    ``config`` needs ``new_candidates=0``; its network features are left out whatever it says."""
+    before, _ = temporal_split(receipts, date)
+    val = prepare(before, date - timedelta(days=val_days), min_baskets)
+    metadata = None if products is None else product_metadata(products, val.vocab.product_ids)
+    config = replace(config, exclude=tuple(dict.fromkeys((*config.exclude, *NETWORK_FEATURES))))
+    ranker, report = fit(None, val, EvaluationData(date, before, val.vocab, val.targets), metadata, config)
+    return ranker, val.vocab, report
 
 
 def _logloss(p: np.ndarray, y: np.ndarray) -> float:

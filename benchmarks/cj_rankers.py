@@ -1,0 +1,59 @@
+"""Rankers fitted on Complete Journey before a date, for the campaign benchmarks, cached on disk.
+
+A campaign starting on day D may only be scored by what was known before D: the ranker (its trees and
+its item statistics) is refitted on the receipts before the first of D's month (``training.rank.fit_at``:
+no network, so no network trained on later weeks reaches it). A fit takes minutes on two cores, so each
+one is kept under ``artifacts/cj_rankers/<date>-<config digest>/`` and read back by later runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from recsys.data.vocabulary import Vocabulary
+from recsys.io import staged_directory, write_json
+from recsys.ranker import Ranker
+from training.rank import RankerConfig, fit_at
+
+CACHE = Path("artifacts/cj_rankers")
+# Without a network the new products come from co-purchase neighbours and the shopper's categories, so
+# that the trees learn what a product new to the shopper is worth. Two internal cutoffs a week apart and
+# two weeks of validation keep a fit short, and leave a model for February (the receipts begin on 1 Jan).
+CONFIG = RankerConfig(
+    new_candidates=0, co_purchase_candidates=20, category_candidates=20, cutoffs=2, spacing_days=7.0
+)
+VAL_DAYS = 14.0
+
+
+def month_of(moment: datetime) -> datetime:
+    """Midnight of the first day of ``moment``'s month, in its zone."""
+    return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def ranker_before(
+    receipts: pa.Table, products: pa.Table, date: datetime, config: RankerConfig = CONFIG
+) -> tuple[Ranker, Vocabulary]:
+    """The ranker fitted on the receipts before ``date`` (from the cache when it holds it)."""
+    settings = asdict(config) | {"val_days": VAL_DAYS}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    folder = CACHE / f"{date.date()}-{digest}"
+    if not (folder / "settings.json").exists():
+        ranker, vocab, report = fit_at(receipts, products, date, config, VAL_DAYS)
+        with staged_directory(folder) as staging:  # the whole folder appears at once, or not at all
+            np.savez(staging / "items.npz", vocab_ids=vocab.product_ids, vocab_popularity=vocab.popularity,
+                     **ranker.item_columns())  # fmt: skip
+            (staging / "model.txt").write_text(ranker.model)
+            write_json(staging / "report.json", report)
+            write_json(staging / "settings.json", ranker.to_dict())
+    with np.load(folder / "items.npz") as arrays:
+        columns = {name: arrays[name] for name in arrays.files}
+    vocab = Vocabulary(columns.pop("vocab_ids"), columns.pop("vocab_popularity"))
+    settings = json.loads((folder / "settings.json").read_text())
+    return Ranker.from_parts(settings, (folder / "model.txt").read_text(), columns), vocab
