@@ -157,8 +157,9 @@ def _priced(
         return np.zeros(values.shape, dtype=bool), 0.0, 0.0
     prices = np.zeros(len(values))
     best_bound, best_prices, step = np.inf, prices, 1.0
+    reduced = np.empty_like(values)  # one buffer for every iteration's reduced values
     for _ in range(iterations):
-        bound, clearing = _dual(values, audience, cap, prices)
+        bound, clearing = _dual(values, audience, cap, prices, _reduced(values, prices, reduced))
         if bound < best_bound:
             improved = bound < best_bound * (1.0 - SETTLED)
             best_bound, best_prices = bound, prices
@@ -169,52 +170,59 @@ def _priced(
             if step < MIN_STEP:
                 break
         prices = (1.0 - step) * prices + step * clearing
-    chosen = _fill(values, audience, cap, _cut(values, audience, _choices(values, cap, best_prices)))
+    chosen = _choices(_reduced(values, best_prices, reduced), cap)
+    chosen = _fill(values, audience, cap, _cut(values, audience, chosen))
     return chosen, float(values[chosen].astype(np.float64).sum()), best_bound
 
 
-def _top(values: np.ndarray, prices: np.ndarray, width: int) -> np.ndarray:
-    """Per shopper, its ``width`` largest reduced values ``max(value - price, 0)`` [width, S], descending
-    (zeros where it has fewer), as running maxima over the campaigns' rows."""
-    top = np.zeros((width, values.shape[1]), dtype=np.float32)
-    for row, price in zip(values, prices, strict=True):
-        reduced = np.maximum(row - np.float32(price), 0.0)
+def _reduced(values: np.ndarray, prices: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out`` [C, S] filled with the reduced values ``max(value - price, 0)`` of ``values`` [C, S] at
+    ``prices`` [C]."""
+    np.subtract(values, prices.astype(np.float32)[:, None], out=out)
+    return np.maximum(out, 0.0, out=out)
+
+
+def _top(reduced: np.ndarray, width: int) -> np.ndarray:
+    """Per shopper, its ``width`` largest ``reduced`` values [width, S], descending (zeros where it has
+    fewer), as running maxima over the campaigns' rows."""
+    top = np.zeros((width, reduced.shape[1]), dtype=np.float32)
+    for row in reduced:
         for m in range(width - 1, 0, -1):  # insert into the sorted list, from its end
-            np.maximum(top[m], np.minimum(top[m - 1], reduced), out=top[m])
-        np.maximum(top[0], reduced, out=top[0])
+            np.maximum(top[m], np.minimum(top[m - 1], row), out=top[m])
+        np.maximum(top[0], row, out=top[0])
     return top
 
 
-def _dual(values: np.ndarray, audience: np.ndarray, cap: int, prices: np.ndarray) -> tuple[float, np.ndarray]:
+def _dual(
+    values: np.ndarray, audience: np.ndarray, cap: int, prices: np.ndarray, reduced: np.ndarray
+) -> tuple[float, np.ndarray]:
     """The Lagrangian bound at ``prices`` and, per campaign, the price at which its demand would just fit
-    its audience if the other prices stayed."""
+    its audience if the other prices stayed; ``reduced`` is :func:`_reduced` at ``prices``."""
     num_shoppers = values.shape[1]
-    top = _top(values, prices, cap + 1)  # [cap + 1, S]
+    top = _top(reduced, cap + 1)  # [cap + 1, S]
     bound = float((prices * audience).sum() + top[:cap].astype(np.float64).sum())
     # shopper i takes j at price p iff value - p beats its cap-th best other option (or 0): among the
     # others, that is the (cap + 1)-th best reduced value if j is in its top cap, else the cap-th
     kth, following = top[cap - 1], top[cap]
     clearing = np.zeros(len(values))
-    for j, (row, price) in enumerate(zip(values, prices, strict=True)):
+    for j, (row, gain) in enumerate(zip(values, reduced, strict=True)):
         if audience[j] >= num_shoppers:
             continue
-        reduced = np.maximum(row - np.float32(price), 0.0)
-        threshold = np.where(reduced >= kth, following, kth)
+        threshold = np.where(gain >= kth, following, kth)
         margin = np.where(row > 0, row - threshold, 0.0)  # the highest price j could ask of each shopper
         at = num_shoppers - 1 - audience[j]  # the (audience + 1)-th largest margin clears the campaign
         clearing[j] = max(0.0, float(np.partition(margin, at)[at]))
     return bound, clearing
 
 
-def _choices(values: np.ndarray, cap: int, prices: np.ndarray) -> np.ndarray:
-    """What every shopper takes at ``prices`` [C, S]: its ``cap`` best positive reduced values (a tie at
-    the cap goes to the earlier campaign)."""
-    kth = _top(values, prices, cap)[cap - 1]
-    taken = np.zeros(values.shape[1], dtype=np.int64)
-    chosen = np.zeros(values.shape, dtype=bool)
-    for j, (row, price) in enumerate(zip(values, prices, strict=True)):
-        reduced = row - np.float32(price)
-        chosen[j] = (reduced > 0) & (reduced >= kth) & (taken < cap)
+def _choices(reduced: np.ndarray, cap: int) -> np.ndarray:
+    """What every shopper takes at the prices of ``reduced`` (:func:`_reduced`) [C, S]: its ``cap`` best
+    positive reduced values (a tie at the cap goes to the earlier campaign)."""
+    kth = _top(reduced, cap)[cap - 1]
+    taken = np.zeros(reduced.shape[1], dtype=np.int64)
+    chosen = np.zeros(reduced.shape, dtype=bool)
+    for j, gain in enumerate(reduced):
+        chosen[j] = (gain > 0) & (gain >= kth) & (taken < cap)
         taken += chosen[j]
     return chosen
 

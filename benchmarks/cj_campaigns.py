@@ -9,6 +9,9 @@ recipients are ranked with data strictly before its start date (``recsys.evaluat
 - the ranking stage (``--model``): the raw propensity score of buying one of the coupon products within
   the campaign's duration (``recsys.propensity``; the calibration keeps its order), from a ranker fitted
   on the receipts before the first of the start's month (``benchmarks.cj_rankers``: no network);
+- coupon affinity (``--model``): the recipient's smoothed share of earlier campaigns it redeemed;
+- ranking stage x affinity (``--model``): the calibrated propensity times the affinity, an estimate of
+  P(redeem) = P(buy) x P(use the coupon | buy);
 
 and scored by AUC and lift in the top 10% (mean over campaigns and redeemer-weighted, 95% bootstrap
 intervals over campaigns), with paired differences; then the same AUCs over the low-activity recipients
@@ -28,14 +31,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from benchmarks.cj_rankers import month_of, ranker_before
+from benchmarks.cj_rankers import calibrated_propensity, month_of, ranker_before, raw_scores
 from recsys.data.completejourney import load_campaign_tables, load_complete_journey, load_products
 from recsys.data.schema import BASKET, SHOPPER, TIMESTAMP
-from recsys.data.sequences import build_sequences
 from recsys.evaluation.campaigns import (
     Campaign,
     Summary,
     auc,
+    coupon_affinity,
     paired_summary,
     past_purchases,
     past_redemptions,
@@ -44,10 +47,6 @@ from recsys.evaluation.campaigns import (
     summarise,
     top_lift,
 )
-from recsys.inputs import Histories
-from recsys.propensity import raw_score
-
-SECONDS_PER_DAY = 86_400.0
 
 
 def _line(name: str, metric: str, summary: Summary) -> str:
@@ -58,21 +57,29 @@ def _line(name: str, metric: str, summary: Summary) -> str:
 
 
 def ranking_stage(
-    receipts: pa.Table, products: pa.Table, durations: dict[int, int]
+    products: pa.Table, durations: dict[int, int]
 ) -> Callable[[Campaign, pa.Table], np.ndarray]:
     """A scorer: each recipient's raw propensity for the campaign's products over its duration (recipients
-    without a known product score below everyone)."""
+    without a known product score below everyone), from the ranker fitted before the start's month."""
 
     def score(campaign: Campaign, before: pa.Table) -> np.ndarray:
-        ranker, vocab = ranker_before(receipts, products, month_of(campaign.start))
-        histories = Histories.from_sequences(build_sequences(before, vocab).select(campaign.recipients))
-        rows = vocab.rows(campaign.products)
-        searched = np.full((histories.num_shoppers, 0), -1, dtype=np.int64)
-        start = campaign.start.timestamp() / SECONDS_PER_DAY
-        known = np.unique(rows[rows >= 0])
-        empty = searched.astype(np.float32)
-        raw = raw_score(ranker, histories, searched, empty, known, start, durations[campaign.campaign_id])
+        ranker, vocab = ranker_before(before, products, month_of(campaign.start))
+        recipients, duration = campaign.recipients, durations[campaign.campaign_id]
+        raw = raw_scores(ranker, vocab, before, recipients, campaign.products, campaign.start, duration)
         return np.nan_to_num(raw, nan=-1.0)
+
+    return score
+
+
+def redemption(
+    products: pa.Table, durations: dict[int, int], affinity: Callable[[Campaign, pa.Table], np.ndarray]
+) -> Callable[[Campaign, pa.Table], np.ndarray]:
+    """A scorer: P(buy the products during the campaign), calibrated, times the recipient's coupon
+    affinity (``recsys.evaluation.campaigns.coupon_affinity``): P(redeem) if the two are independent."""
+
+    def score(campaign: Campaign, before: pa.Table) -> np.ndarray:
+        buy = calibrated_propensity(before, products, campaign, durations[campaign.campaign_id])
+        return buy * affinity(campaign, before)
 
     return score
 
@@ -112,7 +119,13 @@ def main() -> None:
     if args.model:
         descriptions = tables["campaign_descriptions"].to_pylist()
         durations = {d["campaign_id"]: (d["end_date"] - d["start_date"]).days for d in descriptions}
-        scorers["ranking stage"] = ranking_stage(receipts, load_products(), durations)
+        products = load_products()
+        affinity = coupon_affinity(
+            tables["campaigns"], tables["campaign_descriptions"], tables["coupon_redemptions"], args.timezone
+        )
+        scorers["ranking stage"] = ranking_stage(products, durations)
+        scorers["coupon affinity"] = affinity
+        scorers["ranking stage x affinity"] = redemption(products, durations, affinity)
     redeemers = np.array([c.redeemed.sum() for c in campaigns])
     low = [scores_before(c, receipts, low_activity) > 0 for c in campaigns]
     figures: dict[str, dict[str, np.ndarray]] = {}
@@ -135,7 +148,8 @@ def main() -> None:
             print(_line(name, metric, summarise(values, redeemers)))
     pairs = [("past redemptions", "past purchases")]
     if args.model:
-        pairs += [("ranking stage", "past purchases"), ("ranking stage", "past redemptions")]
+        pairs += [("ranking stage", "past purchases"), ("ranking stage", "past redemptions"),
+                  ("ranking stage x affinity", "past redemptions")]  # fmt: skip
     for better, worse in pairs:
         for metric in ("AUC", "lift@10%"):
             difference = paired_summary(figures[better][metric], figures[worse][metric], redeemers)

@@ -11,18 +11,27 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from recsys.calibration import fit_isotonic
+from recsys.data.schema import PRODUCT, SHOPPER
+from recsys.data.sequences import build_sequences
+from recsys.data.split import temporal_split
 from recsys.data.vocabulary import Vocabulary
+from recsys.evaluation.campaigns import Campaign
+from recsys.inputs import Histories
 from recsys.io import staged_directory, write_json
+from recsys.propensity import raw_score
 from recsys.ranker import Ranker
 from training.rank import RankerConfig, fit_at
 
 CACHE = Path("artifacts/cj_rankers")
+SECONDS_PER_DAY = 86_400.0
 # Without a network the new products come from co-purchase neighbours and the shopper's categories, so
 # that the trees learn what a product new to the shopper is worth. Two internal cutoffs a week apart and
 # two weeks of validation keep a fit short, and leave a model for February (the receipts begin on 1 Jan).
@@ -57,3 +66,42 @@ def ranker_before(
     vocab = Vocabulary(columns.pop("vocab_ids"), columns.pop("vocab_popularity"))
     settings = json.loads((folder / "settings.json").read_text())
     return Ranker.from_parts(settings, (folder / "model.txt").read_text(), columns), vocab
+
+
+def raw_scores(
+    ranker: Ranker,
+    vocab: Vocabulary,
+    before: pa.Table,
+    shoppers: np.ndarray,
+    products: np.ndarray,
+    as_of: datetime,
+    horizon_days: float,
+) -> np.ndarray:
+    """[shoppers] raw propensity (``recsys.propensity.raw_score``) of buying one of ``products`` within
+    ``horizon_days`` of ``as_of``, from the receipts ``before`` it (NaN: no known product)."""
+    histories = Histories.from_sequences(build_sequences(before, vocab).select(np.asarray(shoppers)))
+    rows = vocab.rows(np.asarray(products, dtype=np.int64))
+    searched = np.full((histories.num_shoppers, 0), -1, dtype=np.int64)  # no network
+    days = as_of.timestamp() / SECONDS_PER_DAY
+    known = np.unique(rows[rows >= 0])
+    return raw_score(ranker, histories, searched, searched.astype(np.float32), known, days, horizon_days)
+
+
+def calibrated_propensity(
+    receipts: pa.Table, products: pa.Table, campaign: Campaign, duration: float
+) -> np.ndarray:
+    """[recipients] calibrated P(buying one of the campaign's products during it), from before its start
+    (uncalibrated, ``1 - exp(-raw)``, when no receipt precedes the calibration window)."""
+    ranker, vocab = ranker_before(receipts, products, month_of(campaign.start))
+    before, _ = temporal_split(receipts, campaign.start)
+    raw = raw_scores(ranker, vocab, before, campaign.recipients, campaign.products, campaign.start, duration)
+    earlier_start = campaign.start - timedelta(days=duration)
+    earlier, window = temporal_split(before, earlier_start)
+    households = np.unique(earlier.column(SHOPPER).to_numpy())
+    if not len(households):  # the campaign's length before its start predates the receipts
+        return -np.expm1(-np.nan_to_num(raw, nan=0.0))  # the independence reading, uncalibrated
+    then = raw_scores(ranker, vocab, earlier, households, campaign.products, earlier_start, duration)
+    mine = window.filter(pc.is_in(window.column(PRODUCT), pa.array(campaign.products)))
+    bought = np.isin(households, mine.column(SHOPPER).to_numpy())
+    calibration = fit_isotonic(np.nan_to_num(then, nan=0.0), bought)
+    return calibration(np.nan_to_num(raw, nan=0.0))

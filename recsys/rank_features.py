@@ -187,7 +187,8 @@ def _runs(keys: tuple[np.ndarray, ...]) -> np.ndarray:
 def _pairs(entries: _Entries) -> _Pairs:
     o, r, age, reverse = entries.owner, entries.rows, entries.age, entries.reverse
     starts = _runs((o, r))
-    ends = np.append(starts[1:], len(o)) - 1  # baskets ascend within a pair: the last entry is the latest
+    # baskets ascend within a pair: its last entry is the latest (no entries: no pairs)
+    ends = np.append(starts[1:], len(o))[: len(starts)] - 1
     counts = ends - starts + 1
     decayed = tuple(np.add.reduceat(np.exp2(-age / h), starts) if len(o) else age for h in HALF_LIVES_DAYS)
     # entry j from a pair's end (0 = latest) continues the streak while it is the shopper's basket j from

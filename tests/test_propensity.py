@@ -99,3 +99,11 @@ def test_the_horizon_counts_the_shoppers_own_rate_up_to_the_scoring_date() -> No
     np.testing.assert_allclose(n, [14 * 3 / 30, 14 * 1 / 14])  # the second: a span of at least one horizon
     with pytest.raises(ValueError, match="reaches the scoring date"):
         expected_baskets(histories, 20.0, 14.0)
+
+
+def test_shoppers_without_a_known_product_get_no_score() -> None:
+    ranker = random_ranker(30, new_candidates=5)
+    empty = histories_of([np.array([], np.int64)] * 2, [np.array([])] * 2)
+    searched = np.full((2, 0), -1, dtype=np.int64)
+    h = next_basket(ranker, empty, searched, searched.astype(np.float32), np.array([1, 2]))
+    assert np.isnan(h).all()

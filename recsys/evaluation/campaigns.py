@@ -17,6 +17,7 @@ campaigns (:func:`summarise`); two scorers are compared on the same resampled ca
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -118,6 +119,41 @@ def past_redemptions(redemptions: pa.Table, timezone: str) -> Callable[[Campaign
         earlier = np.array([date < campaign.start.date() for date in dates], dtype=bool)
         shoppers, counts = np.unique(households[earlier], return_counts=True)
         return _per_recipient(campaign, shoppers, counts)
+
+    return score
+
+
+def coupon_affinity(
+    members: pa.Table, descriptions: pa.Table, redemptions: pa.Table, timezone: str
+) -> Callable[[Campaign, pa.Table], np.ndarray]:
+    """A scorer: each recipient's rate of using the coupons it receives, from campaigns before this one:
+    ``(k + 1/2) / (n + 1)`` with ``n`` the campaigns it received that started before the start and ``k``
+    those it redeemed before the start (a Jeffreys prior, so a household never coupon-tested gets 1/2).
+
+    Multiplied by the propensity of buying the products it estimates P(redeem) = P(buy) x P(use the
+    coupon | buy), if the two are independent."""
+    starts = {
+        row["campaign_id"]: parse_cutoff(datetime.combine(row["start_date"], datetime.min.time()), timezone)
+        for row in descriptions.select(["campaign_id", "start_date"]).to_pylist()
+    }
+    received = members.select(["campaign_id", "household_id"]).to_pylist()
+    used = redemptions.select(["campaign_id", "household_id", "redemption_date"]).to_pylist()
+
+    def score(campaign: Campaign, receipts: pa.Table) -> np.ndarray:
+        del receipts  # scored from the campaign tables alone
+        earlier = {c for c, start in starts.items() if start < campaign.start}
+        got = {(r["household_id"], r["campaign_id"]) for r in received if r["campaign_id"] in earlier}
+        redeemed = {
+            (r["household_id"], r["campaign_id"])
+            for r in used
+            if r["campaign_id"] in earlier and r["redemption_date"] < campaign.start.date()
+        }
+        offered = Counter(h for h, _ in got)
+        taken = Counter(h for h, _ in redeemed & got)  # a redemption counts for a coupon received
+        recipients = campaign.recipients.tolist()
+        n = np.array([offered[h] for h in recipients], dtype=np.float64)
+        k = np.array([taken[h] for h in recipients], dtype=np.float64)
+        return (k + 0.5) / (n + 1.0)
 
     return score
 
