@@ -55,8 +55,8 @@ from batch.campaign import CampaignSpec, load_spec
 from batch.engines import OnnxEngine
 from batch.lock import LockError, locked
 from batch.manifests import CandidatesError, ShardManifest, combine_shards, write_part
-from batch.partition import Layout, read_part
-from batch.shards import layout, partition_shard, receipts_identity
+from batch.partition import Layout
+from batch.shards import layout, part_reader, receipts_identity
 from recsys.calibration import reliability_png
 from recsys.data.loader import open_dataset
 from recsys.data.schema import SHOPPER, TIMESTAMP
@@ -149,9 +149,9 @@ def _score(
     if not pending:
         return manifest
     partitions = Path(cfg.output) / "_partitions" / found.shard_name
-    partition_shard(cfg, found, receipts, partitions, num_rows)
+    read, _ = part_reader(cfg, found, receipts, partitions, num_rows, pending)
     for index in pending:
-        table = read_part(partitions, found, index)
+        table = read(index)
         name = found.part_name(index)
         if table is None:
             batches = [pa.record_batch([pa.array([], f.type) for f in SCORES], schema=SCORES)]
@@ -162,7 +162,7 @@ def _score(
         # the latest receipt says whether what happened after as_of is known (the evaluation)
         latest = None if table is None else pc.max(table.column(TIMESTAMP)).as_py()
         manifest.record(name, entry | {"last_receipt": None if latest is None else latest.isoformat()})
-    if not cfg.keep_partitions:
+    if not cfg.keep_partitions and partitions.exists():
         shutil.rmtree(partitions, ignore_errors=True)
         with contextlib.suppress(OSError):  # other shards may still be using theirs
             partitions.parent.rmdir()

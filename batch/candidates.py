@@ -19,7 +19,9 @@ scored by popularity, as serving answers)::
 How a shard runs: :func:`batch.partition.partition` streams the receipts once and splits the shard's rows
 by a hash of ``shopper_id`` into parts, so each shopper's whole history is in one part; then
 :func:`batch.pipeline.process` reads, encodes, scores and writes part by part (:mod:`batch.manifests`).
-The output equals serving's ``Recommender.recommend_batch`` for the same histories and rules.
+A shard of a single part writes no partition files: its rows are streamed straight into memory
+(:func:`batch.partition.gather`), unless ``keep_partitions`` asks for the files. The output equals
+serving's ``Recommender.recommend_batch`` for the same histories and rules.
 
 Memory: the read batch (``read_batch_rows``) plus the partition buffer (``partition_buffer_rows``) while
 partitioning; then about 3x the receipts of ``read_threads + 1`` parts (~32 bytes per receipt row), each
@@ -39,7 +41,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -49,15 +50,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from batch.engines import Engine, OnnxEngine, TorchEngine
 from batch.lock import LockError, locked
 from batch.manifests import MANIFEST_FILE, CandidatesError, ShardManifest, combine_shards
-from batch.partition import Layout, fingerprint, partition
+from batch.partition import Layout
 from batch.pipeline import Concurrency, Progress, Timings, process
+from batch.shards import layout as shard_layout
+from batch.shards import part_reader, receipts_identity
 from recsys.bundle import GRAPH_OPTIMIZATION, sha256_file
-from recsys.data.loader import iter_receipts, open_dataset
+from recsys.data.loader import open_dataset
 from recsys.data.schema import PRODUCT
 from recsys.rules import Rules, RulesError
 
@@ -181,33 +183,8 @@ def _run(cfg: DictConfig, timings: Timings) -> tuple[ShardManifest, Layout, Path
     output = Path(cfg.output)
     dataset = open_dataset(cfg.receipts)
     num_rows = dataset.count_rows()
-    parts = cfg.parts or max(1, math.ceil(num_rows / cfg.num_shards / cfg.rows_per_part))
-    try:
-        layout = Layout(cfg.shard_index, cfg.num_shards, parts)
-    except ValueError as error:
-        raise CandidatesError(str(error)) from error
-    foreign = sorted(
-        p.name for p in output.glob("shard=*-of-*") if not p.name.endswith(f"-of-{layout.num_shards:05d}")
-    )
-    if foreign:
-        raise CandidatesError(
-            f"{output} holds shards of another num_shards ({foreign[0]}); use another output"
-        )
-
-    columns = OmegaConf.to_container(cfg.columns)
-    # which rows are read depends on these too: they are part of the job a resumed run must match
-    time_rules = {
-        key: None if cfg[key] is None else str(cfg[key])
-        for key in ("ambiguous_times", "nonexistent_times", "min_date", "max_date")
-    }
-    receipts = {
-        "source": str(Path(cfg.receipts).resolve()),
-        "files": fingerprint(dataset.files),
-        "columns": columns,
-        "timezone": cfg.timezone,
-        "drop_returns": cfg.drop_returns,
-        **time_rules,
-    }
+    layout = shard_layout(cfg, num_rows, output)
+    receipts = receipts_identity(cfg, dataset)
     rules_description: dict[str, Any] = dataclasses.asdict(rules) | {"unavailable": None}
     del rules_description["k"]  # the job's own key
     if unavailable_path:
@@ -239,22 +216,13 @@ def _run(cfg: DictConfig, timings: Timings) -> tuple[ShardManifest, Layout, Path
         done = layout.parts - len(pending)
         log.info("%s: %d of %d parts already written, resuming", layout.shard_name, done, layout.parts)
 
-    bar = tqdm(total=num_rows, unit="row", unit_scale=True, disable=not cfg.progress, desc="partition")
-    with bar, timings.stage("partition"):
-        batches = iter_receipts(
-            cfg.receipts, columns, cfg.timezone, cfg.read_batch_rows, cfg.drop_returns, **time_rules
-        )
-        part_rows = partition(batches, layout, partitions, receipts, cfg.partition_buffer_rows, bar.update)
-    if sum(part_rows) == 0:
-        raise CandidatesError(
-            f"shard {layout.shard_index} of {layout.num_shards} is empty: no shopper of {cfg.receipts} "
-            "hashes to it (fewer shoppers than shards?)"
-        )
-    progress = Progress(sum(part_rows[p] for p in pending), cfg.progress, layout.shard_name)
+    part_receipts, rows_left = part_reader(cfg, layout, receipts, partitions, num_rows, pending, timings)
+    progress = Progress(rows_left, cfg.progress, layout.shard_name)
     with progress.bar:
         process(
-            engine, layout, pending, partitions, directory, manifest, rules, concurrency, progress, timings
-        )
+            engine, layout, pending, partitions, directory, manifest, rules, concurrency, progress, timings,
+            part_receipts,
+        )  # fmt: skip
     return manifest, layout, partitions
 
 

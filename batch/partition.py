@@ -10,6 +10,9 @@ parquet file per part (a shuffle through local files). Its memory is bounded by 
 rows buffered before a flush, whatever the input's size; afterwards a part is read whole, so ``parts`` is
 chosen to keep a part to a few million rows. The files are complete once ``_partition.json`` is written
 (last, atomically); a run that finds them complete for the same input and layout reuses them.
+
+A shard of a single part needs no shuffle: :func:`gather` streams the same rows straight into memory, the
+table :func:`read_part` would have read back. Both select the rows with :func:`split`.
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ class Layout:
 
     def assign(self, shopper_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard, part) of each shopper id, both [n] int64."""
+        if self.num_shards == 1 and self.parts == 1:  # every shopper's: no hash to compute
+            zeros = np.zeros(len(shopper_ids), dtype=np.int64)
+            return zeros, zeros.copy()
         h = shopper_hash(shopper_ids)
         shards = np.uint64(self.num_shards)
         return (h % shards).astype(np.int64), ((h // shards) % np.uint64(self.parts)).astype(np.int64)
@@ -122,20 +128,10 @@ def partition(
         for batch in batches:
             if on_batch is not None:
                 on_batch(batch.num_rows)
-            batch = batch.select(list(COLUMNS))
-            shard, part = layout.assign(batch.column(SHOPPER).to_numpy())
-            mine = np.flatnonzero(shard == layout.shard_index)
-            if len(mine) == 0:
-                continue
-            order = mine[np.argsort(part[mine], kind="stable")]
-            counts = np.bincount(part[order], minlength=layout.parts)
-            table = batch.take(pa.array(order))
-            start = 0
-            for p in np.flatnonzero(counts):
-                buffers.setdefault(int(p), []).append(table.slice(start, counts[p]))
-                rows[p] += int(counts[p])
-                start += counts[p]
-            buffered += len(mine)
+            for p, table in split(batch, layout):
+                buffers.setdefault(p, []).append(table)
+                rows[p] += table.num_rows
+                buffered += table.num_rows
             if buffered >= buffer_rows:
                 flush()
                 buffered = 0
@@ -145,6 +141,37 @@ def partition(
             writer.close()
     write_json(done, {**stamp, "rows": rows})
     return rows
+
+
+def split(batch: pa.Table, layout: Layout) -> list[tuple[int, pa.Table]]:
+    """This shard's rows of ``batch`` (canonical receipts, :data:`COLUMNS` only) as (part, rows), for
+    each part that has any, in part order; a row keeps its order within its part."""
+    batch = batch.select(list(COLUMNS))
+    shard, part = layout.assign(batch.column(SHOPPER).to_numpy())
+    mine = np.flatnonzero(shard == layout.shard_index)
+    if len(mine) == batch.num_rows and layout.parts == 1:
+        return [(0, batch)] if len(mine) else []  # all of it, in one part: nothing to take
+    order = mine[np.argsort(part[mine], kind="stable")]
+    counts = np.bincount(part[order], minlength=layout.parts)
+    table = batch.take(pa.array(order))
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    return [(int(p), table.slice(starts[p], counts[p])) for p in np.flatnonzero(counts)]
+
+
+def gather(
+    batches: Iterable[pa.Table], layout: Layout, on_batch: Callable[[int], None] | None = None
+) -> pa.Table | None:
+    """This shard's rows of ``batches`` in memory, for a layout of one part: the table :func:`partition`
+    and :func:`read_part` would give, without writing it to disk and reading it back. None when the shard
+    has no rows. ``on_batch`` is called with the row count of every batch read (progress)."""
+    if layout.parts != 1:
+        raise ValueError(f"gather reads a shard of one part; this layout has {layout.parts}")
+    tables = []
+    for batch in batches:
+        if on_batch is not None:
+            on_batch(batch.num_rows)
+        tables += [table for _, table in split(batch, layout)]
+    return pa.concat_tables(tables) if tables else None
 
 
 def read_part(directory: str | Path, layout: Layout, part: int) -> pa.Table | None:

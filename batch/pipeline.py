@@ -1,20 +1,24 @@
-"""The batch job's pipeline over one shard's parts: read, encode and search, apply the rules, write.
+"""The batch job's pipeline over one shard's parts: read, encode, search and apply the rules, write.
 
-Part by part: ``read_threads`` threads read and group the next parts into :class:`recsys.inputs.Histories`
+Part by part: ``read_threads`` threads read the next parts' receipts, cut each into pieces of
+``batch_size`` shoppers (:func:`pieces`) and group every piece into :class:`recsys.inputs.Histories`
 (each shopper's known products with purchase times; unknown products are dropped, as serving drops
-them) and their model inputs; the main thread encodes and searches ``batch_size`` shoppers at a time;
-``select_threads`` threads apply the rules with :func:`recsys.scoring.recommend`, serving's own scorer;
-one thread writes each finished part. So the output equals serving's ``Recommender.recommend_batch``
-for the same histories and rules. numpy and pyarrow release the GIL in the heavy work.
+them) and their model inputs, so encoding starts once a part's first piece is grouped, not the whole
+part. The main thread encodes and searches a piece at a time; ``select_threads`` threads apply the
+rules with :func:`recsys.scoring.recommend`, serving's own scorer; one thread writes each finished part.
+So the output equals serving's ``Recommender.recommend_batch`` for the same histories and rules. numpy,
+pyarrow and ONNX Runtime release the GIL in the heavy work.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +65,12 @@ class Batch:
 def load_part(directory: Path, layout: Layout, index: int, engine: Engine) -> Part:
     """Read one part's receipts and turn them into model inputs (a shopper with no known product keeps
     its row, with an empty history: it gets the popularity fallback)."""
-    table = read_part(directory, layout, index)
+    return to_part(read_part(directory, layout, index), index, engine)
+
+
+def to_part(table: pa.Table | None, index: int, engine: Engine) -> Part:
+    """Receipts (of part ``index``, or of a piece of it; None for none) grouped into model inputs, every
+    shopper with all of its rows; shoppers without a known product keep their row, with an empty history."""
     if table is None:
         shopper_ids = np.zeros(0, dtype=np.int64)
         histories = Histories.from_requests(engine.vocab, [])
@@ -71,6 +80,20 @@ def load_part(directory: Path, layout: Layout, index: int, engine: Engine) -> Pa
         histories = Histories.from_sequences(known)
     item_ids, gap_days = histories.model_inputs(engine.max_len)
     return Part(index, shopper_ids, histories, item_ids, gap_days, 0 if table is None else table.num_rows)
+
+
+def pieces(table: pa.Table | None, shoppers: int) -> list[pa.Table]:
+    """A part's receipts cut into runs of ``shoppers`` consecutive shoppers (by id), each run with every
+    row of its shoppers: the part's batches, each grouped on its own (:func:`to_part`)."""
+    if table is None:
+        return []
+    ids = table.column(SHOPPER).to_numpy()
+    order = np.argsort(ids, kind="stable")
+    ordered = ids[order]
+    firsts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))  # a shopper's 1st row
+    cuts = np.append(firsts[::shoppers], len(ordered))
+    table = table.take(pa.array(order))
+    return [table.slice(start, stop - start) for start, stop in itertools.pairwise(cuts)]
 
 
 def search(engine: Engine, part: Part, start: int, stop: int, rules: Rules, timings: Timings) -> Batch:
@@ -177,14 +200,26 @@ def process(
     concurrency: Concurrency,
     progress: Progress,
     timings: Timings,
+    receipts: Callable[[int], pa.Table | None] | None = None,
 ) -> None:
-    """Encode ``pending`` parts on this thread while the next ones are read and finished batches selected
-    and written on others (numpy and pyarrow release the GIL in the heavy work)."""
-    fallback = fallback_rows(engine)
+    """Encode and search ``pending`` parts on this thread while the next pieces are read and grouped,
+    searched batches selected and finished parts written on others.
 
-    def read(index: int) -> Part:
+    ``receipts`` gives a part's receipts by index (None for a part without rows); by default they are
+    read from the partition files in ``partitions`` (:func:`batch.partition.read_part`).
+    """
+    fallback = fallback_rows(engine)
+    part_receipts = receipts or functools.partial(read_part, partitions, layout)
+
+    def read(index: int) -> list[Future[Part]]:
         with timings.stage("read"):
-            return load_part(partitions, layout, index, engine)
+            cut = pieces(part_receipts(index), concurrency.batch_size)
+        # grouped on the reader threads in order, each queued before the next part's read
+        return [reader.submit(group, piece, index) for piece in cut]
+
+    def group(piece: pa.Table, index: int) -> Part:
+        with timings.stage("read"):
+            return to_part(piece, index, engine)
 
     def select_batch(batch: Batch) -> pa.RecordBatch:
         with timings.stage("select"):
@@ -205,25 +240,26 @@ def process(
     upcoming = deque(reader.submit(read, index) for index in pending[:ahead])
     queued: deque[Future[Any]] = deque()  # selections and commits not yet seen to succeed
     try:
-        for position in range(len(pending)):
-            part = upcoming.popleft().result()
+        for position, index in enumerate(pending):
+            grouped = upcoming.popleft().result()
             if position + ahead < len(pending):
                 upcoming.append(reader.submit(read, pending[position + ahead]))
-            progress.part_read(part)
             batches = []
-            for start in range(0, len(part.shopper_ids), concurrency.batch_size):
-                stop = min(start + concurrency.batch_size, len(part.shopper_ids))
-                batches.append(
-                    selector.submit(select_batch, search(engine, part, start, stop, rules, timings))
-                )
+            for future in grouped:
+                piece = future.result()
+                progress.part_read(piece)
+                # top-K stays on this thread: on the selector threads FAISS and ONNX Runtime contend for the
+                # same cores, and encoding slowed by more than the search it hid (BENCHMARKS.md)
+                searched = search(engine, piece, 0, len(piece.shopper_ids), rules, timings)
+                batches.append(selector.submit(select_batch, searched))
                 queued.append(batches[-1])
                 # bounds the searched batches held in memory; .result() raises a failed selection or write
                 while queued and (
                     len(queued) > MAX_QUEUED_BATCHES * concurrency.select_threads or queued[0].done()
                 ):
                     queued.popleft().result()
-                progress.bar.update(stop - start)
-            queued.append(writer.submit(commit, part.index, batches))
+                progress.bar.update(len(piece.shopper_ids))
+            queued.append(writer.submit(commit, index, batches))
         while queued:
             queued.popleft().result()
     except BaseException:

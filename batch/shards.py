@@ -4,21 +4,25 @@ Every job over all shoppers (candidates, audiences) splits the receipts the same
 (:mod:`batch.partition`): shard ``shard_index`` of ``num_shards`` owns the shoppers hashing to it, in
 ``parts`` parts of about ``rows_per_part`` receipt rows. The keys read from a job's config are those of
 ``conf/candidates.yaml`` under the same names (receipts, columns, timezone, drop_returns, time rules,
-shards, parts, read and partition buffers, progress).
+shards, parts, read and partition buffers, keep_partitions, progress).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.dataset as ds
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from batch.manifests import CandidatesError
-from batch.partition import Layout, fingerprint, partition
+from batch.partition import Layout, fingerprint, gather, partition, read_part
 from recsys.data.loader import iter_receipts
 
 TIME_RULES = ("ambiguous_times", "nonexistent_times", "min_date", "max_date")
@@ -60,21 +64,45 @@ def layout(cfg: DictConfig, num_rows: int, output: Path) -> Layout:
     return found
 
 
-def partition_shard(
-    cfg: DictConfig, found: Layout, receipts: dict[str, Any], directory: Path, num_rows: int
-) -> list[int]:
-    """Stream the receipts once and write this shard's parts to ``directory`` (reused when a finished
-    partition of the same input and layout is there); the rows of each part."""
-    bar = tqdm(total=num_rows, unit="row", unit_scale=True, disable=not cfg.progress, desc="partition")
-    with bar:
-        batches = iter_receipts(
+def part_reader(
+    cfg: DictConfig,
+    found: Layout,
+    receipts: dict[str, Any],
+    directory: Path,
+    num_rows: int,
+    pending: list[int],
+    timings: Any | None = None,
+) -> tuple[Callable[[int], pa.Table | None], int]:
+    """How a job reads a part's receipts, and the receipt rows still to process (for an ETA).
+
+    Several parts: the partition pass streams the receipts once and writes this shard's parts to
+    ``directory`` (reused when a finished pass of the same input, ``receipts``, and layout is there), and
+    each part is read back. One part: it would be written only to be read back whole, so its rows are
+    streamed into memory instead (:func:`batch.partition.gather`), unless ``keep_partitions`` asks for the
+    files. ``timings`` (a :class:`batch.pipeline.Timings`) gets the partition pass's seconds."""
+    empty = CandidatesError(
+        f"shard {found.shard_index} of {found.num_shards} is empty: no shopper of {cfg.receipts} "
+        "hashes to it (fewer shoppers than shards?)"
+    )
+
+    def batches() -> Iterator[pa.Table]:
+        return iter_receipts(
             cfg.receipts, OmegaConf.to_container(cfg.columns), cfg.timezone, cfg.read_batch_rows,
             cfg.drop_returns, **time_rules(cfg),
         )  # fmt: skip
-        rows = partition(batches, found, directory, receipts, cfg.partition_buffer_rows, bar.update)
+
+    if found.parts == 1 and not cfg.keep_partitions:
+
+        def streamed(index: int) -> pa.Table:
+            table = gather(batches(), found)
+            if table is None:
+                raise empty
+            return table
+
+        return streamed, math.ceil(num_rows / found.num_shards)  # the shard's rows are known only later
+    bar = tqdm(total=num_rows, unit="row", unit_scale=True, disable=not cfg.progress, desc="partition")
+    with bar, timings.stage("partition") if timings is not None else contextlib.nullcontext():
+        rows = partition(batches(), found, directory, receipts, cfg.partition_buffer_rows, bar.update)
     if sum(rows) == 0:
-        raise CandidatesError(
-            f"shard {found.shard_index} of {found.num_shards} is empty: no shopper of {cfg.receipts} "
-            "hashes to it (fewer shoppers than shards?)"
-        )
-    return rows
+        raise empty
+    return functools.partial(read_part, directory, found), sum(rows[p] for p in pending)

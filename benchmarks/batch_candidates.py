@@ -16,8 +16,9 @@ as a Flat bundle (its encoder quantised as ``conf/export.yaml`` or ``--quantize`
 run: ONNX Runtime + FAISS, and torch. ``--device cuda`` runs the torch engine with its bf16-autocast
 encoder.
 
-Each job run reports end-to-end shoppers/s (partition pass included) and seconds per stage. The stages
-overlap on their own threads (read, encode + top-K, select, write), so they add up to more than the wall.
+Each job run reports end-to-end shoppers/s (partition pass included; a shard of one part has none, its
+rows are streamed into memory and counted in read) and seconds per stage. The stages overlap on their
+own threads (read and grouping, encode + top-K, select, write), so they add up to more than the wall.
 The reference is the plain loop: the whole table in memory, its histories as the model reads them
 (``recsys.inputs.Histories.model_inputs``), then per batch encode -> scores -> topk -> pandas DataFrame ->
 ``to_parquet``; no rules, fallback, sharding or resume. It runs on the first

@@ -19,9 +19,9 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from batch import pipeline
+from batch import candidates, pipeline, shards
 from batch.candidates import MANIFEST_FILE, CandidatesError, run
-from batch.partition import Layout
+from batch.partition import Layout, gather, partition, read_part
 from export import index as indexes
 from export.export import export_bundle
 from recsys.bundle import BundleError, read_bundle
@@ -228,6 +228,73 @@ def test_killed_job_resumes_without_duplicates_or_gaps(
     (shard / written[0]).write_bytes(b"corrupt")
     job(parts=5, batch_size=32)
     assert read_output(tmp_path / "out").equals(resumed)
+
+
+def test_single_part_is_streamed_without_partition_files(
+    job: Job, data: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A shard of one part skips the partition pass: the same output and manifest as when the part goes
+    through partition files (``keep_partitions`` asks for them), and a killed run resumes."""
+    kept = job("kept", batch_size=64, keep_partitions="true")
+    assert kept["job"]["parts"] == 1
+    assert (tmp_path / "kept" / "_partitions" / "shard=00000-of-00001" / "part-00000.parquet").is_file()
+
+    def no_partition_pass(*args: Any, **kwargs: Any) -> list[int]:
+        raise AssertionError("a shard of one part needs no partition pass")
+
+    monkeypatch.setattr(shards, "partition", no_partition_pass)
+    write_part = pipeline.write_part
+
+    def killed(directory: Path, name: str, batches: list[pa.RecordBatch]) -> dict[str, Any]:
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(pipeline, "write_part", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        job("streamed", batch_size=64)
+    assert not list((tmp_path / "streamed" / "shard=00000-of-00001").glob("*"))  # nothing recorded
+    monkeypatch.setattr(pipeline, "write_part", write_part)
+    streamed = job("streamed", batch_size=64)
+    assert not (tmp_path / "streamed" / "_partitions").exists()
+    assert streamed["job"] == kept["job"] and streamed["parts"] == kept["parts"]  # the same bytes, too
+    output = read_output(tmp_path / "streamed")
+    assert output.equals(read_output(tmp_path / "kept"))
+    assert_equal_to_serving(output, Recommender.load(data["bundle"]), data["receipts"])
+
+    # one part in each of two shards, streamed with the other shard's rows left out
+    for index in range(2):
+        assert job("sharded", shard_index=index, num_shards=2)["job"]["parts"] == 1
+    sharded = read_output(tmp_path / "sharded").drop_columns(["shard"]).sort_by(SHOPPER)
+    assert sharded.equals(output.drop_columns(["shard"]))
+
+    # finished: a re-run reads nothing
+    monkeypatch.setattr(shards, "gather", no_partition_pass)
+    assert job("streamed", batch_size=64)["parts"] == kept["parts"]
+
+
+def test_gather_equals_the_partition_files(data: dict[str, Any], tmp_path: Path) -> None:
+    """What a shard of one part streams into memory is the table its partition file holds."""
+    receipts: pa.Table = data["receipts"]
+    for layout in (Layout(0, 1, 1), Layout(1, 3, 1)):
+        batches = receipts.to_batches(max_chunksize=500)
+        directory = tmp_path / layout.shard_name
+        partition(map(pa.Table.from_batches, [[b] for b in batches]), layout, directory, {})
+        streamed = gather((pa.Table.from_batches([b]) for b in batches), layout)
+        assert streamed is not None and streamed.equals(read_part(directory, layout, 0))
+    assert gather(iter([receipts.slice(0, 0)]), Layout(0, 1, 1)) is None
+    with pytest.raises(ValueError, match="one part"):
+        gather(iter([receipts]), Layout(0, 1, 2))
+
+
+def test_pieces_hold_whole_shoppers_in_order(data: dict[str, Any]) -> None:
+    """A part is grouped piece by piece: consecutive runs of ``batch_size`` shoppers, each with all of its
+    shoppers' rows, so the batches are those of the whole part."""
+    receipts: pa.Table = data["receipts"]
+    cut = pipeline.pieces(receipts, 64)
+    shoppers = [np.unique(piece.column(SHOPPER).to_numpy()) for piece in cut]
+    assert [len(ids) for ids in shoppers[:-1]] == [64] * (len(cut) - 1) and 0 < len(shoppers[-1]) <= 64
+    assert np.array_equal(np.concatenate(shoppers), np.unique(receipts.column(SHOPPER).to_numpy()))
+    assert sum(piece.num_rows for piece in cut) == receipts.num_rows
+    assert pipeline.pieces(None, 64) == []
 
 
 def test_bad_input_is_refused_with_a_clear_error(job: Job, data: dict[str, Any], tmp_path: Path) -> None:
