@@ -4,14 +4,16 @@ taking its own top audience, judged on the recorded redemptions.
 The ten latest-starting evaluable campaigns (``recsys.evaluation.campaigns.recorded_campaigns``) are
 planned as one week. Each may contact only its recorded recipients (the only households whose response
 is known), at most half of them (so that choosing matters), with at most ``--cap`` contacts per
-household over the week. Each (recipient, campaign) pair's probability is the calibrated propensity of
-buying one of the campaign's coupon products during the campaign (``recsys.propensity``, from a ranker
-fitted before the first of the start's month, ``benchmarks.cj_rankers``; isotonic calibration on every
-household's purchases in the campaign's length before its start), all from receipts before its start.
+household over the week. Each (recipient, campaign) pair's value is its estimated P(redeem): the
+calibrated propensity of buying one of the campaign's coupon products during the campaign
+(``recsys.propensity``, from a ranker fitted before the first of the start's month,
+``benchmarks.cj_rankers``; isotonic calibration on every household's purchases in the campaign's length
+before its start) times the household's coupon affinity (``recsys.evaluation.campaigns.coupon_affinity``),
+all from data before its start.
 
 Plans (``batch.allocation``): the allocation (the exact MILP, and the Lagrangian method) and the
 uncoordinated reference (each campaign its top audience, then each household over the cap keeps its most
-probable contacts). Reported: contacts, expected conversions (sum of probabilities) and the recorded
+probable contacts). Reported: contacts, expected redemptions (sum of the values) and the recorded
 redemptions among the contacted pairs, with a 95% bootstrap interval over households for the paired
 difference against the reference.
 
@@ -30,7 +32,8 @@ from batch.allocation import Allocation, Problem, allocate, exact, independent
 from benchmarks.cj_rankers import calibrated_propensity
 from recsys.data.completejourney import load_campaign_tables, load_complete_journey, load_products
 from recsys.data.schema import TIMESTAMP
-from recsys.evaluation.campaigns import recorded_campaigns
+from recsys.data.split import temporal_split
+from recsys.evaluation.campaigns import coupon_affinity, recorded_campaigns
 
 BOOTSTRAP = 2000
 
@@ -61,12 +64,17 @@ def main() -> None:
         d["campaign_id"]: (d["end_date"] - d["start_date"]).days
         for d in tables["campaign_descriptions"].to_pylist()
     }
+    affinity = coupon_affinity(
+        tables["campaigns"], tables["campaign_descriptions"], tables["coupon_redemptions"], args.timezone
+    )
     households = np.unique(np.concatenate([c.recipients for c in week]))
     values = np.zeros((len(households), len(week)), dtype=np.float32)
     redeemed = np.zeros(values.shape, dtype=bool)
     for j, campaign in enumerate(week):
         at = np.searchsorted(households, campaign.recipients)
-        values[at, j] = calibrated_propensity(receipts, products, campaign, durations[campaign.campaign_id])
+        before, _ = temporal_split(receipts, campaign.start)
+        buy = calibrated_propensity(before, products, campaign, durations[campaign.campaign_id])
+        values[at, j] = buy * affinity(campaign, before)  # P(redeem) = P(buy) x P(use the coupon | buy)
         redeemed[at, j] = campaign.redeemed
     audience = np.array([int(np.ceil(len(c.recipients) / 2)) for c in week])
     problem = Problem(values, args.cap, audience)
@@ -79,7 +87,7 @@ def main() -> None:
     print(f"{len(week)} campaigns ({', '.join(str(c.campaign_id) for c in week)}), {len(households):,} "
           f"recipient households, audiences {audience.sum():,} in all, cap {args.cap} per household, "
           f"{int(redeemed.sum())} recorded redeeming pairs\n")  # fmt: skip
-    print("| plan | contacts | expected conversions | recorded redemptions | Δ vs reference [95% CI] |")
+    print("| plan | contacts | expected redemptions | recorded redemptions | Δ vs reference [95% CI] |")
     print("|---|---|---|---|---|")
     for name, plan in plans.items():
         contacts, expected, per_household = judged(plan, redeemed, values)

@@ -84,10 +84,16 @@ def expected_baskets(histories: Histories, as_of_days: float, horizon_days: floa
     the epoch): its baskets over the days from its first basket to ``as_of_days``, that span at least
     ``horizon_days``; at most one basket a day. 0 for a shopper without a history."""
     owner, days = histories.owner, histories.days
-    keys = np.unique(np.stack([owner.astype(np.float64), days]), axis=1)  # a basket: (shopper, time)
-    baskets = np.bincount(keys[0].astype(np.int64), minlength=histories.num_shoppers)
+    # a basket: a distinct (shopper, time); sorted runs, not np.unique(axis=1), whose row sort is slow
+    order = np.lexsort((days, owner))
+    sorted_owner, sorted_days = owner[order], days[order]
+    starts = np.ones(len(order), dtype=bool)
+    starts[1:] = (sorted_owner[1:] != sorted_owner[:-1]) | (sorted_days[1:] != sorted_days[:-1])
+    baskets = np.bincount(sorted_owner[starts], minlength=histories.num_shoppers)
     first = np.full(histories.num_shoppers, np.inf)
-    np.minimum.at(first, owner, days)
+    known = histories.lengths > 0
+    if known.any():  # each shopper's entries are one run from its offset (owner ascends)
+        first[known] = np.minimum.reduceat(days, histories.offsets[:-1][known])
     if (days >= as_of_days).any():
         raise ValueError("a history reaches the scoring date: only purchases before it may be scored")
     span = np.maximum(as_of_days - first, horizon_days)
