@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batch.campaign import CampaignSpec
-from batch.engines import Engine
+from batch.engines import OnnxEngine
 from batch.partition import shopper_hash
 from batch.pipeline import Part, Timings, search
 from recsys.calibration import Calibration, fit_isotonic, summary
@@ -63,7 +63,7 @@ SCORES = pa.schema(
 )
 
 
-def campaign_rows(engine: Engine, product_ids: np.ndarray) -> np.ndarray:
+def campaign_rows(engine: OnnxEngine, product_ids: np.ndarray) -> np.ndarray:
     """The bundle's item rows of a campaign's products; ValueError when none is in the bundle's catalogue
     (the products unknown to it cannot be scored, and are counted by the job's manifest)."""
     rows = engine.vocab.rows(np.asarray(product_ids, dtype=np.int64))
@@ -73,7 +73,7 @@ def campaign_rows(engine: Engine, product_ids: np.ndarray) -> np.ndarray:
 
 
 def raw_scores(
-    engine: Engine,
+    engine: OnnxEngine,
     histories: Histories,
     rows: np.ndarray,
     as_of: datetime,
@@ -89,7 +89,8 @@ def raw_scores(
     part = Part(0, ids, histories, item_ids, gap_days, 0)
     batch = search(engine, part, 0, histories.num_shoppers, Rules(k=1), Timings("encode", "top_k"))
     days = as_of.timestamp() / SECONDS_PER_DAY
-    return raw_score(engine.repeat, histories, batch.rows, batch.scores, rows, days, horizon_days, popular)
+    found = batch.rows, batch.scores
+    return raw_score(engine.repeat, histories, *found, rows, days, horizon_days, popular, engine.threads)
 
 
 def _bought_between(table: pa.Table, products: np.ndarray, start: datetime, end: datetime) -> np.ndarray:
@@ -103,14 +104,14 @@ def _bought_between(table: pa.Table, products: np.ndarray, start: datetime, end:
     return np.unique(table.filter(mask).column(SHOPPER).to_numpy())
 
 
-def _histories(table: pa.Table, engine: Engine, shopper_ids: np.ndarray) -> Histories:
+def _histories(table: pa.Table, engine: OnnxEngine, shopper_ids: np.ndarray) -> Histories:
     return Histories.from_sequences(
         build_sequences(table, engine.vocab, drop_unknown=True).select(shopper_ids)
     )
 
 
 def score_part(
-    engine: Engine,
+    engine: OnnxEngine,
     table: pa.Table,
     spec: CampaignSpec,
     product_ids: np.ndarray,
@@ -334,7 +335,7 @@ def choose(scores: pa.Table, spec: CampaignSpec, as_of: datetime, outcome_known:
 
 
 def audience(
-    engine: Engine,
+    engine: OnnxEngine,
     receipts: pa.Table,
     spec: CampaignSpec,
     as_of: datetime,

@@ -65,6 +65,7 @@ def next_basket(
     searched_scores: np.ndarray,
     campaign_rows: np.ndarray,
     popular: int = POPULAR,
+    threads: int = 1,
 ) -> np.ndarray:
     """[S] ``-log P(the next basket holds none of the campaign's products)``, step 1 of the module
     docstring (NaN for a shopper without a known product: nothing to score it on)."""
@@ -74,7 +75,7 @@ def next_basket(
     x = pair_features(
         histories, owner, rows, searched_rows, searched_scores, ranker.stats, ranker.new_candidates
     )
-    p = np.clip(ranker.probability(x), 0.0, 1.0 - 1e-12)
+    p = np.clip(ranker.probability(x, threads), 0.0, 1.0 - 1e-12)
     none = np.bincount(owner, weights=np.log1p(-p), minlength=histories.num_shoppers)  # log P(none)
     return np.where(histories.lengths > 0, -none, np.nan)
 
@@ -109,10 +110,11 @@ def raw_score(
     as_of_days: float,
     horizon_days: float,
     popular: int = POPULAR,
+    threads: int = 1,
 ) -> np.ndarray:
     """[S] both steps: the raw score (a rate: ``1 - exp(-raw)`` is the uncalibrated P(one of the
     campaign's products within ``horizon_days`` after ``as_of_days``); NaN for a shopper without a known
     product). ``searched_rows`` / ``_scores``
     [S, C]: the network's searched candidates ([S, 0] for a ranker fitted without a network)."""
-    h = next_basket(ranker, histories, searched_rows, searched_scores, campaign_rows, popular)
+    h = next_basket(ranker, histories, searched_rows, searched_scores, campaign_rows, popular, threads)
     return expected_baskets(histories, as_of_days, horizon_days) * h

@@ -139,11 +139,12 @@ class Ranker:
     def num_items(self) -> int:
         return self.stats.num_items
 
-    def probability(self, x: np.ndarray) -> np.ndarray:
-        """P(in the next basket) [M] of full feature rows [M, F] (every column of ``feature_names``)."""
+    def probability(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
+        """P(in the next basket) [M] of full feature rows [M, F] (every column of ``feature_names``), on
+        ``threads`` threads (serving keeps one per request; a batch job may use its cores)."""
         if not len(x):
             return np.zeros(0)
-        return self.booster.predict(x[:, self.columns], num_threads=1)
+        return self.booster.predict(x[:, self.columns], num_threads=threads)
 
     def candidates(self, histories: Histories, rows: np.ndarray, scores: np.ndarray) -> Candidates:
         """The candidate pairs and their feature rows (:class:`recsys.rank_features.Candidates`)."""
