@@ -5,6 +5,9 @@ brute-force reading of the rules; the job against a brute-force scoring, resumed
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -341,3 +344,19 @@ def test_audiences_feed_the_allocation_of_a_week(
         assert contact["probability"] == pytest.approx(
             eligible[(contact["shopper_id"], contact["campaign_id"])]
         )
+
+
+def test_the_campaign_jobs_never_import_torch() -> None:
+    """A production box installs caddie[serve] without torch: the audience, allocation and segment jobs
+    and their libraries must run there."""
+    code = (
+        "import sys\n"
+        "import batch.audience, batch.audiences, batch.allocate, batch.segment, recsys.propensity\n"
+        "heavy = ('torch', 'lightning', 'pytorch_lightning')\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
+        "assert not bad, bad\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
