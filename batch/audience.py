@@ -32,11 +32,9 @@ spec (:mod:`batch.campaign`) and of the candidate job's parts (``rows_per_part``
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict
 from datetime import datetime, timedelta
@@ -50,13 +48,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
-from batch.audiences import SCORES, calibration_sample, campaign_rows, choose, score_part
+from batch.audiences import SCORES, campaign_rows, choose, score_part
 from batch.campaign import CampaignSpec, load_spec
 from batch.engines import OnnxEngine
 from batch.lock import LockError, locked
 from batch.manifests import CandidatesError, ShardManifest, combine_shards, write_part
 from batch.partition import Layout
-from batch.shards import layout, part_reader, receipts_identity
+from batch.shards import PARTITIONS_DIR, layout, part_reader, receipts_identity, remove_partitions
 from recsys.calibration import reliability_png
 from recsys.data.loader import open_dataset
 from recsys.data.schema import SHOPPER, TIMESTAMP
@@ -148,7 +146,7 @@ def _score(
     pending = [p for p in range(found.parts) if found.part_name(p) not in manifest.parts]
     if not pending:
         return manifest
-    partitions = Path(cfg.output) / "_partitions" / found.shard_name
+    partitions = Path(cfg.output) / PARTITIONS_DIR / found.shard_name
     read, _ = part_reader(cfg, found, receipts, partitions, num_rows, pending)
     for index in pending:
         table = read(index)
@@ -156,16 +154,14 @@ def _score(
         if table is None:
             batches = [pa.record_batch([pa.array([], f.type) for f in SCORES], schema=SCORES)]
         else:
-            sample = calibration_sample(np.unique(table.column(SHOPPER).to_numpy()), cfg.calibration_share)
-            batches = [score_part(engine, table, spec, products, as_of, sample, cfg.popular)]
+            share = cfg.calibration_share
+            batches = [score_part(engine, table, spec, products, as_of, share, cfg.popular)]
         entry = write_part(directory, name, batches, SCORES)
         # the latest receipt says whether what happened after as_of is known (the evaluation)
         latest = None if table is None else pc.max(table.column(TIMESTAMP)).as_py()
         manifest.record(name, entry | {"last_receipt": None if latest is None else latest.isoformat()})
-    if not cfg.keep_partitions and partitions.exists():
-        shutil.rmtree(partitions, ignore_errors=True)
-        with contextlib.suppress(OSError):  # other shards may still be using theirs
-            partitions.parent.rmdir()
+    if not cfg.keep_partitions:
+        remove_partitions(partitions)
     return manifest
 
 

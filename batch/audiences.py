@@ -38,7 +38,7 @@ from batch.partition import shopper_hash
 from batch.pipeline import Part, Timings, search
 from recsys.calibration import Calibration, fit_isotonic, summary
 from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
-from recsys.data.sequences import build_sequences
+from recsys.data.sequences import SECONDS_PER_DAY, build_sequences, epoch_days
 from recsys.data.split import temporal_split
 from recsys.evaluation.campaigns import auc
 from recsys.inputs import Histories
@@ -49,7 +49,6 @@ SEGMENTS = ("repeat", "lapsed", "new")
 TOP = 5  # members a summary shows
 SAMPLE_BITS = 24  # the calibration sample reads the hash's top bits (the shard and part read its low ones)
 LAPSE_DAYS = 90.0
-SECONDS_PER_DAY = 86_400.0
 SCORES = pa.schema(
     [
         pa.field(SHOPPER, pa.int64(), nullable=False),
@@ -88,7 +87,7 @@ def raw_scores(
     item_ids, gap_days = histories.model_inputs(engine.max_len)
     part = Part(0, ids, histories, item_ids, gap_days, 0)
     batch = search(engine, part, 0, histories.num_shoppers, Rules(k=1), Timings("encode", "top_k"))
-    days = as_of.timestamp() / SECONDS_PER_DAY
+    days = epoch_days(as_of)
     found = batch.rows, batch.scores
     return raw_score(engine.repeat, histories, *found, rows, days, horizon_days, popular, engine.threads)
 
@@ -116,17 +115,17 @@ def score_part(
     spec: CampaignSpec,
     product_ids: np.ndarray,
     as_of: datetime,
-    calibration: np.ndarray,
+    calibration_share: float,
     popular: int = POPULAR,
 ) -> pa.RecordBatch:
     """One part's rows of :data:`SCORES`: every shopper of receipts ``table`` with a purchase before
-    ``as_of``; ``calibration`` [S] marks (by the part's ascending shopper ids) the shoppers also scored one
+    ``as_of``; those of :func:`calibration_sample` (``calibration_share`` of them) are also scored one
     horizon earlier for the calibration. ``product_ids``: the campaign's (all of them, for
     ``days_since_bought`` and the outcomes; the bundle scores the ones it knows)."""
     horizon = timedelta(days=spec.horizon_days)
     before, after = temporal_split(table, as_of)
     shopper_ids = np.unique(before.column(SHOPPER).to_numpy())
-    sample = calibration[np.searchsorted(np.unique(table.column(SHOPPER).to_numpy()), shopper_ids)]
+    sample = calibration_sample(shopper_ids, calibration_share)
     rows = campaign_rows(engine, product_ids)
     now = _histories(before, engine, shopper_ids)
     raw = raw_scores(engine, now, rows, as_of, spec.horizon_days, popular)
@@ -138,7 +137,7 @@ def score_part(
         at = np.searchsorted(shopper_ids, grouped.column(SHOPPER).to_numpy())
         seconds = pc.cast(grouped.column(f"{TIMESTAMP}_max"), pa.int64()).to_numpy() / 1e6
         last[at] = seconds / SECONDS_PER_DAY
-    since = as_of.timestamp() / SECONDS_PER_DAY - last
+    since = epoch_days(as_of) - last
     baskets = before.group_by([SHOPPER]).aggregate([(BASKET, "count_distinct")])
     basket_count = np.zeros(len(shopper_ids), np.int64)
     basket_count[np.searchsorted(shopper_ids, baskets.column(SHOPPER).to_numpy())] = baskets.column(
@@ -174,7 +173,7 @@ class Audience:
 
     members: np.ndarray  # [A] int64 positions, by probability descending (ties: smaller position first)
     segment: np.ndarray  # [A] int8 index into SEGMENTS
-    eligible: int  # shoppers passing the threshold and exclusions
+    eligible: np.ndarray  # [E] positions passing the threshold and exclusions, best first
     shortfall: int  # audience asked minus audience given
     explorers: int  # members new to the products
     expected_conversions: float  # sum of the members' probabilities
@@ -212,7 +211,7 @@ def select_audience(
     return Audience(
         members=members,
         segment=segment,
-        eligible=len(ranked),
+        eligible=ranked,
         shortfall=spec.audience - size,
         explorers=int(new[members].sum()),
         expected_conversions=float(probability[members].sum()),
@@ -290,7 +289,7 @@ def choose(scores: pa.Table, spec: CampaignSpec, as_of: datetime, outcome_known:
             "segment": pa.array([SEGMENTS[s] for s in chosen.segment.tolist()], pa.string()),
         }
     )
-    may = np.flatnonzero(scored)[eligibility(spec, ids[scored], probability[scored], since[scored])]
+    may = np.flatnonzero(scored)[np.sort(chosen.eligible)]
     eligible = pa.table(
         {
             SHOPPER: pa.array(ids[may], pa.int64()),
@@ -305,7 +304,7 @@ def choose(scores: pa.Table, spec: CampaignSpec, as_of: datetime, outcome_known:
         "horizon_days": spec.horizon_days,
         "shoppers": len(ids),
         "scored": int(scored.sum()),
-        "eligible": chosen.eligible,
+        "eligible": len(chosen.eligible),
         "audience": len(members),
         "shortfall": chosen.shortfall,
         "explorers": chosen.explorers,
@@ -345,9 +344,8 @@ def audience(
     """The audience of ``spec`` among the shoppers of an in-memory receipts table (canonical columns),
     scored and chosen as the job does (without its sharding, resuming and files)."""
     product_ids = spec.product_ids(engine.items)
-    shopper_ids = np.unique(receipts.column(SHOPPER).to_numpy())
-    sample = calibration_sample(shopper_ids, calibration_share)
-    scores = pa.Table.from_batches([score_part(engine, receipts, spec, product_ids, as_of, sample, popular)])
+    part = score_part(engine, receipts, spec, product_ids, as_of, calibration_share, popular)
+    scores = pa.Table.from_batches([part])
     latest = pc.max(receipts.column(TIMESTAMP)).as_py()
     return choose(scores, spec, as_of, latest >= as_of + timedelta(days=spec.horizon_days))
 

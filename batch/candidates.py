@@ -37,11 +37,9 @@ times and parquet footers), so changed receipts or a changed bundle are never mi
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +54,8 @@ from batch.lock import LockError, locked
 from batch.manifests import MANIFEST_FILE, CandidatesError, ShardManifest, combine_shards
 from batch.partition import Layout
 from batch.pipeline import Concurrency, Progress, Timings, process
+from batch.shards import PARTITIONS_DIR, part_reader, receipts_identity, remove_partitions
 from batch.shards import layout as shard_layout
-from batch.shards import part_reader, receipts_identity
 from recsys.bundle import GRAPH_OPTIMIZATION, sha256_file
 from recsys.data.loader import open_dataset
 from recsys.data.schema import PRODUCT
@@ -65,7 +63,6 @@ from recsys.rules import Rules, RulesError
 
 log = logging.getLogger(__name__)
 
-PARTITIONS_DIR = "_partitions"  # a leading underscore: pyarrow.dataset readers of the output skip it
 MAX_UNAVAILABLE_BYTES = 256 << 20  # the unavailable-products list a job reads
 
 __all__ = ["MANIFEST_FILE", "CandidatesError", "main", "run"]
@@ -132,10 +129,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 manifest, layout, partitions = _run(cfg, timings)
             seconds = {k: round(v, 3) for k, v in timings.seconds.items()}
             result = manifest.save(complete=True, seconds=seconds)
-            if not cfg.keep_partitions and partitions.exists():
-                shutil.rmtree(partitions)
-                with contextlib.suppress(OSError):  # other shards may still be using theirs
-                    partitions.parent.rmdir()
+            if not cfg.keep_partitions:
+                remove_partitions(partitions)
     except LockError as error:
         raise CandidatesError(str(error)) from error
     log.info(
@@ -220,9 +215,8 @@ def _run(cfg: DictConfig, timings: Timings) -> tuple[ShardManifest, Layout, Path
     progress = Progress(rows_left, cfg.progress, layout.shard_name)
     with progress.bar:
         process(
-            engine, layout, pending, partitions, directory, manifest, rules, concurrency, progress, timings,
-            part_receipts,
-        )  # fmt: skip
+            engine, layout, pending, part_receipts, directory, manifest, rules, concurrency, progress, timings
+        )
     return manifest, layout, partitions
 
 

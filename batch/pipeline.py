@@ -13,7 +13,6 @@ pyarrow and ONNX Runtime release the GIL in the heavy work.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import threading
 import time
@@ -30,7 +29,7 @@ from tqdm import tqdm
 
 from batch.engines import Engine
 from batch.manifests import SCHEMA, ShardManifest, write_part
-from batch.partition import Layout, read_part
+from batch.partition import Layout
 from recsys.data.schema import SHOPPER
 from recsys.data.sequences import build_sequences
 from recsys.inputs import Histories
@@ -60,12 +59,6 @@ class Batch:
     histories: Histories  # [B]
     rows: np.ndarray  # [B, C] candidate rows (-1 for none, and for shoppers without a known product)
     scores: np.ndarray  # [B, C]
-
-
-def load_part(directory: Path, layout: Layout, index: int, engine: Engine) -> Part:
-    """Read one part's receipts and turn them into model inputs (a shopper with no known product keeps
-    its row, with an empty history: it gets the popularity fallback)."""
-    return to_part(read_part(directory, layout, index), index, engine)
 
 
 def to_part(table: pa.Table | None, index: int, engine: Engine) -> Part:
@@ -193,27 +186,25 @@ def process(
     engine: Engine,
     layout: Layout,
     pending: list[int],
-    partitions: Path,
+    receipts: Callable[[int], pa.Table | None],
     directory: Path,
     manifest: ShardManifest,
     rules: Rules,
     concurrency: Concurrency,
     progress: Progress,
     timings: Timings,
-    receipts: Callable[[int], pa.Table | None] | None = None,
 ) -> None:
     """Encode and search ``pending`` parts on this thread while the next pieces are read and grouped,
     searched batches selected and finished parts written on others.
 
-    ``receipts`` gives a part's receipts by index (None for a part without rows); by default they are
-    read from the partition files in ``partitions`` (:func:`batch.partition.read_part`).
+    ``receipts`` gives a part's receipts by index, None for a part without rows
+    (:func:`batch.shards.part_reader`: partition files read back, or a single part streamed).
     """
     fallback = fallback_rows(engine)
-    part_receipts = receipts or functools.partial(read_part, partitions, layout)
 
     def read(index: int) -> list[Future[Part]]:
         with timings.stage("read"):
-            cut = pieces(part_receipts(index), concurrency.batch_size)
+            cut = pieces(receipts(index), concurrency.batch_size)
         # grouped on the reader threads in order, each queued before the next part's read
         return [reader.submit(group, piece, index) for piece in cut]
 

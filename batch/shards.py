@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from batch.partition import Layout, fingerprint, gather, partition, read_part
 from recsys.data.loader import iter_receipts
 
 TIME_RULES = ("ambiguous_times", "nonexistent_times", "min_date", "max_date")
+PARTITIONS_DIR = "_partitions"  # a leading underscore: pyarrow.dataset readers of the output skip it
 
 
 def time_rules(cfg: DictConfig) -> dict[str, str | None]:
@@ -106,3 +108,11 @@ def part_reader(
     if sum(rows) == 0:
         raise empty
     return functools.partial(read_part, directory, found), sum(rows[p] for p in pending)
+
+
+def remove_partitions(directory: Path) -> None:
+    """Delete a finished shard's partition files, and their parent once no other shard's are left."""
+    if directory.exists():
+        shutil.rmtree(directory)
+        with contextlib.suppress(OSError):  # other shards may still be using theirs
+            directory.parent.rmdir()

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from benchmarks.cj_rankers import calibrated_propensity, month_of, ranker_before, raw_scores
+from benchmarks.cj_rankers import calibrated_propensity, histories_of, month_of, ranker_before, raw_scores
 from recsys.data.completejourney import load_campaign_tables, load_complete_journey, load_products
 from recsys.data.schema import BASKET, SHOPPER, TIMESTAMP
 from recsys.evaluation.campaigns import (
@@ -65,7 +65,8 @@ def ranking_stage(
     def score(campaign: Campaign, before: pa.Table) -> np.ndarray:
         ranker, vocab = ranker_before(before, products, month_of(campaign.start))
         recipients, duration = campaign.recipients, durations[campaign.campaign_id]
-        raw = raw_scores(ranker, vocab, before, recipients, campaign.products, campaign.start, duration)
+        histories = histories_of(before, vocab, recipients)
+        raw = raw_scores(ranker, vocab, histories, campaign.products, campaign.start, duration)
         return np.nan_to_num(raw, nan=-1.0)
 
     return score

@@ -33,21 +33,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from benchmarks.cj_rankers import ranker_before
+from benchmarks.cj_rankers import bought, histories_of, ranker_before, raw_scores
 from recsys.calibration import fit_isotonic, reliability_png, summary
 from recsys.data.completejourney import load_complete_journey, load_products
 from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
-from recsys.data.sequences import build_sequences
+from recsys.data.sequences import SECONDS_PER_DAY, epoch_days
 from recsys.data.split import parse_cutoff, temporal_split
 from recsys.evaluation.campaigns import auc, summarise, top_lift
-from recsys.inputs import Histories
-from recsys.propensity import raw_score
 
 HORIZON_DAYS = 28.0
 CATEGORIES = 50
 TOP_SHARE = 0.1
 HALF_LIVES = (30.0, 120.0)
-SECONDS_PER_DAY = 86_400.0
 CATEGORY = "product_category"
 
 
@@ -61,27 +58,21 @@ def _lines(
 
 
 def decayed_frequency(
-    table: pa.Table,
-    categories: dict[int, str],
+    lines: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     households: np.ndarray,
     category: str,
     now: float,
     half: float,
 ) -> np.ndarray:
-    """[H] each household's baskets with ``category`` before ``now`` (days), each 0.5 ** (age / half)."""
-    shoppers, baskets, names, days = _lines(table, categories)
+    """[H] each household's baskets with ``category`` before ``now`` (days), each 0.5 ** (age / half);
+    ``lines``: the receipts' :func:`_lines`."""
+    shoppers, baskets, names, days = lines
     mine = names == category
     keys, first = np.unique(np.stack([shoppers[mine], baskets[mine]]), axis=1, return_index=True)
     weight = 0.5 ** ((now - days[mine][first]) / half)
     out = np.zeros(len(households))
     np.add.at(out, np.searchsorted(households, keys[0]), weight)
     return out
-
-
-def bought(table: pa.Table, products: np.ndarray, households: np.ndarray) -> np.ndarray:
-    """[H] whether each household has a row of ``products`` in ``table``."""
-    rows = table.filter(pc.is_in(table.column(PRODUCT), pa.array(products, pa.int64())))
-    return np.isin(households, rows.column(SHOPPER).to_numpy())
 
 
 def precision_recall(scores: np.ndarray, outcome: np.ndarray) -> tuple[float, float]:
@@ -102,12 +93,12 @@ def evaluate_cutoff(
     earlier, window = temporal_split(before, cutoff - horizon)
     households = np.unique(before.column(SHOPPER).to_numpy())
     known_then = np.unique(earlier.column(SHOPPER).to_numpy())
-    now = Histories.from_sequences(build_sequences(before, vocab).select(households))
-    then = Histories.from_sequences(build_sequences(earlier, vocab).select(known_then))
+    now, then = histories_of(before, vocab, households), histories_of(earlier, vocab, known_then)
     ids = products.column("product_id").to_numpy()
     names = products.column(CATEGORY).to_pylist()
     categories = {int(p): n for p, n in zip(ids.tolist(), names, strict=True) if n is not None}
-    shoppers, baskets, line_names, _ = _lines(before, categories)
+    lines = _lines(before, categories)  # every receipt row's category, looked up once
+    shoppers, baskets, line_names, _ = lines
     distinct = {(c, int(b)) for c, b in zip(line_names.tolist(), baskets.tolist(), strict=True) if c}
     counts = Counter(c for c, _ in distinct)  # baskets holding the category
     largest = sorted(counts, key=lambda c: (-counts[c], c))[:CATEGORIES]
@@ -115,28 +106,19 @@ def evaluate_cutoff(
     keys = np.unique(np.stack([shoppers, baskets]), axis=1)
     np.add.at(household_baskets, np.searchsorted(households, keys[0]), 1)
     low = household_baskets <= np.quantile(household_baskets, 1 / 3)
-    cutoff_days = cutoff.timestamp() / SECONDS_PER_DAY
-    then_days = (cutoff - horizon).timestamp() / SECONDS_PER_DAY
-    empty_now = np.full((now.num_shoppers, 0), -1, dtype=np.int64)
-    empty_then = np.full((then.num_shoppers, 0), -1, dtype=np.int64)
+    cutoff_days = epoch_days(cutoff)
     rows_of: dict[str, list] = {}
     pooled_p, pooled_y = [], []
     for category in largest:
         members = np.array([p for p, n in categories.items() if n == category], dtype=np.int64)
-        rows = vocab.rows(members)
-        rows = np.unique(rows[rows >= 0])
-        raw = raw_score(ranker, now, empty_now, empty_now.astype(np.float32), rows, cutoff_days, HORIZON_DAYS)
-        raw_then = raw_score(
-            ranker, then, empty_then, empty_then.astype(np.float32), rows, then_days, HORIZON_DAYS
-        )
+        raw = raw_scores(ranker, vocab, now, members, cutoff, HORIZON_DAYS)
+        raw_then = raw_scores(ranker, vocab, then, members, cutoff - horizon, HORIZON_DAYS)
         calibration = fit_isotonic(np.nan_to_num(raw_then, nan=0.0), bought(window, members, known_then))
         probability = calibration(np.nan_to_num(raw, nan=0.0))
         outcome = bought(after, members, households)
         ever = bought(before, members, households)
         score = np.nan_to_num(raw, nan=-1.0)
-        frequency = {
-            h: decayed_frequency(before, categories, households, category, cutoff_days, h) for h in HALF_LIVES
-        }
+        frequency = {h: decayed_frequency(lines, households, category, cutoff_days, h) for h in HALF_LIVES}
         row = {"positives": int(outcome.sum()), "new_positives": int(outcome[~ever].sum())}
         for name, values in {
             "model": score,

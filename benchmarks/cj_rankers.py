@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from recsys.calibration import fit_isotonic
 from recsys.data.schema import PRODUCT, SHOPPER
-from recsys.data.sequences import build_sequences
+from recsys.data.sequences import build_sequences, epoch_days
 from recsys.data.split import temporal_split
 from recsys.data.vocabulary import Vocabulary
 from recsys.evaluation.campaigns import Campaign
@@ -31,7 +31,6 @@ from recsys.ranker import Ranker
 from training.rank import RankerConfig, fit_at
 
 CACHE = Path("artifacts/cj_rankers")
-SECONDS_PER_DAY = 86_400.0
 # Without a network the new products come from co-purchase neighbours and the shopper's categories, so
 # that the trees learn what a product new to the shopper is worth. Two internal cutoffs a week apart and
 # two weeks of validation keep a fit short, and leave a model for February (the receipts begin on 1 Jan).
@@ -68,23 +67,32 @@ def ranker_before(
     return Ranker.from_parts(settings, (folder / "model.txt").read_text(), columns), vocab
 
 
+def histories_of(before: pa.Table, vocab: Vocabulary, shoppers: np.ndarray) -> Histories:
+    """The known purchases in ``before`` of each of ``shoppers``, in that order."""
+    return Histories.from_sequences(build_sequences(before, vocab).select(np.asarray(shoppers)))
+
+
 def raw_scores(
     ranker: Ranker,
     vocab: Vocabulary,
-    before: pa.Table,
-    shoppers: np.ndarray,
+    histories: Histories,
     products: np.ndarray,
     as_of: datetime,
     horizon_days: float,
 ) -> np.ndarray:
     """[shoppers] raw propensity (``recsys.propensity.raw_score``) of buying one of ``products`` within
-    ``horizon_days`` of ``as_of``, from the receipts ``before`` it (NaN: no known product)."""
-    histories = Histories.from_sequences(build_sequences(before, vocab).select(np.asarray(shoppers)))
+    ``horizon_days`` of ``as_of``, from ``histories`` that end before it (NaN: no known product)."""
     rows = vocab.rows(np.asarray(products, dtype=np.int64))
     searched = np.full((histories.num_shoppers, 0), -1, dtype=np.int64)  # no network
-    days = as_of.timestamp() / SECONDS_PER_DAY
+    days = epoch_days(as_of)
     known = np.unique(rows[rows >= 0])
     return raw_score(ranker, histories, searched, searched.astype(np.float32), known, days, horizon_days)
+
+
+def bought(table: pa.Table, products: np.ndarray, shoppers: np.ndarray) -> np.ndarray:
+    """[shoppers] whether each has a row of ``products`` in ``table``."""
+    rows = table.filter(pc.is_in(table.column(PRODUCT), pa.array(products, pa.int64())))
+    return np.isin(shoppers, rows.column(SHOPPER).to_numpy())
 
 
 def calibrated_propensity(
@@ -94,14 +102,15 @@ def calibrated_propensity(
     (uncalibrated, ``1 - exp(-raw)``, when no receipt precedes the calibration window)."""
     ranker, vocab = ranker_before(receipts, products, month_of(campaign.start))
     before, _ = temporal_split(receipts, campaign.start)
-    raw = raw_scores(ranker, vocab, before, campaign.recipients, campaign.products, campaign.start, duration)
+    recipients = histories_of(before, vocab, campaign.recipients)
+    raw = raw_scores(ranker, vocab, recipients, campaign.products, campaign.start, duration)
     earlier_start = campaign.start - timedelta(days=duration)
     earlier, window = temporal_split(before, earlier_start)
     households = np.unique(earlier.column(SHOPPER).to_numpy())
     if not len(households):  # the campaign's length before its start predates the receipts
         return -np.expm1(-np.nan_to_num(raw, nan=0.0))  # the independence reading, uncalibrated
-    then = raw_scores(ranker, vocab, earlier, households, campaign.products, earlier_start, duration)
-    mine = window.filter(pc.is_in(window.column(PRODUCT), pa.array(campaign.products)))
-    bought = np.isin(households, mine.column(SHOPPER).to_numpy())
-    calibration = fit_isotonic(np.nan_to_num(then, nan=0.0), bought)
+    then = raw_scores(
+        ranker, vocab, histories_of(earlier, vocab, households), campaign.products, earlier_start, duration
+    )
+    calibration = fit_isotonic(np.nan_to_num(then, nan=0.0), bought(window, campaign.products, households))
     return calibration(np.nan_to_num(raw, nan=0.0))

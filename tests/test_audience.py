@@ -280,7 +280,7 @@ def test_nothing_on_or_after_the_scoring_date_reaches_the_scores_or_the_calibrat
     table, products = campaign_world["table"], campaign_world["products"]
     spec_ = load_spec(campaign_world["spec"])
     ids = np.unique(table.column(SHOPPER).to_numpy())
-    everyone = np.ones(len(ids), dtype=bool)
+    everyone = 1.0  # every shopper in the calibration sample
 
     def planted(start: datetime, days: int) -> pa.Table:
         rows = [

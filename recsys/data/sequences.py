@@ -8,6 +8,7 @@ that carries no information, which is why training shuffles within baskets (see 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +19,12 @@ from recsys.data.vocabulary import UNK, Vocabulary
 
 FIRST_PURCHASE = -1.0  # the gap of a shopper's first purchase row: there is no previous one
 MICROSECONDS_PER_DAY = 86_400_000_000
+SECONDS_PER_DAY = 86_400.0
+
+
+def epoch_days(moment: datetime) -> float:
+    """A tz-aware ``moment`` in days since the Unix epoch: the clock of ``Histories.days``."""
+    return moment.timestamp() / SECONDS_PER_DAY
 
 
 @dataclass(frozen=True)
