@@ -36,6 +36,7 @@ from omegaconf import DictConfig
 from batch.engines import OnnxEngine
 from batch.segment_report import render
 from batch.segments import PROFILE_COLUMNS, churned, cluster, describe, fit_churn, profiles
+from recsys.calibration import brier
 from recsys.data.loader import read_receipts
 from recsys.data.schema import PRODUCT, SHOPPER, TIMESTAMP
 from recsys.data.sequences import build_sequences
@@ -113,7 +114,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "churn_rate": float(outcome.mean()),
             "auc": auc(churn, outcome),
             "auc_recency_alone": auc(profile.column("recency_days"), outcome),
-            "brier": float(((churn - outcome) ** 2).mean()),
+            "brier": brier(churn, outcome),
             "mean_probability": float(churn.mean()),
         }
     table = pa.table(

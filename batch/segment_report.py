@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from batch.segments import Segment
+from recsys.calibration import reliability
 
 
 def _png(figure) -> str:
@@ -62,12 +63,9 @@ def render(
 
     figure, axis = plt.subplots(figsize=(6, 4))
     if churned is not None:
-        edges = np.quantile(churn, np.linspace(0, 1, 11))
-        bins = np.clip(np.searchsorted(edges, churn, side="right") - 1, 0, 9)
-        predicted = [churn[bins == b].mean() for b in range(10) if (bins == b).any()]
-        observed = [churned[bins == b].mean() for b in range(10) if (bins == b).any()]
+        curve = reliability(churn, churned)  # deciles of equal count
         axis.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
-        axis.plot(predicted, observed, marker="o")
+        axis.plot([p["predicted"] for p in curve], [p["observed"] for p in curve], marker="o")
         axis.set_xlabel("predicted churn probability (deciles)")
         axis.set_ylabel("observed churn rate")
         axis.set_title("Churn: reliability")

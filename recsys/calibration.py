@@ -121,7 +121,11 @@ def reliability(probability: np.ndarray, outcome: np.ndarray, bins: int = BINS) 
 
 def expected_calibration_error(probability: np.ndarray, outcome: np.ndarray, bins: int = BINS) -> float:
     """Count-weighted mean |predicted - observed| over the equal-count bins of :func:`reliability`."""
-    curve = reliability(probability, outcome, bins)
+    return _error(reliability(probability, outcome, bins))
+
+
+def _error(curve: list[dict[str, float]]) -> float:
+    """The expected calibration error of a :func:`reliability` curve."""
     total = sum(point["count"] for point in curve)
     return float(sum(point["count"] * abs(point["predicted"] - point["observed"]) for point in curve) / total)
 
@@ -129,13 +133,14 @@ def expected_calibration_error(probability: np.ndarray, outcome: np.ndarray, bin
 def summary(probability: np.ndarray, outcome: np.ndarray, bins: int = BINS) -> dict[str, Any]:
     """Brier score, ECE and the reliability curve of probabilities against what happened."""
     probability, outcome = np.asarray(probability, np.float64), np.asarray(outcome, bool)
+    curve = reliability(probability, outcome, bins)  # sorted once, read for both
     return {
         "examples": len(outcome),
         "rate": float(outcome.mean()) if len(outcome) else math.nan,
         "mean_probability": float(probability.mean()) if len(outcome) else math.nan,
         "brier": brier(probability, outcome),
-        "ece": expected_calibration_error(probability, outcome, bins),
-        "reliability": reliability(probability, outcome, bins),
+        "ece": _error(curve),
+        "reliability": curve,
     }
 
 
