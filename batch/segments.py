@@ -57,18 +57,9 @@ def _micros(table: pa.Table) -> np.ndarray:
     return pc.cast(table.column(TIMESTAMP), pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy()
 
 
-def _before(receipts: pa.Table, as_of: datetime) -> pa.Table:
-    """The rows of ``receipts`` strictly before ``as_of``: the table itself when that is all of them, as
-    when the job passes receipts it has already split (a filter would copy every row)."""
-    column = receipts.column(TIMESTAMP)
-    if receipts.num_rows and pc.less(pc.max(column), pa.scalar(as_of, column.type)).as_py():
-        return receipts
-    return temporal_split(receipts, as_of)[0]
-
-
 def profiles(receipts: pa.Table, as_of: datetime, window_days: float = 90.0) -> Profiles:
     """:class:`Profiles` of every shopper with a basket strictly before ``as_of``."""
-    before = _before(receipts, as_of)
+    before, _ = temporal_split(receipts, as_of)
     spend = pc.multiply(before.column(PRICE).fill_null(0.0), before.column(QUANTITY))
     lines = pa.table({SHOPPER: before.column(SHOPPER), BASKET: before.column(BASKET), "time": _micros(before),
                       "spend": spend, PRODUCT: before.column(PRODUCT)})  # fmt: skip
@@ -162,7 +153,7 @@ def fit_churn(
 ) -> ChurnModel:
     """A churn model for scoring at ``as_of`` that sees nothing on or after it: features at
     ``as_of - horizon_days``, labels (no basket) from ``[as_of - horizon_days, as_of)``."""
-    before = _before(receipts, as_of)
+    before, _ = temporal_split(receipts, as_of)
     fit_at = as_of - timedelta(days=horizon_days)
     past = profiles(before, fit_at, window_days)
     labels = churned(before, past.shopper_ids, fit_at, horizon_days)

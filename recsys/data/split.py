@@ -26,10 +26,16 @@ def parse_cutoff(cutoff: str | datetime, timezone: str) -> datetime:
 
 
 def temporal_split(receipts: pa.Table, cutoff: datetime) -> tuple[pa.Table, pa.Table]:
-    """(rows strictly before ``cutoff``, rows at or after it)."""
+    """(rows strictly before ``cutoff``, rows at or after it). When every row is on one side, that side
+    is ``receipts`` itself, not a copy: callers often split tables already cut at the same date."""
     if cutoff.tzinfo is None:
         raise ValueError("cutoff must be timezone-aware; use parse_cutoff")
     before = pc.less(receipts.column(TIMESTAMP), pa.scalar(cutoff, receipts.schema.field(TIMESTAMP).type))
+    earlier = pc.sum(before).as_py() or 0
+    if earlier == receipts.num_rows:
+        return receipts, receipts.slice(0, 0)
+    if earlier == 0:
+        return receipts.slice(0, 0), receipts
     return receipts.filter(before), receipts.filter(pc.invert(before))
 
 
