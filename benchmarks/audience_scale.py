@@ -73,7 +73,7 @@ from recsys.data.loader import open_dataset
 from recsys.data.schema import PRODUCT, SHOPPER
 from recsys.data.split import parse_cutoff, temporal_split
 from recsys.data.synthetic import BLOCK_SHOPPERS, SHOPPER_ID_OFFSET, SyntheticConfig
-from recsys.evaluation.protocol import EvaluationData, prepare
+from recsys.evaluation.protocol import prepare
 from training import checkpoint as checkpoints
 from training.module import module_from_checkpoint
 from training.rank import RankerConfig, fit
@@ -122,7 +122,7 @@ def ensure_ranked_bundle(
     val = prepare(before, as_of - timedelta(days=args.val_days))
     config = RankerConfig(new_candidates=0, co_purchase_candidates=20, category_candidates=0, seed=args.seed)
     began = time.perf_counter()
-    ranker, report = fit(module, val, EvaluationData(as_of, before, val.vocab, val.targets), None, config)
+    ranker, report = fit(module, val, before, None, config)
     print(f"ranker fitted on {args.ranker_shoppers:,} shoppers ({before.num_rows:,} receipt rows) in "
           f"{time.perf_counter() - began:.1f} s: {report['rows']:,} examples, {report['rounds']} rounds, "
           f"validation log-loss {report['val_logloss']:.4f}; features {list(ranker.features)}")  # fmt: skip

@@ -37,7 +37,7 @@ from recsys.data.vocabulary import Vocabulary
 from recsys.evaluation.protocol import EvaluationData, evaluate, evaluated_histories, prepare
 from recsys.inputs import Histories, pair_member
 from recsys.io import write_json
-from recsys.rank_features import ItemStats, feature_names, features, item_statistics
+from recsys.rank_features import NETWORK, ItemStats, feature_names, features, item_statistics
 from recsys.ranker import Ranker
 from recsys.rules import Rules
 from training import checkpoint as checkpoints
@@ -217,14 +217,14 @@ def fit_booster(
 def fit(
     module: NextItemModule | None,
     val: EvaluationData,
-    deploy_train: EvaluationData,
+    deploy_train: pa.Table,
     products: pa.Table | None,
     config: RankerConfig,
     horizon: timedelta | None = None,
 ) -> tuple[Ranker, dict[str, Any]]:
     """A ranker fitted on ``val``'s internal cutoffs, its rounds selected on ``val``, carrying item
-    statistics of ``deploy_train``; and a report (sizes, candidate recall per source, validation
-    log-loss, reliability, feature importances, seconds).
+    statistics of the receipts ``deploy_train`` (what the deployed ranker reads); and a report (sizes,
+    candidate recall per source, validation log-loss, reliability, feature importances, seconds).
 
     ``module`` None fits a ranker without a network (over ``val``'s vocabulary): it needs
     ``new_candidates=0``, and its network features are missing everywhere, so leave them out (``exclude``).
@@ -263,7 +263,7 @@ def fit(
         np.concatenate(weights),
         (validation.x[:, used], validation.labels),
     )
-    deployed = _stats(deploy_train.train, vocab, codes, config)
+    deployed = _stats(deploy_train, vocab, codes, config)
     ranker = Ranker(
         booster.model_to_string(),
         deployed,
@@ -295,9 +295,6 @@ def fit(
     return ranker, report
 
 
-NETWORK_FEATURES = ("net_score", "net_gap", "net_rank")
-
-
 def fit_at(
     receipts: pa.Table,
     products: pa.Table | None,
@@ -314,8 +311,8 @@ def fit_at(
     before, _ = temporal_split(receipts, date)
     val = prepare(before, date - timedelta(days=val_days), min_baskets)
     metadata = None if products is None else product_metadata(products, val.vocab.product_ids)
-    config = replace(config, exclude=tuple(dict.fromkeys((*config.exclude, *NETWORK_FEATURES))))
-    ranker, report = fit(None, val, EvaluationData(date, before, val.vocab, val.targets), metadata, config)
+    config = replace(config, exclude=tuple(dict.fromkeys((*config.exclude, *NETWORK))))
+    ranker, report = fit(None, val, before, metadata, config)
     return ranker, val.vocab, report
 
 
@@ -340,7 +337,7 @@ def fit_and_test(
     module = module_from_checkpoint(state)
     horizon = state["hyper_parameters"]["data"].get("horizon_days")
     ranker, report = fit(
-        module, val_data, test_data, checkpoints.products(state), config,
+        module, val_data, test_data.train, checkpoints.products(state), config,
         timedelta(days=horizon) if horizon else None,
     )  # fmt: skip
     checkpoints.write_scorer(output or best_checkpoint, ranker, state)
