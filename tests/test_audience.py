@@ -82,6 +82,10 @@ def test_spec_files_read_their_opt_out_list_only_from_beside_them(tmp_path: Path
     (tmp_path / "sub" / "c.yaml").write_text(path.read_text().replace("out.txt", "../out.txt"))
     with pytest.raises(SpecError, match="inside the spec's directory"):
         load_spec(tmp_path / "sub" / "c.yaml")
+    (tmp_path / "sub" / "link.txt").symlink_to(tmp_path / "out.txt")  # a link out of the directory
+    (tmp_path / "sub" / "d.yaml").write_text(path.read_text().replace("out.txt", "link.txt"))
+    with pytest.raises(SpecError, match="inside the spec's directory"):
+        load_spec(tmp_path / "sub" / "d.yaml")
     (tmp_path / "bad.yaml").write_text("campaign_id: !!python/object:os.system [x]\n")
     with pytest.raises(SpecError, match="not valid YAML"):
         load_spec(tmp_path / "bad.yaml")
