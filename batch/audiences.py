@@ -40,7 +40,8 @@ from recsys.calibration import Calibration, fit_isotonic, summary
 from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
 from recsys.data.sequences import SECONDS_PER_DAY, build_sequences, epoch_days
 from recsys.data.split import temporal_split
-from recsys.evaluation.campaigns import auc
+from recsys.evaluation.baselines import decayed_baskets
+from recsys.evaluation.campaigns import paired_auc
 from recsys.inputs import Histories
 from recsys.propensity import POPULAR, raw_score
 from recsys.rules import Rules
@@ -49,12 +50,14 @@ SEGMENTS = ("repeat", "lapsed", "new")
 TOP = 5  # members a summary shows
 SAMPLE_BITS = 24  # the calibration sample reads the hash's top bits (the shard and part read its low ones)
 LAPSE_DAYS = 90.0
+FREQUENCY_HALF_LIFE_DAYS = 120.0  # the reference's decay: the recommendation protocol's decayed frequency
 SCORES = pa.schema(
     [
         pa.field(SHOPPER, pa.int64(), nullable=False),
         pa.field("raw", pa.float64()),  # the raw score (recsys.propensity) at the scoring date (NaN: none)
         pa.field("days_since_bought", pa.float64()),  # to the scoring date, inf: never bought the products
         pa.field("baskets", pa.int64()),  # baskets before the scoring date (the low-activity view)
+        pa.field("frequency", pa.float64()),  # decayed baskets with the products: the reference scorer
         pa.field("calibration_raw", pa.float64()),  # raw score one horizon earlier (NaN: not sampled)
         pa.field("calibration_bought", pa.bool_()),  # bought the products in the horizon before the date
         pa.field("bought_after", pa.bool_()),  # bought them in the horizon after it (if the receipts say)
@@ -143,6 +146,7 @@ def score_part(
     basket_count[np.searchsorted(shopper_ids, baskets.column(SHOPPER).to_numpy())] = baskets.column(
         f"{BASKET}_count_distinct"
     ).to_numpy()
+    frequency = decayed_baskets(before, product_ids, shopper_ids, as_of, FREQUENCY_HALF_LIFE_DAYS)
     calibration_raw = np.full(len(shopper_ids), np.nan)
     earlier, window = temporal_split(before, as_of - horizon)
     sampled = shopper_ids[sample & np.isin(shopper_ids, earlier.column(SHOPPER).to_numpy())]
@@ -159,6 +163,7 @@ def score_part(
             pa.array(raw),
             pa.array(since),
             pa.array(basket_count),
+            pa.array(frequency),
             pa.array(calibration_raw),
             pa.array(calibration_bought),
             pa.array(bought_after),
@@ -325,9 +330,10 @@ def choose(scores: pa.Table, spec: CampaignSpec, as_of: datetime, outcome_known:
     }
     if outcome_known:
         outcome = scores.column("bought_after").to_numpy(zero_copy_only=False)
+        frequency = scores.column("frequency").to_numpy(zero_copy_only=False)
         summary_["evaluation"] = {
-            "overall": _judged(probability[scored], outcome[scored]),
-            "low_activity": _judged(probability[scored & low], outcome[scored & low]),
+            "overall": _judged(probability, frequency, outcome, scored),
+            "low_activity": _judged(probability, frequency, outcome, scored & low),
             "audience_conversions": int(outcome[members].sum()),
         }
     return Chosen(table, eligible, calibration, summary_)
@@ -357,9 +363,15 @@ def calibration_sample(shopper_ids: np.ndarray, share: float) -> np.ndarray:
     return top < share * (1 << SAMPLE_BITS)
 
 
-def _judged(probability: np.ndarray, outcome: np.ndarray) -> dict[str, Any]:
-    """Calibration measures and AUC of probabilities against what happened (AUC None without both
-    outcomes)."""
-    judged = summary(probability, outcome)
-    judged["auc"] = auc(probability, outcome) if 0 < outcome.sum() < len(outcome) else None
+def _judged(
+    probability: np.ndarray, frequency: np.ndarray, outcome: np.ndarray, among: np.ndarray
+) -> dict[str, Any]:
+    """Calibration measures of the probabilities of shoppers ``among`` against what happened, and their
+    AUC next to decayed frequency's with a paired bootstrap interval (None without both outcomes)."""
+    p, f, y = probability[among], frequency[among], outcome[among]
+    judged = summary(p, y)
+    judged["auc"] = judged["against_decayed_frequency"] = None
+    if 0 < y.sum() < len(y):
+        paired = paired_auc(p, f, y)
+        judged["auc"], judged["against_decayed_frequency"] = paired["auc"], paired
     return judged

@@ -198,6 +198,8 @@ def test_the_job_writes_a_calibrated_thresholded_audience(
     assert (folder / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     judged = summary["evaluation"]["overall"]  # the receipts go on past as_of + horizon
     assert judged["examples"] == summary["scored"] and 0 <= judged["ece"] <= 1
+    paired = judged["against_decayed_frequency"]  # the reference, on the same shoppers
+    assert paired["auc"] == judged["auc"] and paired["ci"][0] <= paired["difference"] <= paired["ci"][1]
     assert json.loads(json.dumps(summary)) == json.loads((folder / "audience.json").read_text())
 
 
@@ -306,6 +308,7 @@ def test_nothing_on_or_after_the_scoring_date_reaches_the_scores_or_the_calibrat
         "raw",
         "days_since_bought",
         "baskets",
+        "frequency",
         "calibration_raw",
         "calibration_bought",
     ):

@@ -135,3 +135,13 @@ def test_item_knn_neighbours_prune_similar_items() -> None:
     shoppers = np.array([7, 10])
     ranked = KNN_VOCAB.decode(baselines.item_knn(KNN_TRAIN, KNN_VOCAB, shoppers, 5, neighbours=1))
     assert ranked.tolist() == [[2, 1, 4, 3, 5], [4, 1, 2, 3, 5]]
+
+
+def test_decayed_baskets_of_a_product_set_by_hand() -> None:
+    """Shopper 1 holds 10 or 30 in baskets 1 (day 0) and 2 (day 1), one basket each however many of the
+    products it holds; shopper 2 none; shopper 9 has no receipts; a basket on the cutoff does not count."""
+    table = pa.concat_tables([TRAIN, receipts([(1, 9, 59, [10])])])
+    got = baselines.decayed_baskets(table, np.array([10, 30]), np.array([1, 2, 3, 9]), CUTOFF, 59.0)
+    np.testing.assert_allclose(got, [0.5 + 0.5 ** (58 / 59), 0.0, 0.5 ** (54 / 59), 0.0])
+    with pytest.raises(ValueError, match="positive half-life"):
+        baselines.decayed_baskets(table, np.array([10]), np.array([1]), CUTOFF, 0.0)

@@ -14,6 +14,7 @@ from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
 from recsys.evaluation.campaigns import (
     Campaign,
     auc,
+    paired_auc,
     paired_summary,
     past_purchases,
     past_redemptions,
@@ -147,3 +148,15 @@ def test_summaries_weight_by_redeemers_and_pair_on_the_same_resamples() -> None:
     assert summary.mean_ci[0] >= 0.6 - 1e-12 and summary.mean_ci[1] <= 0.8 + 1e-12
     same = paired_summary(np.array([0.6, 0.8, 0.7]), np.array([0.5, 0.7, 0.6]), np.array([1, 2, 3]))
     assert same.mean == pytest.approx(0.1) and same.mean_ci == pytest.approx((0.1, 0.1))
+
+
+def test_paired_auc_compares_two_scorers_on_the_same_resamples() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.random(300) < 0.3
+    good = labels + rng.normal(0, 0.8, 300)
+    same = paired_auc(good, good.copy(), labels)
+    assert same["difference"] == 0.0 and same["ci"] == [0.0, 0.0]  # paired: identical on every resample
+    against_constant = paired_auc(good, np.zeros(300), labels)
+    assert against_constant["reference_auc"] == 0.5 and against_constant["auc"] == auc(good, labels)
+    low, high = against_constant["ci"]
+    assert 0 < low <= against_constant["difference"] <= high

@@ -19,7 +19,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from batch import candidates, pipeline, shards
+from batch import pipeline, shards
 from batch.candidates import MANIFEST_FILE, CandidatesError, run
 from batch.partition import Layout, gather, partition, read_part
 from export import index as indexes

@@ -60,8 +60,7 @@ def purchase_counts(
     else:
         baskets = rows.group_by([SHOPPER, BASKET], use_threads=False).aggregate([(TIMESTAMP, "min")])
         items = items.join(baskets, keys=[SHOPPER, BASKET])
-        basket_us = pc.cast(items.column(f"{TIMESTAMP}_min"), pa.int64()).to_numpy()
-        age_days = ((cutoff - _EPOCH) // timedelta(microseconds=1) - basket_us) / 86_400_000_000
+        age_days = _age_days(cutoff, pc.cast(items.column(f"{TIMESTAMP}_min"), pa.int64()).to_numpy())
         weight = 0.5 ** (age_days / half_life_days)
     row = np.searchsorted(shoppers, items.column(SHOPPER).to_numpy())
     col = vocab.encode(items.column(PRODUCT))
@@ -75,6 +74,42 @@ def purchase_counts(
     total = np.add.reduceat(weight, first) if len(first) else weight
     counts = sp.csr_matrix((total, (row[first], col[first])), shape=(len(shoppers), vocab.size))
     return counts[row_of]
+
+
+def decayed_baskets(
+    receipts: pa.Table,
+    products: np.ndarray,
+    shopper_ids: np.ndarray,
+    cutoff: datetime,
+    half_life_days: float,
+) -> np.ndarray:
+    """[S] for each of ``shopper_ids`` (ascending), its baskets before ``cutoff`` holding one of
+    ``products``, each weighing ``0.5 ** (age / half_life_days)`` from the basket's earliest row: the
+    decayed purchase frequency of a set of products (a brand's, a category's), the reference a
+    propensity must beat."""
+    if cutoff.tzinfo is None or half_life_days <= 0:
+        raise ValueError("decayed baskets need a timezone-aware cutoff and a positive half-life")
+    kind = receipts.schema.field(TIMESTAMP).type
+    rows = receipts.filter(
+        pc.and_(
+            pc.less(receipts.column(TIMESTAMP), pa.scalar(cutoff, kind)),
+            pc.is_in(receipts.column(PRODUCT), pa.array(np.asarray(products, np.int64))),
+        )
+    )
+    baskets = rows.group_by([SHOPPER, BASKET], use_threads=False).aggregate([(TIMESTAMP, "min")])
+    age = _age_days(cutoff, pc.cast(baskets.column(f"{TIMESTAMP}_min"), pa.int64()).to_numpy())
+    shoppers = np.asarray(shopper_ids, dtype=np.int64)
+    owners = baskets.column(SHOPPER).to_numpy()
+    at = np.minimum(np.searchsorted(shoppers, owners), max(len(shoppers) - 1, 0))
+    known = shoppers[at] == owners if len(shoppers) else np.zeros(len(owners), dtype=bool)
+    out = np.zeros(len(shoppers))
+    np.add.at(out, at[known], 0.5 ** (age[known] / half_life_days))
+    return out
+
+
+def _age_days(cutoff: datetime, basket_us: np.ndarray) -> np.ndarray:
+    """Days from basket times (microseconds since the epoch) to ``cutoff``."""
+    return ((cutoff - _EPOCH) // timedelta(microseconds=1) - basket_us) / 86_400_000_000
 
 
 def personal_frequency(

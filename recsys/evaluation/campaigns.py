@@ -180,6 +180,24 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((midrank[labels].sum() - positives * (positives + 1) / 2.0) / (positives * negatives))
 
 
+def paired_auc(
+    scores: np.ndarray, reference: np.ndarray, labels: np.ndarray, samples: int = 200, seed: int = 0
+) -> dict[str, float]:
+    """AUC of ``scores`` and of ``reference`` on the same ``labels``, their difference and its 95%
+    interval from ``samples`` bootstrap resamples of the shoppers (both scorers on each resample;
+    resamples with a single outcome are skipped)."""
+    labels = np.asarray(labels, dtype=bool)
+    rng = np.random.default_rng(seed)
+    differences = []
+    for _ in range(samples):
+        draw = rng.integers(0, len(labels), len(labels))
+        if 0 < labels[draw].sum() < len(draw):
+            differences.append(auc(scores[draw], labels[draw]) - auc(reference[draw], labels[draw]))
+    model, base = auc(scores, labels), auc(reference, labels)
+    low, high = np.percentile(differences, [2.5, 97.5]) if differences else (np.nan, np.nan)
+    return {"auc": model, "reference_auc": base, "difference": model - base, "ci": [float(low), float(high)]}
+
+
 def top_lift(scores: np.ndarray, labels: np.ndarray, share: float = TOP_SHARE) -> float:
     """Redemption rate of the top ``ceil(share * n)`` recipients over the overall rate; a tie straddling
     the boundary contributes its redeemers in proportion to the places left (expected over tie orders)."""
