@@ -13,7 +13,6 @@ pyarrow and ONNX Runtime release the GIL in the heavy work.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import threading
 import time
 from collections import deque
@@ -75,18 +74,19 @@ def to_part(table: pa.Table | None, index: int, engine: Engine) -> Part:
     return Part(index, shopper_ids, histories, item_ids, gap_days, 0 if table is None else table.num_rows)
 
 
-def pieces(table: pa.Table | None, shoppers: int) -> list[pa.Table]:
-    """A part's receipts cut into runs of ``shoppers`` consecutive shoppers (by id), each run with every
-    row of its shoppers: the part's batches, each grouped on its own (:func:`to_part`)."""
-    if table is None:
+def pieces(table: pa.Table | None, shoppers: int) -> list[np.ndarray]:
+    """A part's receipts cut into runs of ``shoppers`` consecutive shoppers (by id): each run's row
+    numbers, every row of its shoppers in their order in ``table``; the part's batches, each taken and
+    grouped on its own (:func:`to_part`), so the first is encoded before the others are taken."""
+    if table is None or table.num_rows == 0:
         return []
     ids = table.column(SHOPPER).to_numpy()
-    order = np.argsort(ids, kind="stable")
-    ordered = ids[order]
-    firsts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))  # a shopper's 1st row
-    cuts = np.append(firsts[::shoppers], len(ordered))
-    table = table.take(pa.array(order))
-    return [table.slice(start, stop - start) for start, stop in itertools.pairwise(cuts)]
+    firsts = np.unique(ids)[shoppers::shoppers]  # the first shopper of every run after the first
+    run = np.searchsorted(firsts, ids, side="right").astype(np.min_scalar_type(len(firsts)))
+    # a stable sort of small integers (a radix sort): each run's rows keep their order
+    order = np.argsort(run, kind="stable")
+    cuts = np.cumsum(np.bincount(run, minlength=len(firsts) + 1))[:-1]
+    return np.split(order, cuts)
 
 
 def search(engine: Engine, part: Part, start: int, stop: int, rules: Rules, timings: Timings) -> Batch:
@@ -204,13 +204,14 @@ def process(
 
     def read(index: int) -> list[Future[Part]]:
         with timings.stage("read"):
-            cut = pieces(receipts(index), concurrency.batch_size)
+            table = receipts(index)
+            cut = pieces(table, concurrency.batch_size)
         # grouped on the reader threads in order, each queued before the next part's read
-        return [reader.submit(group, piece, index) for piece in cut]
+        return [reader.submit(group, table, rows, index) for rows in cut]
 
-    def group(piece: pa.Table, index: int) -> Part:
+    def group(table: pa.Table, rows: np.ndarray, index: int) -> Part:
         with timings.stage("read"):
-            return to_part(piece, index, engine)
+            return to_part(table.take(rows), index, engine)
 
     def select_batch(batch: Batch) -> pa.RecordBatch:
         with timings.stage("select"):

@@ -289,11 +289,15 @@ def test_pieces_hold_whole_shoppers_in_order(data: dict[str, Any]) -> None:
     """A part is grouped piece by piece: consecutive runs of ``batch_size`` shoppers, each with all of its
     shoppers' rows, so the batches are those of the whole part."""
     receipts: pa.Table = data["receipts"]
-    cut = pipeline.pieces(receipts, 64)
+    cut = [receipts.take(rows) for rows in pipeline.pieces(receipts, 64)]
     shoppers = [np.unique(piece.column(SHOPPER).to_numpy()) for piece in cut]
     assert [len(ids) for ids in shoppers[:-1]] == [64] * (len(cut) - 1) and 0 < len(shoppers[-1]) <= 64
     assert np.array_equal(np.concatenate(shoppers), np.unique(receipts.column(SHOPPER).to_numpy()))
     assert sum(piece.num_rows for piece in cut) == receipts.num_rows
+    for piece in cut:  # a shopper's rows keep their order: ties in time are grouped as in the whole part
+        ids = receipts.column(SHOPPER).to_numpy()
+        rows = np.flatnonzero(np.isin(ids, piece.column(SHOPPER).to_numpy()))
+        assert piece.equals(receipts.take(rows))
     assert pipeline.pieces(None, 64) == []
 
 
