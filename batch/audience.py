@@ -2,15 +2,20 @@
 
     python -m batch.audience campaign=spec.yaml bundle=PATH receipts=PATH output=PATH as_of=2017-12-01
 
-Two steps (library: :mod:`batch.audiences`, :mod:`recsys.propensity`, :mod:`recsys.calibration`):
+Two steps (library: :mod:`batch.audiences`, :mod:`recsys.propensity`, :mod:`recsys.combination`):
 
 1. **Scores**, sharded and resumable like the candidate job (the same partitioning, engine and manifests,
    :mod:`batch.shards`): every shopper with a purchase before ``as_of`` gets its raw within-horizon score
-   of the campaign's products. A ``calibration_share`` of the shoppers (chosen by a hash of the id, so
-   every shard agrees) is also scored one horizon before ``as_of`` on the receipts before that date,
-   with what it bought in the horizon that followed: the calibration's examples, all before ``as_of``.
-2. **Audience**, once every shard is complete (the shard that completes last writes it): the isotonic
-   calibration fitted on those examples maps every raw score to a probability; :func:`select_audience`
+   of the campaign's products, and its own history of them (days since it last bought one, its baskets,
+   its decayed baskets with them). A ``calibration_share`` of the shoppers (chosen by a hash of the id,
+   so every shard agrees) is also scored the same way at the start of each of ``calibration_windows``
+   horizons back to back before ``as_of``, on the receipts before that start, with what it bought in
+   that horizon: the calibration's examples, all before ``as_of``.
+2. **Audience**, once every shard is complete (the shard that completes last writes it): the
+   combination fitted on those examples (:mod:`recsys.combination`: monotone gradient-boosted trees over
+   the raw score and the history, then isotonic calibration of their cross-fitted output; the raw score
+   alone, calibrated, when the sample has too few buyers) maps every shopper to a probability;
+   :func:`select_audience`
    applies the spec's threshold, exclusions and exploration share. When the receipts go on past
    ``as_of + horizon``, the probabilities are also judged against what happened (AUC, Brier, ECE,
    reliability; overall and for the low-activity third of shoppers by baskets), their AUC next to that
@@ -24,7 +29,8 @@ Output::
                                        campaign may contact (threshold, exclusions): batch.allocate's input
     output/audience/audience.json      bundle id, spec and its hash, counts, shortfall, exploration's cost
                                        and reach, calibration fit and evaluation
-    output/audience/calibration.json   the calibration's knots (recsys.calibration.Calibration)
+    output/audience/calibration.json   the fitted combination: its trees (LightGBM text) and isotonic
+                                       knots (recsys.combination.Combination.from_dict reads it)
     output/audience/reliability.png    the reliability curve (report=true; needs matplotlib)
 
 ``audience/`` is replaced in one atomic step (:func:`recsys.io.staged_directory`). Limits: those of the
@@ -49,7 +55,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
-from batch.audiences import SCORES, campaign_rows, choose, score_part
+from batch.audiences import SCORES, calibration_windows, campaign_rows, choose, score_part
 from batch.campaign import CampaignSpec, load_spec
 from batch.engines import OnnxEngine
 from batch.lock import LockError, locked
@@ -79,6 +85,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     as_of = parse_cutoff(str(cfg.as_of), cfg.timezone)
     if not 0.0 < cfg.calibration_share <= 1.0:
         raise CandidatesError(f"calibration_share must be in (0, 1], got {cfg.calibration_share}")
+    try:
+        calibration_windows(as_of, spec.horizon_days, cfg.calibration_windows)
+    except ValueError as error:
+        raise CandidatesError(str(error)) from error
     engine = OnnxEngine(cfg.bundle, cfg.threads, None, cfg.onnx.encode_rows, cfg.onnx.graph_optimization)
     products = spec.product_ids(engine.items)
     rows = campaign_rows(engine, products)
@@ -95,7 +105,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "horizon_days": spec.horizon_days,
         "as_of": as_of.isoformat(),
         "calibration_share": float(cfg.calibration_share),
+        "calibration_windows": int(cfg.calibration_windows),
         "popular": int(cfg.popular),
+        "scores": SCORES.names,  # parts written with other columns are another job's
         "receipts": receipts,
         "num_shards": found.num_shards,
         "parts": found.parts,
@@ -156,7 +168,8 @@ def _score(
             batches = [pa.record_batch([pa.array([], f.type) for f in SCORES], schema=SCORES)]
         else:
             share = cfg.calibration_share
-            batches = [score_part(engine, table, spec, products, as_of, share, cfg.popular)]
+            windows = cfg.calibration_windows
+            batches = [score_part(engine, table, spec, products, as_of, share, cfg.popular, windows)]
         entry = write_part(directory, name, batches, SCORES)
         # the latest receipt says whether what happened after as_of is known (the evaluation)
         latest = None if table is None else pc.max(table.column(TIMESTAMP)).as_py()
@@ -197,7 +210,7 @@ def write_audience(
     )
     scores = read_scores(output / "scores", combined)
     chosen = choose(scores, spec, as_of, latest >= as_of + timedelta(days=spec.horizon_days))
-    table, calibration, summary_ = chosen.table, chosen.calibration, chosen.summary
+    table, combination, summary_ = chosen.table, chosen.combination, chosen.summary
     summary_ = {
         "campaign_id": spec.campaign_id,
         "spec": asdict(spec) | {"opted_out": len(spec.opted_out)},
@@ -212,7 +225,7 @@ def write_audience(
             pq.write_table(table, tmp)
         with atomic_path(staging / "probabilities.parquet") as tmp:
             pq.write_table(chosen.eligible, tmp)
-        write_json(staging / "calibration.json", calibration.to_dict())
+        write_json(staging / "calibration.json", combination.to_dict())
         if report:
             judged = (
                 summary_["evaluation"]["overall"]

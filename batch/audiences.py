@@ -36,7 +36,8 @@ from batch.campaign import CampaignSpec
 from batch.engines import OnnxEngine
 from batch.partition import shopper_hash
 from batch.pipeline import Part, Timings, search
-from recsys.calibration import Calibration, fit_isotonic, summary
+from recsys.calibration import summary
+from recsys.combination import Combination, fit_combination
 from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
 from recsys.data.sequences import SECONDS_PER_DAY, build_sequences, epoch_days
 from recsys.data.split import temporal_split
@@ -51,6 +52,13 @@ TOP = 5  # members a summary shows
 SAMPLE_BITS = 24  # the calibration sample reads the hash's top bits (the shard and part read its low ones)
 LAPSE_DAYS = 90.0
 FREQUENCY_HALF_LIFE_DAYS = 120.0  # the reference's decay: the recommendation protocol's decayed frequency
+# What the combination (recsys.combination) weighs: the raw score, then the shopper's own history of the
+# products; it may not fall as the raw score or the frequency rise
+FEATURES = ("raw", "frequency", "days_since_bought", "baskets")
+INCREASING = (True, True, False, False)
+NEVER_DAYS = 10_000.0  # days since bought of a shopper who never bought the products: beyond any history
+WINDOWS = 3  # calibration windows by default (conf/audience.yaml's calibration_windows)
+MAX_WINDOWS = 12  # calibration windows a job may ask for (each scores the sample once more)
 SCORES = pa.schema(
     [
         pa.field(SHOPPER, pa.int64(), nullable=False),
@@ -58,11 +66,31 @@ SCORES = pa.schema(
         pa.field("days_since_bought", pa.float64()),  # to the scoring date, inf: never bought the products
         pa.field("baskets", pa.int64()),  # baskets before the scoring date (the low-activity view)
         pa.field("frequency", pa.float64()),  # decayed baskets with the products: the reference scorer
-        pa.field("calibration_raw", pa.float64()),  # raw score one horizon earlier (NaN: not sampled)
-        pa.field("calibration_bought", pa.bool_()),  # bought the products in the horizon before the date
+        # the same four at the start of each calibration window (calibration_windows), one entry per
+        # window, and whether the shopper bought the products in it; raw NaN: not sampled, or no receipt
+        # before that window
+        pa.field("calibration_raw", pa.list_(pa.float64())),
+        pa.field("calibration_days_since_bought", pa.list_(pa.float64())),
+        pa.field("calibration_baskets", pa.list_(pa.int64())),
+        pa.field("calibration_frequency", pa.list_(pa.float64())),
+        pa.field("calibration_bought", pa.list_(pa.bool_())),
         pa.field("bought_after", pa.bool_()),  # bought them in the horizon after it (if the receipts say)
     ]
 )
+CALIBRATION = ("calibration_raw", "calibration_frequency", "calibration_days_since_bought",
+               "calibration_baskets")  # fmt: skip  # in FEATURES' order
+
+
+def calibration_windows(
+    as_of: datetime, horizon_days: float, windows: int
+) -> list[tuple[datetime, datetime]]:
+    """The (start, end) of each calibration window, latest first: ``windows`` horizons back to back
+    before ``as_of``. A window's examples are scored on the receipts before its start and labelled by
+    what was bought from its start to its end, so every label is known before ``as_of``."""
+    if isinstance(windows, bool) or not isinstance(windows, int) or not 1 <= windows <= MAX_WINDOWS:
+        raise ValueError(f"calibration_windows must be 1 to {MAX_WINDOWS}, got {windows}")
+    horizon = timedelta(days=horizon_days)
+    return [(as_of - k * horizon, as_of - (k - 1) * horizon) for k in range(1, windows + 1)]
 
 
 def campaign_rows(engine: OnnxEngine, product_ids: np.ndarray) -> np.ndarray:
@@ -112,6 +140,43 @@ def _histories(table: pa.Table, engine: OnnxEngine, shopper_ids: np.ndarray) -> 
     )
 
 
+def history_features(
+    table: pa.Table, product_ids: np.ndarray, shopper_ids: np.ndarray, as_of: datetime
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[S] for each of ``shopper_ids`` (ascending), from the receipts ``table`` before ``as_of``: days since
+    it last bought one of ``product_ids`` (inf: never), its baskets, and its baskets with the products
+    decayed over :data:`FREQUENCY_HALF_LIFE_DAYS` (the reference scorer). They read the receipts, not the
+    bundle's catalogue: every campaign product counts."""
+    shopper_ids = np.asarray(shopper_ids, dtype=np.int64)
+    before, _ = temporal_split(table, as_of)
+    last = np.full(len(shopper_ids), -np.inf)
+    mine = before.filter(pc.is_in(before.column(PRODUCT), pa.array(product_ids, pa.int64())))
+    grouped = mine.group_by([SHOPPER]).aggregate([(TIMESTAMP, "max")])
+    at, known = _positions(shopper_ids, grouped.column(SHOPPER).to_numpy())
+    seconds = pc.cast(grouped.column(f"{TIMESTAMP}_max"), pa.int64()).to_numpy() / 1e6
+    last[at[known]] = seconds[known] / SECONDS_PER_DAY
+    counted = before.group_by([SHOPPER]).aggregate([(BASKET, "count_distinct")])
+    at, known = _positions(shopper_ids, counted.column(SHOPPER).to_numpy())
+    baskets = np.zeros(len(shopper_ids), np.int64)
+    baskets[at[known]] = counted.column(f"{BASKET}_count_distinct").to_numpy()[known]
+    frequency = decayed_baskets(before, product_ids, shopper_ids, as_of, FREQUENCY_HALF_LIFE_DAYS)
+    return epoch_days(as_of) - last, baskets, frequency
+
+
+def _positions(shopper_ids: np.ndarray, owners: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each owner's position in ascending ``shopper_ids``, and whether it is there at all."""
+    at = np.minimum(np.searchsorted(shopper_ids, owners), max(len(shopper_ids) - 1, 0))
+    return at, (shopper_ids[at] == owners if len(shopper_ids) else np.zeros(len(owners), dtype=bool))
+
+
+def features(
+    raw: np.ndarray, frequency: np.ndarray, days_since_bought: np.ndarray, baskets: np.ndarray
+) -> np.ndarray:
+    """[S, len(FEATURES)] the combination's input rows (NaN ``raw``: a shopper it cannot score)."""
+    since = np.minimum(np.asarray(days_since_bought, np.float64), NEVER_DAYS)
+    return np.column_stack([raw, frequency, since, baskets]).astype(np.float64)
+
+
 def score_part(
     engine: OnnxEngine,
     table: pa.Table,
@@ -120,54 +185,53 @@ def score_part(
     as_of: datetime,
     calibration_share: float,
     popular: int = POPULAR,
+    windows: int = WINDOWS,
 ) -> pa.RecordBatch:
     """One part's rows of :data:`SCORES`: every shopper of receipts ``table`` with a purchase before
-    ``as_of``; those of :func:`calibration_sample` (``calibration_share`` of them) are also scored one
-    horizon earlier for the calibration. ``product_ids``: the campaign's (all of them, for
-    ``days_since_bought`` and the outcomes; the bundle scores the ones it knows)."""
-    horizon = timedelta(days=spec.horizon_days)
+    ``as_of``; those of :func:`calibration_sample` (``calibration_share`` of them) are also scored at the
+    start of each of the ``windows`` calibration windows (:func:`calibration_windows`). ``product_ids``:
+    the campaign's (all of them, for the history features and the outcomes; the bundle scores the ones
+    it knows)."""
     before, after = temporal_split(table, as_of)
     shopper_ids = np.unique(before.column(SHOPPER).to_numpy())
     sample = calibration_sample(shopper_ids, calibration_share)
     rows = campaign_rows(engine, product_ids)
     now = _histories(before, engine, shopper_ids)
     raw = raw_scores(engine, now, rows, as_of, spec.horizon_days, popular)
-    # days since bought reads the receipts, not the bundle's catalogue: every campaign product counts
-    last = np.full(len(shopper_ids), -np.inf)
-    mine = before.filter(pc.is_in(before.column(PRODUCT), pa.array(product_ids, pa.int64())))
-    if mine.num_rows:
-        grouped = mine.group_by([SHOPPER]).aggregate([(TIMESTAMP, "max")])
-        at = np.searchsorted(shopper_ids, grouped.column(SHOPPER).to_numpy())
-        seconds = pc.cast(grouped.column(f"{TIMESTAMP}_max"), pa.int64()).to_numpy() / 1e6
-        last[at] = seconds / SECONDS_PER_DAY
-    since = epoch_days(as_of) - last
-    baskets = before.group_by([SHOPPER]).aggregate([(BASKET, "count_distinct")])
-    basket_count = np.zeros(len(shopper_ids), np.int64)
-    basket_count[np.searchsorted(shopper_ids, baskets.column(SHOPPER).to_numpy())] = baskets.column(
-        f"{BASKET}_count_distinct"
-    ).to_numpy()
-    frequency = decayed_baskets(before, product_ids, shopper_ids, as_of, FREQUENCY_HALF_LIFE_DAYS)
-    calibration_raw = np.full(len(shopper_ids), np.nan)
-    earlier, window = temporal_split(before, as_of - horizon)
-    sampled = shopper_ids[sample & np.isin(shopper_ids, earlier.column(SHOPPER).to_numpy())]
-    if len(sampled):
-        then = _histories(earlier, engine, sampled)
-        calibration_raw[np.searchsorted(shopper_ids, sampled)] = raw_scores(
-            engine, then, rows, as_of - horizon, spec.horizon_days, popular
-        )
-    calibration_bought = np.isin(shopper_ids, _bought_between(window, product_ids, as_of - horizon, as_of))
-    bought_after = np.isin(shopper_ids, _bought_between(after, product_ids, as_of, as_of + horizon))
+    since, basket_count, frequency = history_features(before, product_ids, shopper_ids, as_of)
+    found = calibration_windows(as_of, spec.horizon_days, windows)
+    calibration: dict[str, list[np.ndarray]] = {field: [] for field in (*CALIBRATION, "calibration_bought")}
+    for start, end in found:
+        earlier, rest = temporal_split(before, start)
+        window, _ = temporal_split(rest, end)
+        then_raw = np.full(len(shopper_ids), np.nan)
+        sampled = shopper_ids[sample & np.isin(shopper_ids, earlier.column(SHOPPER).to_numpy())]
+        if len(sampled):
+            then = _histories(earlier, engine, sampled)
+            then_raw[np.searchsorted(shopper_ids, sampled)] = raw_scores(
+                engine, then, rows, start, spec.horizon_days, popular
+            )
+        then_since, then_baskets, then_frequency = history_features(earlier, product_ids, shopper_ids, start)
+        for field, values in zip(
+            CALIBRATION, (then_raw, then_frequency, then_since, then_baskets), strict=True
+        ):
+            calibration[field].append(values)
+        bought = np.isin(shopper_ids, _bought_between(window, product_ids, start, end))
+        calibration["calibration_bought"].append(bought)
+    bought_after = np.isin(
+        shopper_ids, _bought_between(after, product_ids, as_of, as_of + timedelta(days=spec.horizon_days))
+    )
+    offsets = pa.array(np.arange(0, len(shopper_ids) * len(found) + 1, len(found)), pa.int32())
+
+    def per_window(field: str) -> pa.ListArray:  # [S] lists of one value per window
+        values = np.stack(calibration[field], axis=1).ravel()
+        return pa.ListArray.from_arrays(offsets, pa.array(values, SCORES.field(field).type.value_type))
+
+    columns = [shopper_ids, raw, since, basket_count, frequency]
     return pa.record_batch(
-        [
-            pa.array(shopper_ids, pa.int64()),
-            pa.array(raw),
-            pa.array(since),
-            pa.array(basket_count),
-            pa.array(frequency),
-            pa.array(calibration_raw),
-            pa.array(calibration_bought),
-            pa.array(bought_after),
-        ],
+        [pa.array(c, f.type) for c, f in zip(columns, SCORES, strict=False)]
+        + [per_window(f) for f in SCORES.names[len(columns) : -1]]
+        + [pa.array(bought_after)],
         schema=SCORES,
     )
 
@@ -265,25 +329,46 @@ class Chosen:
 
     table: pa.Table
     eligible: pa.Table  # every shopper the campaign may contact: shopper_id, campaign_id, probability
-    calibration: Calibration
+    combination: Combination  # raw score and history -> probability, fitted on the calibration sample
     summary: dict[str, Any]
 
 
 def choose(scores: pa.Table, spec: CampaignSpec, as_of: datetime, outcome_known: bool) -> Chosen:
-    """Calibrate ``scores`` (rows of :data:`SCORES`, every shopper once) on their calibration sample and
-    choose the audience of ``spec``; judge the probabilities against ``bought_after`` when
+    """Fit the combination (:mod:`recsys.combination`: :data:`FEATURES` -> calibrated probability) on the
+    calibration sample of ``scores`` (rows of :data:`SCORES`, every shopper once) and choose the audience
+    of ``spec``; judge the probabilities against ``bought_after`` when
     ``outcome_known`` (the receipts reach ``as_of + horizon``)."""
+    scores = scores.sort_by(SHOPPER)  # the fit sees its examples in one order, however the job was sharded
     ids = scores.column(SHOPPER).to_numpy()
-    raw = scores.column("raw").to_numpy(zero_copy_only=False)
-    earlier = scores.column("calibration_raw").to_numpy(zero_copy_only=False)
-    bought = scores.column("calibration_bought").to_numpy(zero_copy_only=False)
-    sampled = ~np.isnan(earlier)
+
+    def column(name: str) -> np.ndarray:
+        return scores.column(name).to_numpy(zero_copy_only=False)
+
+    def windows(name: str) -> np.ndarray:  # [S * W] every shopper's windows in turn
+        lists = scores.column(name)
+        if (
+            len(ids)
+            and pc.min(pc.list_value_length(lists)).as_py() != pc.max(pc.list_value_length(lists)).as_py()
+        ):
+            raise ValueError(f"scores: {name} holds another number of windows for some shoppers")
+        return pc.list_flatten(lists).to_numpy(zero_copy_only=False)
+
+    since = column("days_since_bought")
+    x = features(column("raw"), column("frequency"), since, column("baskets"))
+    earlier = features(*(windows(name) for name in CALIBRATION))
+    bought = windows("calibration_bought")
+    if len(bought) % max(len(ids), 1):
+        raise ValueError("scores: the calibration windows do not divide evenly among the shoppers")
+    owners = np.repeat(ids, len(bought) // max(len(ids), 1))
+    sampled = ~np.isnan(earlier[:, 0])
     if not sampled.any():
-        raise ValueError("no shopper of the calibration sample has receipts one horizon before as_of")
-    calibration = fit_isotonic(earlier[sampled], bought[sampled])
-    probability = calibration(raw)
+        raise ValueError("no shopper of the calibration sample has receipts before a calibration window")
+    # a shopper's windows share a fold: the cross-fitted output is never of a shopper the model saw
+    combination = fit_combination(
+        earlier[sampled], bought[sampled], FEATURES, INCREASING, cross_fold(owners[sampled])
+    )
+    probability = combination(x)
     scored = ~np.isnan(probability)
-    since = scores.column("days_since_bought").to_numpy(zero_copy_only=False)
     chosen = select_audience(spec, ids[scored], probability[scored], since[scored])
     members = np.flatnonzero(scored)[chosen.members]
     table = pa.table(
@@ -322,8 +407,15 @@ def choose(scores: pa.Table, spec: CampaignSpec, as_of: datetime, outcome_known:
             "in_audience": int(low[members].sum()),
         },
         "calibration": {
-            "window": [(as_of - timedelta(days=spec.horizon_days)).isoformat(), as_of.isoformat()],
-            "fit": summary(calibration(earlier[sampled]), bought[sampled]),
+            "windows": [
+                [start.isoformat(), end.isoformat()]
+                for start, end in calibration_windows(
+                    as_of, spec.horizon_days, len(bought) // max(len(ids), 1)
+                )
+            ],
+            "examples": int(sampled.sum()),
+            "method": "raw score alone" if combination.model is None else "combination",
+            "fit": summary(combination(earlier[sampled]), bought[sampled]),
         },
         "evaluation": None,
         "top": table.slice(0, TOP).to_pylist(),
@@ -336,7 +428,7 @@ def choose(scores: pa.Table, spec: CampaignSpec, as_of: datetime, outcome_known:
             "low_activity": _judged(probability, frequency, outcome, scored & low),
             "audience_conversions": int(outcome[members].sum()),
         }
-    return Chosen(table, eligible, calibration, summary_)
+    return Chosen(table, eligible, combination, summary_)
 
 
 def audience(
@@ -346,14 +438,22 @@ def audience(
     as_of: datetime,
     calibration_share: float = 1.0,
     popular: int = POPULAR,
+    windows: int = WINDOWS,
 ) -> Chosen:
     """The audience of ``spec`` among the shoppers of an in-memory receipts table (canonical columns),
     scored and chosen as the job does (without its sharding, resuming and files)."""
     product_ids = spec.product_ids(engine.items)
-    part = score_part(engine, receipts, spec, product_ids, as_of, calibration_share, popular)
+    part = score_part(engine, receipts, spec, product_ids, as_of, calibration_share, popular, windows)
     scores = pa.Table.from_batches([part])
     latest = pc.max(receipts.column(TIMESTAMP)).as_py()
     return choose(scores, spec, as_of, latest >= as_of + timedelta(days=spec.horizon_days))
+
+
+def cross_fold(shopper_ids: np.ndarray) -> np.ndarray:
+    """[S] bool: each shopper's fold in the combination's cross-fitting (the hash bit just below the
+    calibration sample's, so each fold is half of the sample whatever its share)."""
+    bit = np.uint64(64 - SAMPLE_BITS - 1)
+    return ((shopper_hash(np.asarray(shopper_ids, np.int64)) >> bit) & np.uint64(1)).astype(bool)
 
 
 def calibration_sample(shopper_ids: np.ndarray, share: float) -> np.ndarray:

@@ -33,11 +33,12 @@ seconds include its children's):
 - partition: ``partition``, the pass that splits the receipts into parts by shopper hash (a shard of one
   part skips it and streams its rows: ``gather``);
 - read parts: ``read_part``; score parts: ``score_part`` (every part, both scoring dates), of which
-  histories (``build_sequences`` of the part, then its shoppers), encode and top-K (the ONNX encoder and
-  the FAISS search), propensity (``raw_score``: the scored pairs, their features, the trees, the expected
-  baskets);
-- audience: ``write_audience`` (reading the scores back, the isotonic fit, the selection, the evaluation,
-  the reliability plot and the writes), of which reading the scores, the isotonic fit, the selection
+  histories (``build_sequences`` of the part, then its shoppers), the history features (at the scoring
+  date and one horizon earlier), encode and top-K (the ONNX encoder and the FAISS search), propensity
+  (``raw_score``: the scored pairs, their features, the trees, the expected baskets);
+- audience: ``write_audience`` (reading the scores back, the combination's fit, the selection, the
+  evaluation, the reliability plot and the writes), of which reading the scores, the combination's fit
+  (``fit_combination``), the selection
   (``select_audience``), the eligible shoppers (``eligibility``) and the reliability plot.
 """
 
@@ -86,6 +87,7 @@ STAGES: tuple[tuple[str, int, Any, str], ...] = (
     ("read parts", 0, batch.shards, "read_part"),
     ("score parts", 0, batch.audience, "score_part"),
     ("histories", 1, batch.audiences, "_histories"),
+    ("history features", 1, batch.audiences, "history_features"),
     ("encode", 1, batch.engines.OnnxEngine, "encode"),
     ("top-K", 1, batch.engines.OnnxEngine, "top"),
     ("propensity", 1, batch.audiences, "raw_score"),
@@ -95,7 +97,7 @@ STAGES: tuple[tuple[str, int, Any, str], ...] = (
     ("expected baskets", 2, recsys.propensity, "expected_baskets"),
     ("audience", 0, batch.audience, "write_audience"),
     ("read scores", 1, batch.audience, "read_scores"),
-    ("isotonic fit", 1, batch.audiences, "fit_isotonic"),
+    ("combination fit", 1, batch.audiences, "fit_combination"),
     ("selection", 1, batch.audiences, "select_audience"),
     ("eligible", 1, batch.audiences, "eligibility"),
     ("reliability plot", 1, batch.audience, "reliability_png"),

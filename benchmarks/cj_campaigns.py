@@ -31,7 +31,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from batch.audiences import cross_fold
 from benchmarks.cj_rankers import calibrated_propensity, histories_of, month_of, ranker_before, raw_scores
+from recsys.combination import fit_combination
 from recsys.data.completejourney import load_campaign_tables, load_complete_journey, load_products
 from recsys.data.schema import BASKET, SHOPPER, TIMESTAMP
 from recsys.evaluation.campaigns import (
@@ -78,9 +80,55 @@ def redemption(
     """A scorer: P(buy the products during the campaign), calibrated, times the recipient's coupon
     affinity (``recsys.evaluation.campaigns.coupon_affinity``): P(redeem) if the two are independent."""
 
+    kept: dict[int, np.ndarray] = {}  # a campaign is always scored on the receipts before its start
+
     def score(campaign: Campaign, before: pa.Table) -> np.ndarray:
-        buy = calibrated_propensity(before, products, campaign, durations[campaign.campaign_id])
-        return buy * affinity(campaign, before)
+        if campaign.campaign_id not in kept:
+            buy = calibrated_propensity(before, products, campaign, durations[campaign.campaign_id])
+            kept[campaign.campaign_id] = buy * affinity(campaign, before)
+        return kept[campaign.campaign_id]
+
+    return score
+
+
+def learned_redemption(
+    campaigns: list[Campaign],
+    receipts: pa.Table,
+    columns: dict[str, Callable[[Campaign, pa.Table], np.ndarray]],
+    ends: dict[int, date],
+    redemptions: pa.Table,
+) -> Callable[[Campaign, pa.Table], np.ndarray]:
+    """A scorer: P(redeem) learned from the campaigns that ended before this one starts.
+
+    Each earlier campaign's recipients are examples: the scorers ``columns`` evaluated at that campaign's
+    start (the first is the one to fall back on), and whether the recipient redeemed one of its coupons
+    before this campaign's start. ``recsys.combination`` fits them (monotone trees, isotonic calibration
+    of the cross-fitted output, folds by household so a household's campaigns share a fold); with too few
+    redemptions among them it is the first scorer alone, calibrated."""
+    rows: dict[int, np.ndarray] = {}
+    dated = redemptions.select(["campaign_id", "household_id", "redemption_date"]).to_pylist()
+
+    def features_of(campaign: Campaign) -> np.ndarray:
+        if campaign.campaign_id not in rows:  # each scorer sees the receipts before this campaign's start
+            values = [scores_before(campaign, receipts, scorer) for scorer in columns.values()]
+            rows[campaign.campaign_id] = np.column_stack(values)
+        return rows[campaign.campaign_id]
+
+    def score(campaign: Campaign, before: pa.Table) -> np.ndarray:
+        del before  # every column is read through scores_before, at its own campaign's start
+        day = campaign.start.date()
+        earlier = [c for c in campaigns if ends[c.campaign_id] < day]
+        used = {(r["campaign_id"], r["household_id"]) for r in dated if r["redemption_date"] < day}
+        x = np.concatenate([features_of(c) for c in earlier] or [np.zeros((0, len(columns)))])
+        y = np.concatenate([[(c.campaign_id, int(h)) in used for h in c.recipients] for c in earlier] or [[]])
+        households = np.concatenate([c.recipients for c in earlier] or [np.zeros(0, np.int64)])
+        names = tuple(name.replace(" ", "_") for name in columns)
+        if len(x) == 0:  # nothing ended before: the first scorer as it is
+            return features_of(campaign)[:, 0]
+        combination = fit_combination(
+            x, y.astype(bool), names, (True,) * len(columns), cross_fold(households)
+        )
+        return combination(features_of(campaign))
 
     return score
 
@@ -127,6 +175,16 @@ def main() -> None:
         scorers["ranking stage"] = ranking_stage(products, durations)
         scorers["coupon affinity"] = affinity
         scorers["ranking stage x affinity"] = redemption(products, durations, affinity)
+        ends = {d["campaign_id"]: d["end_date"] for d in descriptions}
+        columns = {
+            "ranking stage x affinity": scorers["ranking stage x affinity"],
+            "coupon affinity": affinity,
+            "past redemptions": scorers["past redemptions"],
+            "past purchases": past_purchases,
+        }
+        scorers["learned redemption"] = learned_redemption(
+            campaigns, receipts, columns, ends, tables["coupon_redemptions"]
+        )
     redeemers = np.array([c.redeemed.sum() for c in campaigns])
     low = [scores_before(c, receipts, low_activity) > 0 for c in campaigns]
     figures: dict[str, dict[str, np.ndarray]] = {}
@@ -150,7 +208,9 @@ def main() -> None:
     pairs = [("past redemptions", "past purchases")]
     if args.model:
         pairs += [("ranking stage", "past purchases"), ("ranking stage", "past redemptions"),
-                  ("ranking stage x affinity", "past redemptions")]  # fmt: skip
+                  ("ranking stage x affinity", "past redemptions"),
+                  ("learned redemption", "past redemptions"),
+                  ("learned redemption", "ranking stage x affinity")]  # fmt: skip
     for better, worse in pairs:
         for metric in ("AUC", "lift@10%"):
             difference = paired_summary(figures[better][metric], figures[worse][metric], redeemers)

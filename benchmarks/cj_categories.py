@@ -4,10 +4,12 @@ stage's calibrated propensity against recency-weighted past frequency.
 At each cutoff, for the 50 largest categories (``product_category``, by baskets before the cutoff), every
 household with a receipt before the cutoff is ranked by
 
-- the ranking stage: its propensity of buying one of the category's products in the 28 days from the
-  cutoff (``recsys.propensity``), from a ranker fitted on the receipts before the cutoff alone
-  (``benchmarks.cj_rankers``: no network), calibrated (isotonic, ``recsys.calibration``) on the 28 days
-  before the cutoff, scored from the receipts before those 28 days;
+- the ranking stage, as the audience job scores it: the raw propensity of buying one of the category's
+  products in the 28 days from the cutoff (``recsys.propensity``), from a ranker fitted on the receipts
+  before the cutoff alone (``benchmarks.cj_rankers``: no network), combined with the household's own
+  history of the category and calibrated (``recsys.combination``, ``batch.audiences.features``), fitted
+  on the job's default calibration windows: the three 28-day windows before the cutoff, each scored
+  from the receipts before its start; and the raw score alone;
 - recency-weighted frequency: the household's baskets with the category, each weighing
   ``0.5 ** (age / half-life)`` (30 and 120 days; 120 is the project's decayed-frequency baseline);
 
@@ -33,8 +35,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from benchmarks.cj_rankers import bought, histories_of, ranker_before, raw_scores
-from recsys.calibration import fit_isotonic, reliability_png, summary
+from benchmarks.cj_rankers import (
+    bought,
+    fitted_combination,
+    histories_of,
+    history_rows,
+    ranker_before,
+    raw_scores,
+    windows_before,
+)
+from recsys.calibration import reliability_png, summary
 from recsys.data.completejourney import load_complete_journey, load_products
 from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
 from recsys.data.sequences import SECONDS_PER_DAY, epoch_days
@@ -90,10 +100,9 @@ def evaluate_cutoff(
     horizon = timedelta(days=HORIZON_DAYS)
     before, after = temporal_split(receipts, cutoff)
     after, _ = temporal_split(after, cutoff + horizon)
-    earlier, window = temporal_split(before, cutoff - horizon)
     households = np.unique(before.column(SHOPPER).to_numpy())
-    known_then = np.unique(earlier.column(SHOPPER).to_numpy())
-    now, then = histories_of(before, vocab, households), histories_of(earlier, vocab, known_then)
+    now = histories_of(before, vocab, households)
+    windows = windows_before(before, vocab, cutoff, HORIZON_DAYS)
     ids = products.column("product_id").to_numpy()
     names = products.column(CATEGORY).to_pylist()
     categories = {int(p): n for p, n in zip(ids.tolist(), names, strict=True) if n is not None}
@@ -111,17 +120,18 @@ def evaluate_cutoff(
     pooled_p, pooled_y = [], []
     for category in largest:
         members = np.array([p for p, n in categories.items() if n == category], dtype=np.int64)
-        raw = raw_scores(ranker, vocab, now, members, cutoff, HORIZON_DAYS)
-        raw_then = raw_scores(ranker, vocab, then, members, cutoff - horizon, HORIZON_DAYS)
-        calibration = fit_isotonic(np.nan_to_num(raw_then, nan=0.0), bought(window, members, known_then))
-        probability = calibration(np.nan_to_num(raw, nan=0.0))
+        # a household without a known product has no raw score; here it scores as the lowest one (0)
+        raw = np.nan_to_num(raw_scores(ranker, vocab, now, members, cutoff, HORIZON_DAYS), nan=0.0)
+        combination = fitted_combination(ranker, vocab, windows, members, HORIZON_DAYS)
+        probability = combination(history_rows(before, members, households, cutoff, raw))
         outcome = bought(after, members, households)
         ever = bought(before, members, households)
-        score = np.nan_to_num(raw, nan=-1.0)
         frequency = {h: decayed_frequency(lines, households, category, cutoff_days, h) for h in HALF_LIVES}
         row = {"positives": int(outcome.sum()), "new_positives": int(outcome[~ever].sum())}
+        row["combined"] = int(combination.model is not None)
         for name, values in {
-            "model": score,
+            "model": probability,
+            "raw": raw,
             **{f"frequency_{h:g}d": f for h, f in frequency.items()},
         }.items():
             row[f"{name}/auc"] = auc(values, outcome)
@@ -174,12 +184,13 @@ def main() -> None:
               "categories, 28 days; mean over categories [95% bootstrap CI]\n")  # fmt: skip
         print("| scorer | AUC | precision@10% | recall@10% | AUC new to category | AUC low-activity |")
         print("|---|---|---|---|---|---|")
-        for name in ("model", *(f"frequency_{h:g}d" for h in HALF_LIVES)):
+        print(f"(the combination fitted trees for {int(f['combined'].sum())} of {len(f['combined'])} "
+              "categories, the rest fell back to the raw score alone)\n")  # fmt: skip
+        for name in ("model", "raw", *(f"frequency_{h:g}d" for h in HALF_LIVES)):
             metrics = ("auc", "precision", "recall", "new_auc", "low_auc")
             cells = [_interval(f[f"{name}/{m}"], weights) for m in metrics]
             print(f"| {name} | " + " | ".join(cells) + " |")
-        for h in HALF_LIVES:
-            base = f"frequency_{h:g}d"
+        for base in ("raw", *(f"frequency_{h:g}d" for h in HALF_LIVES)):
             metrics = ("auc", "precision", "new_auc", "low_auc")
             cells = [_interval(f[f"model/{m}"] - f[f"{base}/{m}"], weights) for m in metrics]
             print(f"| model - {base} (paired) | {cells[0]} | {cells[1]} | | {cells[2]} | {cells[3]} |")

@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
-from datetime import datetime, timedelta
+from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recsys.calibration import fit_isotonic
+from batch.audiences import (
+    FEATURES,
+    INCREASING,
+    WINDOWS,
+    calibration_windows,
+    cross_fold,
+    features,
+    history_features,
+)
+from recsys.combination import Combination, fit_combination
 from recsys.data.schema import PRODUCT, SHOPPER
 from recsys.data.sequences import build_sequences, epoch_days
 from recsys.data.split import temporal_split
@@ -95,22 +104,73 @@ def bought(table: pa.Table, products: np.ndarray, shoppers: np.ndarray) -> np.nd
     return np.isin(shoppers, rows.column(SHOPPER).to_numpy())
 
 
+@dataclass(frozen=True)
+class Window:
+    """A calibration window (``batch.audiences.calibration_windows``): the receipts before its start, its
+    own receipts, and the households known before it with their histories."""
+
+    start: datetime
+    earlier: pa.Table
+    receipts: pa.Table
+    households: np.ndarray
+    histories: Histories
+
+
+def windows_before(
+    before: pa.Table, vocab: Vocabulary, as_of: datetime, horizon_days: float, count: int = WINDOWS
+) -> list[Window]:
+    """The calibration windows before ``as_of`` that have receipts before their start."""
+    found = []
+    for start, end in calibration_windows(as_of, horizon_days, count):
+        earlier, rest = temporal_split(before, start)
+        households = np.unique(earlier.column(SHOPPER).to_numpy())
+        if len(households):
+            receipts, _ = temporal_split(rest, end)
+            found.append(
+                Window(start, earlier, receipts, households, histories_of(earlier, vocab, households))
+            )
+    return found
+
+
+def fitted_combination(
+    ranker: Ranker, vocab: Vocabulary, windows: list[Window], products: np.ndarray, horizon_days: float
+) -> Combination:
+    """The combination (``recsys.combination``) of the raw score of ``products`` and every household's
+    history of them, fitted on ``windows`` as the audience job fits it."""
+    xs, ys, folds = [], [], []
+    for w in windows:
+        raw = raw_scores(ranker, vocab, w.histories, products, w.start, horizon_days)
+        xs.append(history_rows(w.earlier, products, w.households, w.start, np.nan_to_num(raw)))
+        ys.append(bought(w.receipts, products, w.households))
+        folds.append(cross_fold(w.households))
+    return fit_combination(
+        np.concatenate(xs), np.concatenate(ys), FEATURES, INCREASING, np.concatenate(folds)
+    )
+
+
 def calibrated_propensity(
     receipts: pa.Table, products: pa.Table, campaign: Campaign, duration: float
 ) -> np.ndarray:
-    """[recipients] calibrated P(buying one of the campaign's products during it), from before its start
-    (uncalibrated, ``1 - exp(-raw)``, when no receipt precedes the calibration window)."""
+    """[recipients] P(buying one of the campaign's products during it), from before its start: the raw
+    score and the recipient's history of the products combined and calibrated as the audience job does
+    (:func:`fitted_combination`), on every household of the calibration windows before the start
+    (uncalibrated, ``1 - exp(-raw)``, when no receipt precedes the latest window)."""
     ranker, vocab = ranker_before(receipts, products, month_of(campaign.start))
     before, _ = temporal_split(receipts, campaign.start)
     recipients = histories_of(before, vocab, campaign.recipients)
-    raw = raw_scores(ranker, vocab, recipients, campaign.products, campaign.start, duration)
-    earlier_start = campaign.start - timedelta(days=duration)
-    earlier, window = temporal_split(before, earlier_start)
-    households = np.unique(earlier.column(SHOPPER).to_numpy())
-    if not len(households):  # the campaign's length before its start predates the receipts
-        return -np.expm1(-np.nan_to_num(raw, nan=0.0))  # the independence reading, uncalibrated
-    then = raw_scores(
-        ranker, vocab, histories_of(earlier, vocab, households), campaign.products, earlier_start, duration
-    )
-    calibration = fit_isotonic(np.nan_to_num(then, nan=0.0), bought(window, campaign.products, households))
-    return calibration(np.nan_to_num(raw, nan=0.0))
+    raw = np.nan_to_num(raw_scores(ranker, vocab, recipients, campaign.products, campaign.start, duration))
+    windows = windows_before(before, vocab, campaign.start, duration)
+    if not windows:  # the campaign's length before its start predates the receipts
+        return -np.expm1(-raw)  # the independence reading, uncalibrated
+    combination = fitted_combination(ranker, vocab, windows, campaign.products, duration)
+    ids = np.asarray(campaign.recipients, dtype=np.int64)  # ascending, as history_features reads them
+    return combination(history_rows(before, campaign.products, ids, campaign.start, raw))
+
+
+def history_rows(
+    table: pa.Table, products: np.ndarray, shoppers: np.ndarray, as_of: datetime, raw: np.ndarray
+) -> np.ndarray:
+    """The combination's feature rows (``batch.audiences.features``) of ascending ``shoppers`` with raw
+    scores ``raw``, their history of ``products`` read from ``table`` before ``as_of``."""
+    since, baskets, frequency = history_features(table, products, shoppers, as_of)
+    return features(raw, frequency, since, baskets)

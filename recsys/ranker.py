@@ -46,44 +46,38 @@ def _numbers(block: dict[str, str], key: str, count: int, kind: type) -> np.ndar
     return array
 
 
-def _verified_trees(text: str, features: tuple[str, ...]) -> str:
+def verified_trees(text: str, features: tuple[str, ...], what: str = "the ranker's model") -> str:
     """The header and trees of LightGBM text model ``text``, checked line by line before LightGBM reads
     them: LightGBM parses trees on several threads and aborts the whole process on a malformed one, so
     a model that is not exactly a binary model over ``features`` of numerical splits is refused here
     (ValueError naming the problem). What follows the trees (importances, training parameters) is left
-    out: prediction needs none of it."""
+    out: prediction needs none of it. ``what`` names the model in the errors."""
     if not isinstance(text, str) or END_OF_TREES not in text or not text.startswith("tree\n"):
-        raise ValueError("the ranker's model cannot be read: it is not a LightGBM text model")
+        raise ValueError(f"{what} cannot be read: it is not a LightGBM text model")
     body = text[: text.index(END_OF_TREES)]
     first = body.find("\nTree=")
     header_text = body if first < 0 else body[: first + 1]
     header = dict(line.split("=", 1) for line in header_text.splitlines()[1:] if "=" in line)
     if header.get("feature_names", "").split() != list(features):
-        raise ValueError(
-            f"the ranker's model reads features {header.get('feature_names')}, it declares {list(features)}"
-        )
+        raise ValueError(f"{what} reads features {header.get('feature_names')}, it declares {list(features)}")
     expected = {"version": "v4", "num_class": "1", "num_tree_per_iteration": "1",
                 "max_feature_idx": str(len(features) - 1)}  # fmt: skip
     for key, value in expected.items():
         if header.get(key) != value:
-            raise ValueError(
-                f"the ranker's model cannot be read: {key}={header.get(key)!r}, expected {value}"
-            )
+            raise ValueError(f"{what} cannot be read: {key}={header.get(key)!r}, expected {value}")
     if header.get("objective", "").split()[:1] != ["binary"]:
-        raise ValueError(
-            f"the ranker's model must output probabilities (binary), not {header.get('objective')!r}"
-        )
+        raise ValueError(f"{what} must output probabilities (binary), not {header.get('objective')!r}")
     try:
         sizes = [int(v) for v in header.get("tree_sizes", "").split()]
     except ValueError as error:
-        raise ValueError("the ranker's model cannot be read: tree_sizes are not integers") from error
+        raise ValueError(f"{what} cannot be read: tree_sizes are not integers") from error
     position = len(header_text)
     for i, size in enumerate(sizes):
         chunk = body[position : position + size]
         position += size
         block = dict(line.split("=", 1) for line in chunk.splitlines() if "=" in line)
         if not chunk.startswith(f"Tree={i}\n") or len(chunk) != size:
-            raise ValueError(f"the ranker's model cannot be read: tree {i} is not where tree_sizes put it")
+            raise ValueError(f"{what} cannot be read: tree {i} is not where tree_sizes put it")
         leaves = int(_numbers(block, "num_leaves", 1, int)[0])
         if leaves < 1 or block.get("num_cat") != "0":
             raise ValueError(f"tree {i}: needs >= 1 leaves and no categorical splits")
@@ -99,7 +93,7 @@ def _verified_trees(text: str, features: tuple[str, ...]) -> str:
         if (children < -leaves).any() or (children >= leaves - 1).any() or (children == 0).any():
             raise ValueError(f"tree {i}: a child index is out of range")
     if body[position:].strip():
-        raise ValueError("the ranker's model cannot be read: text between the trees and their end")
+        raise ValueError(f"{what} cannot be read: text between the trees and their end")
     return body + END_OF_TREES + "\n"
 
 
@@ -131,7 +125,7 @@ class Ranker:
         if not self.features or any(f not in known for f in self.features):
             unknown = [f for f in self.features if f not in known]
             raise ValueError(f"ranker features {unknown or '[]'} are not features of this library: {known}")
-        booster = lightgbm.Booster(model_str=_verified_trees(self.model, self.features))
+        booster = lightgbm.Booster(model_str=verified_trees(self.model, self.features))
         object.__setattr__(self, "booster", booster)
         object.__setattr__(self, "columns", np.array([known.index(f) for f in self.features], dtype=np.int64))
 

@@ -4,6 +4,7 @@ brute-force reading of the rules; the job against a brute-force scoring, resumed
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -22,10 +23,21 @@ from omegaconf import DictConfig
 
 from batch import allocate as allocate_job
 from batch import audience as audience_job
-from batch.audiences import SEGMENTS, audience, campaign_rows, raw_scores, score_part, select_audience
+from batch.audiences import (
+    SEGMENTS,
+    audience,
+    calibration_windows,
+    campaign_rows,
+    features,
+    history_features,
+    raw_scores,
+    score_part,
+    select_audience,
+)
 from batch.campaign import MAX_SPEC_BYTES, CampaignSpec, SpecError, load_spec
 from batch.engines import OnnxEngine
-from recsys.calibration import Calibration
+from recsys import combination as combination_module
+from recsys.combination import Combination
 from recsys.data.schema import PRODUCT, SHOPPER, TIMESTAMP
 from recsys.data.split import temporal_split
 from recsys.inputs import Histories
@@ -156,6 +168,16 @@ def test_exploration_costs_conversions_and_reaches_new_shoppers() -> None:
 HORIZON = 14
 
 
+@pytest.fixture(autouse=True)
+def small_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test world's 90 shoppers are enough for trees once their size limits are scaled down to it, so
+    that the jobs below fit and apply a real combination, not its fallback."""
+    monkeypatch.setattr(combination_module, "MIN_OUTCOMES", 5)
+    monkeypatch.setattr(
+        combination_module, "PARAMETERS", combination_module.PARAMETERS | {"min_data_in_leaf": 5}
+    )
+
+
 @pytest.fixture(scope="module")
 def campaign_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A bundle with a ranker, seeded receipts reaching past the scoring date, and a campaign file."""
@@ -178,6 +200,15 @@ def _job(compose_config: Callable[..., DictConfig], w: dict, output: Path, *extr
     ])  # fmt: skip
 
 
+def test_calibration_windows_are_back_to_back_horizons_before_the_scoring_date() -> None:
+    found = calibration_windows(AS_OF, HORIZON, 3)
+    assert found[0][1] == AS_OF and all(a[0] == b[1] for a, b in itertools.pairwise(found))
+    assert all(end - start == timedelta(days=HORIZON) for start, end in found)
+    for bad in (0, 13, True, 2.5):
+        with pytest.raises(ValueError, match="calibration_windows"):
+            calibration_windows(AS_OF, HORIZON, bad)
+
+
 def test_the_job_writes_a_calibrated_thresholded_audience(
     tmp_path: Path, compose_config: Callable[..., DictConfig], campaign_world: dict
 ) -> None:
@@ -193,9 +224,15 @@ def test_the_job_writes_a_calibrated_thresholded_audience(
     assert summary["audience"] + summary["shortfall"] == 30
     new = table.column("segment").to_numpy(zero_copy_only=False) == "new"
     assert new.sum() == summary["explorers"] == int(np.floor(0.2 * len(p) + 0.5))  # the exact share
-    calibration = Calibration.from_dict(json.loads((folder / "calibration.json").read_text()))
-    assert np.all(np.diff(calibration.probability) >= 0) and calibration.examples > 0  # monotone, stored
+    combination = Combination.from_dict(json.loads((folder / "calibration.json").read_text()))
+    assert combination.model is not None and summary["calibration"]["method"] == "combination"
+    knots = combination.calibration  # monotone, stored
+    assert np.all(np.diff(knots.probability) >= 0) and knots.examples > 0
     assert (folder / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every sampled shopper once per window with receipts before the window's start
+    assert (
+        len(summary["calibration"]["windows"]) == 3 and summary["calibration"]["examples"] > summary["scored"]
+    )
     judged = summary["evaluation"]["overall"]  # the receipts go on past as_of + horizon
     assert judged["examples"] == summary["scored"] and 0 <= judged["ece"] <= 1
     paired = judged["against_decayed_frequency"]  # the reference, on the same shoppers
@@ -207,10 +244,10 @@ def test_the_audience_equals_a_brute_force_scoring_of_each_shopper(
     tmp_path: Path, compose_config: Callable[..., DictConfig], campaign_world: dict
 ) -> None:
     """Each shopper scored alone, as serving would see it (its own history from the receipts), through
-    the stored calibration, then the rules: the same audience and probabilities as the job's."""
+    the stored combination, then the rules: the same audience and probabilities as the job's."""
     audience_job.run(_job(compose_config, campaign_world, tmp_path / "out"))
     folder = tmp_path / "out" / "audience"
-    calibration = Calibration.from_dict(json.loads((folder / "calibration.json").read_text()))
+    combination = Combination.from_dict(json.loads((folder / "calibration.json").read_text()))
     engine = OnnxEngine(campaign_world["bundle"].path, threads=1)
     rows = campaign_rows(engine, campaign_world["products"])
     before, _ = temporal_split(campaign_world["table"], AS_OF)
@@ -221,7 +258,9 @@ def test_the_audience_equals_a_brute_force_scoring_of_each_shopper(
         mine = mine.take(pc.sort_indices(mine, [(TIMESTAMP, "ascending")]))
         seconds = pc.cast(mine.column(TIMESTAMP), pa.int64()).to_numpy() / 1e6
         one = Histories.from_requests(engine.vocab, [mine.column(PRODUCT).to_numpy()], [seconds])
-        probability[i] = calibration(raw_scores(engine, one, rows, AS_OF, HORIZON))[0]
+        raw = raw_scores(engine, one, rows, AS_OF, HORIZON)
+        history = history_features(mine, campaign_world["products"], np.array([shopper]), AS_OF)
+        probability[i] = combination(features(raw, history[2], history[0], history[1]))[0]
         bought = np.isin(mine.column(PRODUCT).to_numpy(), campaign_world["products"])
         since[i] = (AS_OF.timestamp() - seconds[bought].max()) / 86400 if bought.any() else np.inf
     expected = select_audience(load_spec(campaign_world["spec"]), ids, probability, since)
@@ -281,7 +320,7 @@ def test_nothing_on_or_after_the_scoring_date_reaches_the_scores_or_the_calibrat
     campaign_world: dict,
 ) -> None:
     """Planted purchases of the campaign's products on and after as_of change only the outcome; planted
-    ones in the calibration window change its outcome, never its scores (read one horizon earlier)."""
+    ones in the calibration window change its outcome, never its features (read one horizon earlier)."""
     engine = OnnxEngine(campaign_world["bundle"].path, threads=1)
     table, products = campaign_world["table"], campaign_world["products"]
     spec_ = load_spec(campaign_world["spec"])
@@ -310,6 +349,9 @@ def test_nothing_on_or_after_the_scoring_date_reaches_the_scores_or_the_calibrat
         "baskets",
         "frequency",
         "calibration_raw",
+        "calibration_days_since_bought",
+        "calibration_baskets",
+        "calibration_frequency",
         "calibration_bought",
     ):
         assert future.column(column).equals(clean.column(column)), column
@@ -317,7 +359,9 @@ def test_nothing_on_or_after_the_scoring_date_reaches_the_scores_or_the_calibrat
     window = score_part(
         engine, planted(AS_OF - timedelta(days=HORIZON), HORIZON), spec_, products, AS_OF, everyone
     )
-    assert window.column("calibration_raw").equals(clean.column("calibration_raw"))
+    for column in ("calibration_raw", "calibration_days_since_bought", "calibration_baskets",
+                   "calibration_frequency"):  # fmt: skip
+        assert window.column(column).equals(clean.column(column)), column
     assert not window.column("calibration_bought").equals(clean.column("calibration_bought"))
 
 
