@@ -3,9 +3,12 @@ audience chosen from them (the threshold, exclusions, the exploration share).
 
 Scoring (:func:`score_part`, what the job ``batch.audience`` runs on each part of the receipts): the
 bundle's engine encodes and searches each shopper as the candidate job does (:func:`batch.pipeline.search`)
-and the ranker scores the campaign's products (:mod:`recsys.propensity`), at the scoring date and, for
-the calibration sample, one horizon earlier, where what happened next is known; and, when the receipts
-go on past the scoring date, what happened after it (the evaluation).
+and the ranker scores the campaign's products (:mod:`recsys.propensity`); beside that raw score, the
+shopper's own history of the products (:func:`history_features`). Both at the scoring date and, for the
+calibration sample, at the start of each calibration window (:func:`calibration_windows`), where what
+happened next is known; and, when the receipts go on past the scoring date, what happened after it
+(the evaluation). :func:`choose` fits the combination (:mod:`recsys.combination`) on the windows'
+examples and turns every shopper's row into a probability.
 
 :func:`select_audience` takes each shopper's calibrated probability of buying the campaign's products
 within its horizon and when the shopper last bought them, and returns the ranked audience:
@@ -77,8 +80,9 @@ SCORES = pa.schema(
         pa.field("bought_after", pa.bool_()),  # bought them in the horizon after it (if the receipts say)
     ]
 )
+# the calibration windows' columns of FEATURES, in its order
 CALIBRATION = ("calibration_raw", "calibration_frequency", "calibration_days_since_bought",
-               "calibration_baskets")  # fmt: skip  # in FEATURES' order
+               "calibration_baskets")  # fmt: skip
 
 
 def calibration_windows(
@@ -201,21 +205,31 @@ def score_part(
     since, basket_count, frequency = history_features(before, product_ids, shopper_ids, as_of)
     found = calibration_windows(as_of, spec.horizon_days, windows)
     calibration: dict[str, list[np.ndarray]] = {field: [] for field in (*CALIBRATION, "calibration_bought")}
+    # the sample's rows alone: a small share costs a small share of the grouping
+    sampled_rows = before
+    if not sample.all():
+        sampled_rows = before.filter(pc.is_in(before.column(SHOPPER), pa.array(shopper_ids[sample])))
     for start, end in found:
-        earlier, rest = temporal_split(before, start)
+        earlier, rest = temporal_split(sampled_rows, start)
         window, _ = temporal_split(rest, end)
-        then_raw = np.full(len(shopper_ids), np.nan)
-        sampled = shopper_ids[sample & np.isin(shopper_ids, earlier.column(SHOPPER).to_numpy())]
+        # not sampled, or no receipt before the window: no raw score (not an example), no history
+        then = {"calibration_raw": np.full(len(shopper_ids), np.nan),
+                "calibration_days_since_bought": np.full(len(shopper_ids), np.inf),
+                "calibration_baskets": np.zeros(len(shopper_ids), np.int64),
+                "calibration_frequency": np.zeros(len(shopper_ids))}  # fmt: skip
+        sampled = np.unique(earlier.column(SHOPPER).to_numpy())
         if len(sampled):
-            then = _histories(earlier, engine, sampled)
-            then_raw[np.searchsorted(shopper_ids, sampled)] = raw_scores(
-                engine, then, rows, start, spec.horizon_days, popular
+            at = np.searchsorted(shopper_ids, sampled)
+            histories = _histories(earlier, engine, sampled)
+            then["calibration_raw"][at] = raw_scores(
+                engine, histories, rows, start, spec.horizon_days, popular
             )
-        then_since, then_baskets, then_frequency = history_features(earlier, product_ids, shopper_ids, start)
-        for field, values in zip(
-            CALIBRATION, (then_raw, then_frequency, then_since, then_baskets), strict=True
-        ):
-            calibration[field].append(values)
+            history = history_features(earlier, product_ids, sampled, start)
+            names = ("calibration_days_since_bought", "calibration_baskets", "calibration_frequency")
+            for name, values in zip(names, history, strict=True):
+                then[name][at] = values
+        for name in CALIBRATION:
+            calibration[name].append(then[name])
         bought = np.isin(shopper_ids, _bought_between(window, product_ids, start, end))
         calibration["calibration_bought"].append(bought)
     bought_after = np.isin(
@@ -344,12 +358,12 @@ def choose(scores: pa.Table, spec: CampaignSpec, as_of: datetime, outcome_known:
     def column(name: str) -> np.ndarray:
         return scores.column(name).to_numpy(zero_copy_only=False)
 
-    def windows(name: str) -> np.ndarray:  # [S * W] every shopper's windows in turn
+    counts = pc.list_value_length(scores.column("calibration_bought")).to_numpy(zero_copy_only=False)
+    count = int(counts[0]) if len(counts) else 0  # calibration windows
+
+    def windows(name: str) -> np.ndarray:  # [S * count] every shopper's windows in turn
         lists = scores.column(name)
-        if (
-            len(ids)
-            and pc.min(pc.list_value_length(lists)).as_py() != pc.max(pc.list_value_length(lists)).as_py()
-        ):
+        if (pc.list_value_length(lists).to_numpy(zero_copy_only=False) != count).any():
             raise ValueError(f"scores: {name} holds another number of windows for some shoppers")
         return pc.list_flatten(lists).to_numpy(zero_copy_only=False)
 
@@ -357,9 +371,7 @@ def choose(scores: pa.Table, spec: CampaignSpec, as_of: datetime, outcome_known:
     x = features(column("raw"), column("frequency"), since, column("baskets"))
     earlier = features(*(windows(name) for name in CALIBRATION))
     bought = windows("calibration_bought")
-    if len(bought) % max(len(ids), 1):
-        raise ValueError("scores: the calibration windows do not divide evenly among the shoppers")
-    owners = np.repeat(ids, len(bought) // max(len(ids), 1))
+    owners = np.repeat(ids, count)
     sampled = ~np.isnan(earlier[:, 0])
     if not sampled.any():
         raise ValueError("no shopper of the calibration sample has receipts before a calibration window")
@@ -409,9 +421,7 @@ def choose(scores: pa.Table, spec: CampaignSpec, as_of: datetime, outcome_known:
         "calibration": {
             "windows": [
                 [start.isoformat(), end.isoformat()]
-                for start, end in calibration_windows(
-                    as_of, spec.horizon_days, len(bought) // max(len(ids), 1)
-                )
+                for start, end in calibration_windows(as_of, spec.horizon_days, count)
             ],
             "examples": int(sampled.sum()),
             "method": "raw score alone" if combination.model is None else "combination",

@@ -7,11 +7,14 @@ recipients are ranked with data strictly before its start date (``recsys.evaluat
 - past purchases: baskets containing one of the campaign's coupon products;
 - past redemptions: coupon redemptions of any earlier campaign;
 - the ranking stage (``--model``): the raw propensity score of buying one of the coupon products within
-  the campaign's duration (``recsys.propensity``; the calibration keeps its order), from a ranker fitted
-  on the receipts before the first of the start's month (``benchmarks.cj_rankers``: no network);
+  the campaign's duration (``recsys.propensity``), from a ranker fitted on the receipts before the first
+  of the start's month (``benchmarks.cj_rankers``: no network);
 - coupon affinity (``--model``): the recipient's smoothed share of earlier campaigns it redeemed;
-- ranking stage x affinity (``--model``): the calibrated propensity times the affinity, an estimate of
-  P(redeem) = P(buy) x P(use the coupon | buy);
+- ranking stage x affinity (``--model``): P(buy) as the audience job computes it (the raw score and the
+  recipient's history of the products through ``recsys.combination``, ``cj_rankers.calibrated_propensity``)
+  times the affinity, an estimate of P(redeem) = P(buy) x P(use the coupon | buy);
+- learned redemption (``--model``): :func:`learned_redemption`, those scorers combined by
+  ``recsys.combination`` fitted on the recipients of the campaigns that ended before the start;
 
 and scored by AUC and lift in the top 10% (mean over campaigns and redeemer-weighted, 95% bootstrap
 intervals over campaigns), with paired differences; then the same AUCs over the low-activity recipients

@@ -148,4 +148,5 @@ def fit_combination(
         crossed[fold == side] = fitted(fold != side).predict(x[fold == side], num_threads=1)
     model = fitted(np.ones(len(x), dtype=bool)).model_to_string()
     # the text up to the end of the trees: what follows (importances, parameters) prediction never reads
-    return Combination(features, verified_trees(model, features), fit_isotonic(crossed, outcome))
+    text = verified_trees(model, features, "the combination's model")
+    return Combination(features, text, fit_isotonic(crossed, outcome))

@@ -24,8 +24,10 @@ from omegaconf import DictConfig
 from batch import allocate as allocate_job
 from batch import audience as audience_job
 from batch.audiences import (
+    CALIBRATION,
     SEGMENTS,
     audience,
+    calibration_sample,
     calibration_windows,
     campaign_rows,
     features,
@@ -363,6 +365,24 @@ def test_nothing_on_or_after_the_scoring_date_reaches_the_scores_or_the_calibrat
                    "calibration_frequency"):  # fmt: skip
         assert window.column(column).equals(clean.column(column)), column
     assert not window.column("calibration_bought").equals(clean.column("calibration_bought"))
+
+
+def test_a_calibration_share_scores_its_sample_as_the_whole_would(campaign_world: dict) -> None:
+    """At a share below 1 only the sample's receipts are grouped for the calibration windows: the sampled
+    shoppers' examples are those of a run sampling everyone, the others are no examples."""
+    engine = OnnxEngine(campaign_world["bundle"].path, threads=1)
+    table, products = campaign_world["table"], campaign_world["products"]
+    spec_ = load_spec(campaign_world["spec"])
+    whole = score_part(engine, table, spec_, products, AS_OF, 1.0)
+    half = score_part(engine, table, spec_, products, AS_OF, 0.5)
+    sample = calibration_sample(whole.column("shopper_id").to_numpy(), 0.5)
+    assert 0 < sample.sum() < len(sample)
+    for name in ("shopper_id", "raw", "days_since_bought", "baskets", "frequency", "bought_after"):
+        assert half.column(name).equals(whole.column(name)), name
+    for name in (*CALIBRATION, "calibration_bought"):
+        got, want = np.array(half.column(name).to_pylist()), np.array(whole.column(name).to_pylist())
+        np.testing.assert_allclose(got[sample], want[sample], rtol=1e-6, err_msg=name)
+    assert np.isnan(np.array(half.column("calibration_raw").to_pylist())[~sample]).all()
 
 
 def test_audiences_feed_the_allocation_of_a_week(
