@@ -42,7 +42,7 @@ from batch.pipeline import Part, Timings, search
 from recsys.calibration import summary
 from recsys.combination import Combination, fit_combination
 from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
-from recsys.data.sequences import SECONDS_PER_DAY, build_sequences, epoch_days
+from recsys.data.sequences import SECONDS_PER_DAY, build_sequences, epoch_days, positions
 from recsys.data.split import temporal_split
 from recsys.evaluation.baselines import decayed_baskets
 from recsys.evaluation.campaigns import paired_auc
@@ -156,21 +156,15 @@ def history_features(
     last = np.full(len(shopper_ids), -np.inf)
     mine = before.filter(pc.is_in(before.column(PRODUCT), pa.array(product_ids, pa.int64())))
     grouped = mine.group_by([SHOPPER]).aggregate([(TIMESTAMP, "max")])
-    at, known = _positions(shopper_ids, grouped.column(SHOPPER).to_numpy())
+    at, known = positions(shopper_ids, grouped.column(SHOPPER).to_numpy())
     seconds = pc.cast(grouped.column(f"{TIMESTAMP}_max"), pa.int64()).to_numpy() / 1e6
     last[at[known]] = seconds[known] / SECONDS_PER_DAY
     counted = before.group_by([SHOPPER]).aggregate([(BASKET, "count_distinct")])
-    at, known = _positions(shopper_ids, counted.column(SHOPPER).to_numpy())
+    at, known = positions(shopper_ids, counted.column(SHOPPER).to_numpy())
     baskets = np.zeros(len(shopper_ids), np.int64)
     baskets[at[known]] = counted.column(f"{BASKET}_count_distinct").to_numpy()[known]
-    frequency = decayed_baskets(before, product_ids, shopper_ids, as_of, FREQUENCY_HALF_LIFE_DAYS)
+    frequency = decayed_baskets(mine, product_ids, shopper_ids, as_of, FREQUENCY_HALF_LIFE_DAYS)
     return epoch_days(as_of) - last, baskets, frequency
-
-
-def _positions(shopper_ids: np.ndarray, owners: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each owner's position in ascending ``shopper_ids``, and whether it is there at all."""
-    at = np.minimum(np.searchsorted(shopper_ids, owners), max(len(shopper_ids) - 1, 0))
-    return at, (shopper_ids[at] == owners if len(shopper_ids) else np.zeros(len(owners), dtype=bool))
 
 
 def features(

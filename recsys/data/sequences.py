@@ -80,6 +80,14 @@ def purchase_gaps(times: np.ndarray, offsets: np.ndarray, per_day: float) -> np.
     return gaps
 
 
+def positions(sorted_ids: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each of ``keys``' position in the ascending ``sorted_ids`` (clipped into range), and whether it is
+    there at all: a lookup of per-shopper values by id."""
+    sorted_ids, keys = np.asarray(sorted_ids), np.asarray(keys)
+    at = np.minimum(np.searchsorted(sorted_ids, keys), max(len(sorted_ids) - 1, 0))
+    return at, (sorted_ids[at] == keys if len(sorted_ids) else np.zeros(len(keys), dtype=bool))
+
+
 def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenation of ``arange(s, s + n)`` for every (s, n), without a Python loop."""
     lengths = np.asarray(lengths, dtype=np.int64)

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
+from recsys.data.sequences import positions
 from recsys.data.vocabulary import PRODUCTS, UNK, Vocabulary, product_count, to_indices
 from recsys.evaluation.metrics import top_k
 
@@ -100,8 +101,7 @@ def decayed_baskets(
     age = _age_days(cutoff, pc.cast(baskets.column(f"{TIMESTAMP}_min"), pa.int64()).to_numpy())
     shoppers = np.asarray(shopper_ids, dtype=np.int64)
     owners = baskets.column(SHOPPER).to_numpy()
-    at = np.minimum(np.searchsorted(shoppers, owners), max(len(shoppers) - 1, 0))
-    known = shoppers[at] == owners if len(shoppers) else np.zeros(len(owners), dtype=bool)
+    at, known = positions(shoppers, owners)
     out = np.zeros(len(shoppers))
     np.add.at(out, at[known], 0.5 ** (age[known] / half_life_days))
     return out
