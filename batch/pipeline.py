@@ -13,6 +13,7 @@ pyarrow and ONNX Runtime release the GIL in the heavy work.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from collections import deque
@@ -67,26 +68,51 @@ def to_part(table: pa.Table | None, index: int, engine: Engine) -> Part:
         shopper_ids = np.zeros(0, dtype=np.int64)
         histories = Histories.from_requests(engine.vocab, [])
     else:
-        shopper_ids = np.unique(table.column(SHOPPER).to_numpy())
+        ids = table.column(SHOPPER).to_numpy()
+        starts = shopper_starts(ids)
+        shopper_ids = np.unique(ids) if starts is None else ids[starts]
         known = build_sequences(table, engine.vocab, drop_unknown=True).select(shopper_ids)
         histories = Histories.from_sequences(known)
     item_ids, gap_days = histories.model_inputs(engine.max_len)
     return Part(index, shopper_ids, histories, item_ids, gap_days, 0 if table is None else table.num_rows)
 
 
-def pieces(table: pa.Table | None, shoppers: int) -> list[np.ndarray]:
-    """A part's receipts cut into runs of ``shoppers`` consecutive shoppers (by id): each run's row
-    numbers, every row of its shoppers in their order in ``table``; the part's batches, each taken and
-    grouped on its own (:func:`to_part`), so the first is encoded before the others are taken."""
+Rows = slice | np.ndarray  # a piece's rows of its part: a run of them, or their row numbers
+
+
+def shopper_starts(ids: np.ndarray) -> np.ndarray | None:
+    """Each shopper's first row if ``ids`` [N] are in shopper order (non-decreasing), else None."""
+    if np.any(ids[1:] < ids[:-1]):
+        return None
+    return np.flatnonzero(np.concatenate([[len(ids) > 0], ids[1:] != ids[:-1]]))
+
+
+def pieces(table: pa.Table | None, shoppers: int) -> list[Rows]:
+    """A part's receipts cut into runs of ``shoppers`` consecutive shoppers (by id): each run's rows, every
+    row of its shoppers in their order in ``table``; the part's batches, each taken (:func:`rows_of`) and
+    grouped (:func:`to_part`) on its own, so the first is encoded before the others are taken.
+
+    A part in shopper order (written shopper by shopper) is cut into slices, which copy nothing."""
     if table is None or table.num_rows == 0:
         return []
     ids = table.column(SHOPPER).to_numpy()
+    starts = shopper_starts(ids)
+    if starts is not None:
+        bounds = np.append(starts[::shoppers], len(ids))
+        return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
     firsts = np.unique(ids)[shoppers::shoppers]  # the first shopper of every run after the first
     run = np.searchsorted(firsts, ids, side="right").astype(np.min_scalar_type(len(firsts)))
     # a stable sort of small integers (a radix sort): each run's rows keep their order
     order = np.argsort(run, kind="stable")
     cuts = np.cumsum(np.bincount(run, minlength=len(firsts) + 1))[:-1]
     return np.split(order, cuts)
+
+
+def rows_of(table: pa.Table, rows: Rows) -> pa.Table:
+    """The piece ``rows`` (:func:`pieces`) of ``table``."""
+    if isinstance(rows, slice):
+        return table.slice(rows.start, rows.stop - rows.start)
+    return table.take(rows)
 
 
 def search(engine: Engine, part: Part, start: int, stop: int, rules: Rules, timings: Timings) -> Batch:
@@ -209,9 +235,9 @@ def process(
         # grouped on the reader threads in order, each queued before the next part's read
         return [reader.submit(group, table, rows, index) for rows in cut]
 
-    def group(table: pa.Table, rows: np.ndarray, index: int) -> Part:
+    def group(table: pa.Table, rows: Rows, index: int) -> Part:
         with timings.stage("read"):
-            return to_part(table.take(rows), index, engine)
+            return to_part(rows_of(table, rows), index, engine)
 
     def select_batch(batch: Batch) -> pa.RecordBatch:
         with timings.stage("select"):

@@ -285,11 +285,16 @@ def test_gather_equals_the_partition_files(data: dict[str, Any], tmp_path: Path)
         gather(iter([receipts]), Layout(0, 1, 2))
 
 
-def test_pieces_hold_whole_shoppers_in_order(data: dict[str, Any]) -> None:
+@pytest.mark.parametrize("order", ["shuffled", "by shopper"])
+def test_pieces_hold_whole_shoppers_in_order(data: dict[str, Any], order: str) -> None:
     """A part is grouped piece by piece: consecutive runs of ``batch_size`` shoppers, each with all of its
-    shoppers' rows, so the batches are those of the whole part."""
+    shoppers' rows, so the batches are those of the whole part; in shopper order, runs of rows."""
     receipts: pa.Table = data["receipts"]
-    cut = [receipts.take(rows) for rows in pipeline.pieces(receipts, 64)]
+    shuffled = receipts.take(np.random.default_rng(0).permutation(receipts.num_rows))
+    receipts = shuffled if order == "shuffled" else shuffled.sort_by(SHOPPER)
+    cut = pipeline.pieces(receipts, 64)
+    assert all(isinstance(rows, slice) for rows in cut) == (order == "by shopper")
+    cut = [pipeline.rows_of(receipts, rows) for rows in cut]
     shoppers = [np.unique(piece.column(SHOPPER).to_numpy()) for piece in cut]
     assert [len(ids) for ids in shoppers[:-1]] == [64] * (len(cut) - 1) and 0 < len(shoppers[-1]) <= 64
     assert np.array_equal(np.concatenate(shoppers), np.unique(receipts.column(SHOPPER).to_numpy()))

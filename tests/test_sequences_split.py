@@ -8,7 +8,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from recsys.data.sequences import build_sequences, concat_ranges, training_windows
+from recsys.data import vocabulary
+from recsys.data.sequences import (
+    HISTORY_ORDER,
+    basket_starts,
+    build_sequences,
+    concat_ranges,
+    time_ordered,
+    training_windows,
+)
 from recsys.data.split import next_basket_targets, parse_cutoff, temporal_split
 from recsys.data.vocabulary import PAD, UNK, Vocabulary
 from recsys.inputs import Histories
@@ -48,6 +56,51 @@ def test_vocabulary_orders_by_baskets_then_id_and_reserves_ids() -> None:
     assert vocab.encode(np.array([100, 12345])).tolist() == [2, UNK]
     assert vocab.decode(np.array([PAD, UNK, 2])).tolist() == [-1, -1, 100]
     assert Vocabulary.from_dict(vocab.to_dict()).product_ids.tolist() == vocab.product_ids.tolist()
+
+
+def test_vocabulary_hash_lookup_matches_binary_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many ids at once are looked up by hashing (``pyarrow.compute.index_in``), few by binary search:
+    the same rows either way, unknown ids -1, the input's shape kept."""
+    rng = np.random.default_rng(0)
+    vocab = Vocabulary(rng.permutation(np.arange(0, 30_000, 3)), np.ones(10_000, dtype=np.int64))
+    ids = rng.integers(-5, 30_005, size=(40, 500))  # two in three unknown
+    hashed = vocab.rows(ids)
+    monkeypatch.setattr(vocabulary, "HASHED_LOOKUP_MIN", ids.size + 1)
+    searched = vocab.rows(ids)
+    assert hashed.shape == ids.shape and hashed.dtype == np.int64
+    assert np.array_equal(hashed, searched) and (hashed == -1).any()
+    known = hashed >= 0
+    assert np.array_equal(vocab.product_ids[hashed[known]], ids[known])
+
+
+@pytest.mark.parametrize("span", [1_000, 2**61], ids=["small ids", "ids too far apart for one key"])
+def test_receipts_are_time_ordered_whatever_order_they_come_in(span: int) -> None:
+    """Receipts in any order give the rows of a sort by shopper, time, basket and product id (those
+    written basket by basket only have each basket's products ordered), and the same sequences."""
+    rows = [*ROWS, (2, 22, 100, 3)]  # a product twice in one basket
+    table = receipts(rows)
+    ids = table.column("product_id").to_numpy()
+    table = table.set_column(2, "product_id", pa.array(np.where(ids == 999, span, ids)))
+    keys = [(name, "ascending") for name in HISTORY_ORDER]
+    ordered = table.sort_by(keys)
+    by_basket = ordered.take(
+        np.lexsort(
+            (
+                -ordered.column("product_id").to_numpy(),
+                *(ordered.column(k).to_numpy() for k in reversed(HISTORY_ORDER[:3])),
+            )
+        )
+    )
+    shuffled = table.take(np.random.default_rng(1).permutation(table.num_rows))
+    assert basket_starts(shuffled) is None and basket_starts(by_basket) is not None
+    assert basket_starts(ordered.slice(0, 0)) is not None
+    assert basket_starts(ordered.slice(0, 1)).tolist() == [True]
+    vocab = Vocabulary.build(table)
+    for other in (table, ordered, by_basket, shuffled):
+        assert time_ordered(other).equals(ordered.select(list(HISTORY_ORDER)))
+        a, b = build_sequences(other, vocab), build_sequences(ordered, vocab)
+        assert all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("shopper_ids", "offsets", "items"))
+        assert np.array_equal(a.basket, b.basket) and np.array_equal(a.timestamps, b.timestamps)
 
 
 def test_vocabulary_min_baskets_counts_distinct_baskets() -> None:

@@ -273,7 +273,9 @@ def conform_receipts(
     out = pa.table(columns)
     if drop_returns and QUANTITY in out.column_names:
         # a null (or NaN) quantity is unknown, not a return: the line is kept as a purchase
-        out = out.filter(pc.fill_null(pc.greater(out.column(QUANTITY), 0), True))
+        kept = pc.fill_null(pc.greater(out.column(QUANTITY), 0), True)
+        if not pc.all(kept).as_py():  # filtering copies every column: only when there is a return
+            out = out.filter(kept)
     tz = out.schema.field(TIMESTAMP).type.tz
     return out.cast(receipts_schema(tz, tuple(c for c in OPTIONAL_COLUMNS if c in out.column_names)))
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from recsys.data.schema import BASKET, PRODUCT
 
@@ -27,6 +28,7 @@ UNK = 1
 NUM_RESERVED = 2
 RESERVED = slice(0, NUM_RESERVED)  # the reserved part of an index-aligned table
 PRODUCTS = slice(NUM_RESERVED, None)  # its product part: position r is item row r
+HASHED_LOOKUP_MIN = 4096  # ids per call from which :meth:`Vocabulary.rows` may hash instead of search
 
 
 def to_rows(indices: np.ndarray) -> np.ndarray:
@@ -92,6 +94,11 @@ class Vocabulary:
         order = np.argsort(self.product_ids, kind="stable")
         return self.product_ids[order], order.astype(np.int64)
 
+    @cached_property
+    def _value_set(self) -> pa.Array:
+        """Product ids in row order, for Arrow's hash lookup (``pyarrow.compute.index_in``)."""
+        return pa.array(self.product_ids, pa.int64())
+
     def encode(self, product_ids: np.ndarray | pa.Array | pa.ChunkedArray) -> np.ndarray:
         """Product ids -> indices; products outside the vocabulary map to ``UNK``."""
         rows = self.rows(product_ids)
@@ -105,6 +112,11 @@ class Vocabulary:
         ordered, rows = self._sorted
         if len(ordered) == 0:
             return np.full(ids.shape, -1, dtype=np.int64)
+        if ids.size >= max(HASHED_LOOKUP_MIN, len(ordered)):
+            # Arrow hashes the vocabulary once per call: dearer than a binary search for a request's few
+            # ids, several times cheaper per id once a call has more ids than the vocabulary has products
+            found = pc.index_in(ids.ravel(), value_set=self._value_set).fill_null(-1)
+            return found.to_numpy().astype(np.int64).reshape(ids.shape)
         position = np.searchsorted(ordered, ids).clip(max=len(ordered) - 1)
         return np.where(ordered[position] == ids, rows[position], -1)
 
