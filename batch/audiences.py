@@ -264,13 +264,21 @@ def select_audience(
     probability: np.ndarray,
     days_since_bought: np.ndarray,
     lapse_days: float = LAPSE_DAYS,
+    score: np.ndarray | None = None,
 ) -> Audience:
     """The audience of ``spec`` among shoppers ``shopper_ids`` [S] with ``probability`` [S] and days since
-    they last bought one of its products [S] (``inf``: never)."""
+    they last bought one of its products [S] (``inf``: never).
+
+    Shoppers rank by probability, ties broken by ``score`` [S] (the uncalibrated score the probabilities
+    calibrate, :meth:`recsys.combination.Combination.score`: an isotonic map is flat over whole stretches
+    of it, and a tie would otherwise go to the earlier position), then by position."""
     probability = np.asarray(probability, dtype=np.float64)
+    score = np.zeros(len(probability)) if score is None else np.asarray(score, dtype=np.float64)
+    if score.shape != probability.shape or np.isnan(score).any():
+        raise ValueError("need one score, not NaN, per probability")
     new = np.isinf(days_since_bought)
     eligible = eligibility(spec, shopper_ids, probability, days_since_bought)
-    order = np.lexsort((np.arange(len(probability)), -probability))  # best first, ties by position
+    order = np.lexsort((np.arange(len(probability)), -score, -probability))  # best first
     ranked = order[eligible[order]]
     if spec.exploration == 0.0:  # no reserved share: the plain top, whoever it is
         size = min(spec.audience, len(ranked))
@@ -280,7 +288,7 @@ def select_audience(
         size = _size(spec.audience, spec.exploration, len(ranked_new), len(ranked_old))
         explore = _explorers(spec.exploration, size)
         members = np.concatenate([ranked_new[:explore], ranked_old[: size - explore]])
-        members = members[np.lexsort((members, -probability[members]))]
+        members = members[np.lexsort((members, -score[members], -probability[members]))]
     segment = np.where(new[members], 2, np.where(days_since_bought[members] <= lapse_days, 0, 1)).astype(
         np.int8
     )
@@ -373,9 +381,10 @@ def choose(scores: pa.Table, spec: CampaignSpec, as_of: datetime, outcome_known:
     combination = fit_combination(
         earlier[sampled], bought[sampled], FEATURES, INCREASING, cross_fold(owners[sampled])
     )
-    probability = combination(x)
+    ranking = combination.score(x)  # the probabilities' order, ties of the calibration broken
+    probability = combination.calibration(ranking)
     scored = ~np.isnan(probability)
-    chosen = select_audience(spec, ids[scored], probability[scored], since[scored])
+    chosen = select_audience(spec, ids[scored], probability[scored], since[scored], score=ranking[scored])
     members = np.flatnonzero(scored)[chosen.members]
     table = pa.table(
         {
@@ -428,8 +437,8 @@ def choose(scores: pa.Table, spec: CampaignSpec, as_of: datetime, outcome_known:
         outcome = scores.column("bought_after").to_numpy(zero_copy_only=False)
         frequency = scores.column("frequency").to_numpy(zero_copy_only=False)
         summary_["evaluation"] = {
-            "overall": _judged(probability, frequency, outcome, scored),
-            "low_activity": _judged(probability, frequency, outcome, scored & low),
+            "overall": _judged(probability, ranking, frequency, outcome, scored),
+            "low_activity": _judged(probability, ranking, frequency, outcome, scored & low),
             "audience_conversions": int(outcome[members].sum()),
         }
     return Chosen(table, eligible, combination, summary_)
@@ -468,14 +477,19 @@ def calibration_sample(shopper_ids: np.ndarray, share: float) -> np.ndarray:
 
 
 def _judged(
-    probability: np.ndarray, frequency: np.ndarray, outcome: np.ndarray, among: np.ndarray
+    probability: np.ndarray,
+    ranking: np.ndarray,
+    frequency: np.ndarray,
+    outcome: np.ndarray,
+    among: np.ndarray,
 ) -> dict[str, Any]:
-    """Calibration measures of the probabilities of shoppers ``among`` against what happened, and their
-    AUC next to decayed frequency's with a paired bootstrap interval (None without both outcomes)."""
+    """Calibration measures of the probabilities of shoppers ``among`` against what happened, and the AUC
+    of their ranking (probability, ties broken by ``ranking``: the order of ``ranking`` alone) next to
+    decayed frequency's with a paired bootstrap interval (None without both outcomes)."""
     p, f, y = probability[among], frequency[among], outcome[among]
     judged = summary(p, y)
     judged["auc"] = judged["against_decayed_frequency"] = None
     if 0 < y.sum() < len(y):
-        paired = paired_auc(p, f, y)
+        paired = paired_auc(ranking[among], f, y)
         judged["auc"], judged["against_decayed_frequency"] = paired["auc"], paired
     return judged

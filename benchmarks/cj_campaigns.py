@@ -107,7 +107,8 @@ def learned_redemption(
     start (the first is the one to fall back on), and whether the recipient redeemed one of its coupons
     before this campaign's start. ``recsys.combination`` fits them (monotone trees, isotonic calibration
     of the cross-fitted output, folds by household so a household's campaigns share a fold); with too few
-    redemptions among them it is the first scorer alone, calibrated."""
+    redemptions among them it is the first scorer alone, calibrated. Recipients rank as the audience job
+    ranks: by that probability, ties broken by the combined score (so by the score's order)."""
     rows: dict[int, np.ndarray] = {}
     dated = redemptions.select(["campaign_id", "household_id", "redemption_date"]).to_pylist()
 
@@ -131,7 +132,7 @@ def learned_redemption(
         combination = fit_combination(
             x, y.astype(bool), names, (True,) * len(columns), cross_fold(households)
         )
-        return combination(features_of(campaign))
+        return combination.score(features_of(campaign))  # the probabilities' order, ties broken
 
     return score
 

@@ -9,7 +9,8 @@ household with a receipt before the cutoff is ranked by
   before the cutoff alone (``benchmarks.cj_rankers``: no network), combined with the household's own
   history of the category and calibrated (``recsys.combination``, ``batch.audiences.features``), fitted
   on the job's default calibration windows: the three 28-day windows before the cutoff, each scored
-  from the receipts before its start; and the raw score alone;
+  from the receipts before its start, and ranked as the audience job ranks (by probability, ties of the
+  calibration broken by the combined score: the order of that score); and the raw score alone;
 - recency-weighted frequency: the household's baskets with the category, each weighing
   ``0.5 ** (age / half-life)`` (30 and 120 days; 120 is the project's decayed-frequency baseline);
 
@@ -123,14 +124,16 @@ def evaluate_cutoff(
         # a household without a known product has no raw score; here it scores as the lowest one (0)
         raw = np.nan_to_num(raw_scores(ranker, vocab, now, members, cutoff, HORIZON_DAYS), nan=0.0)
         combination = fitted_combination(ranker, vocab, windows, members, HORIZON_DAYS)
-        probability = combination(history_rows(before, members, households, cutoff, raw))
+        rows = history_rows(before, members, households, cutoff, raw)
+        # households rank by the combined score (the probabilities' order, the calibration's ties broken)
+        ranking, probability = combination.score(rows), combination(rows)
         outcome = bought(after, members, households)
         ever = bought(before, members, households)
         frequency = {h: decayed_frequency(lines, households, category, cutoff_days, h) for h in HALF_LIVES}
         row = {"positives": int(outcome.sum()), "new_positives": int(outcome[~ever].sum())}
         row["combined"] = int(combination.model is not None)
         for name, values in {
-            "model": probability,
+            "model": ranking,
             "raw": raw,
             **{f"frequency_{h:g}d": f for h, f in frequency.items()},
         }.items():

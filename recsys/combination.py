@@ -72,7 +72,8 @@ class Combination:
         object.__setattr__(self, "booster", booster)
 
     def score(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
-        """[S] the uncalibrated combined score (the model's probability, or the first column)."""
+        """[S] the uncalibrated combined score (the model's probability, or the first column): what to
+        rank by, since the calibration is non-decreasing in it and flat over whole stretches."""
         x = self._checked(x)
         if self.booster is None:
             return x[:, 0].copy()

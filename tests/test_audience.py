@@ -151,6 +151,21 @@ def test_audience_equals_the_rules_read_literally(seed: int) -> None:
     assert got.exploration_cost >= -1e-12
 
 
+def test_ties_in_probability_go_to_the_higher_score() -> None:
+    """An isotonic map is flat over stretches of the score it calibrates: among equal probabilities the
+    higher score ranks first, in the plain top and among the explorers, whatever the positions."""
+    p = np.array([0.5, 0.5, 0.5, 0.5, 0.2, 0.2, 0.9])
+    score = np.array([0.1, 0.4, 0.3, 0.2, 0.05, 0.07, 0.95])
+    days = np.array([1.0, 2.0, 3.0, 4.0, np.inf, np.inf, 5.0])
+    got = select_audience(spec(audience=3), np.arange(7), p, days, score=score)
+    assert got.members.tolist() == [6, 1, 2]
+    assert select_audience(spec(audience=3), np.arange(7), p, days).members.tolist() == [6, 0, 1]
+    explored = select_audience(spec(audience=4, exploration=0.25), np.arange(7), p, days, score=score)
+    assert explored.members.tolist() == [6, 1, 2, 5]
+    with pytest.raises(ValueError, match="one score"):
+        select_audience(spec(audience=3), np.arange(7), p, days, score=score[:3])
+
+
 def test_exploration_costs_conversions_and_reaches_new_shoppers() -> None:
     p = np.array([0.9, 0.8, 0.7, 0.6, 0.2, 0.1])
     days = np.array([1.0, 200.0, 5.0, 3.0, np.inf, np.inf])
@@ -254,7 +269,7 @@ def test_the_audience_equals_a_brute_force_scoring_of_each_shopper(
     rows = campaign_rows(engine, campaign_world["products"])
     before, _ = temporal_split(campaign_world["table"], AS_OF)
     ids = np.unique(before.column(SHOPPER).to_numpy())
-    probability, since = np.zeros(len(ids)), np.zeros(len(ids))
+    probability, score, since = np.zeros(len(ids)), np.zeros(len(ids)), np.zeros(len(ids))
     for i, shopper in enumerate(ids):
         mine = before.filter(pc.equal(before.column(SHOPPER), shopper))
         mine = mine.take(pc.sort_indices(mine, [(TIMESTAMP, "ascending")]))
@@ -262,10 +277,11 @@ def test_the_audience_equals_a_brute_force_scoring_of_each_shopper(
         one = Histories.from_requests(engine.vocab, [mine.column(PRODUCT).to_numpy()], [seconds])
         raw = raw_scores(engine, one, rows, AS_OF, HORIZON)
         history = history_features(mine, campaign_world["products"], np.array([shopper]), AS_OF)
-        probability[i] = combination(features(raw, history[2], history[0], history[1]))[0]
+        row = features(raw, history[2], history[0], history[1])
+        probability[i], score[i] = combination(row)[0], combination.score(row)[0]
         bought = np.isin(mine.column(PRODUCT).to_numpy(), campaign_world["products"])
         since[i] = (AS_OF.timestamp() - seconds[bought].max()) / 86400 if bought.any() else np.inf
-    expected = select_audience(load_spec(campaign_world["spec"]), ids, probability, since)
+    expected = select_audience(load_spec(campaign_world["spec"]), ids, probability, since, score=score)
     table = pq.read_table(folder / "audience.parquet")
     assert table.column("shopper_id").to_pylist() == ids[expected.members].tolist()
     np.testing.assert_allclose(table.column("probability").to_numpy(), probability[expected.members], 1e-9)
