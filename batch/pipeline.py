@@ -31,7 +31,7 @@ from batch.engines import Engine
 from batch.manifests import SCHEMA, ShardManifest, write_part
 from batch.partition import Layout
 from recsys.data.schema import SHOPPER
-from recsys.data.sequences import build_sequences
+from recsys.data.sequences import build_sequences, ordered_runs
 from recsys.inputs import Histories
 from recsys.rules import Rules
 from recsys.scoring import popularity_order, recommend, search_size
@@ -69,8 +69,8 @@ def to_part(table: pa.Table | None, index: int, engine: Engine) -> Part:
         histories = Histories.from_requests(engine.vocab, [])
     else:
         ids = table.column(SHOPPER).to_numpy()
-        starts = shopper_starts(ids)
-        shopper_ids = np.unique(ids) if starts is None else ids[starts]
+        firsts = ordered_runs((ids,))  # each shopper's first row, if in shopper order
+        shopper_ids = np.unique(ids) if firsts is None else ids[firsts]
         known = build_sequences(table, engine.vocab, drop_unknown=True).select(shopper_ids)
         histories = Histories.from_sequences(known)
     item_ids, gap_days = histories.model_inputs(engine.max_len)
@@ -78,13 +78,6 @@ def to_part(table: pa.Table | None, index: int, engine: Engine) -> Part:
 
 
 Rows = slice | np.ndarray  # a piece's rows of its part: a run of them, or their row numbers
-
-
-def shopper_starts(ids: np.ndarray) -> np.ndarray | None:
-    """Each shopper's first row if ``ids`` [N] are in shopper order (non-decreasing), else None."""
-    if np.any(ids[1:] < ids[:-1]):
-        return None
-    return np.flatnonzero(np.concatenate([[len(ids) > 0], ids[1:] != ids[:-1]]))
 
 
 def pieces(table: pa.Table | None, shoppers: int) -> list[Rows]:
@@ -96,9 +89,9 @@ def pieces(table: pa.Table | None, shoppers: int) -> list[Rows]:
     if table is None or table.num_rows == 0:
         return []
     ids = table.column(SHOPPER).to_numpy()
-    starts = shopper_starts(ids)
-    if starts is not None:
-        bounds = np.append(starts[::shoppers], len(ids))
+    firsts = ordered_runs((ids,))
+    if firsts is not None:
+        bounds = np.append(np.flatnonzero(firsts)[::shoppers], len(ids))
         return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
     firsts = np.unique(ids)[shoppers::shoppers]  # the first shopper of every run after the first
     run = np.searchsorted(firsts, ids, side="right").astype(np.min_scalar_type(len(firsts)))

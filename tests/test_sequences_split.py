@@ -6,14 +6,15 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from recsys.data import vocabulary
 from recsys.data.sequences import (
     HISTORY_ORDER,
-    basket_starts,
     build_sequences,
     concat_ranges,
+    ordered_runs,
     time_ordered,
     training_windows,
 )
@@ -92,9 +93,13 @@ def test_receipts_are_time_ordered_whatever_order_they_come_in(span: int) -> Non
         )
     )
     shuffled = table.take(np.random.default_rng(1).permutation(table.num_rows))
-    assert basket_starts(shuffled) is None and basket_starts(by_basket) is not None
-    assert basket_starts(ordered.slice(0, 0)) is not None
-    assert basket_starts(ordered.slice(0, 1)).tolist() == [True]
+
+    def opens(t: pa.Table) -> np.ndarray | None:
+        return ordered_runs(tuple(pc.cast(t.column(k), pa.int64()).to_numpy() for k in HISTORY_ORDER[:3]))
+
+    assert opens(shuffled) is None and opens(by_basket) is not None
+    assert opens(ordered.slice(0, 0)) is not None
+    assert opens(ordered.slice(0, 1)).tolist() == [True]
     vocab = Vocabulary.build(table)
     for other in (table, ordered, by_basket, shuffled):
         assert time_ordered(other).equals(ordered.select(list(HISTORY_ORDER)))

@@ -147,27 +147,32 @@ def time_ordered(receipts: pa.Table) -> pa.Table:
     pass over such input write them, and as a till writes a basket) need at most each basket's products
     ordered: one integer key sorted almost in order, instead of a sort on four columns."""
     table = receipts.select(list(HISTORY_ORDER))
-    opens = basket_starts(table)
+    everything = [(name, "ascending") for name in HISTORY_ORDER]
+    opens = ordered_runs(
+        tuple(pc.cast(table.column(name), pa.int64()).to_numpy() for name in HISTORY_ORDER[:3])
+    )
     if opens is None:
-        return table.sort_by([(name, "ascending") for name in HISTORY_ORDER])
+        return table.sort_by(everything)
     products = table.column(PRODUCT).to_numpy()
     if not np.any(~opens[1:] & (products[1:] < products[:-1])):
         return table
     low, high = int(products.min()), int(products.max())
     baskets = np.cumsum(opens) - 1  # [N] the basket ordinal of every row
     if int(baskets[-1] + 1) * (high - low + 1) >= SORT_KEY_LIMIT:  # the key would overflow int64
-        return table.sort_by([(name, "ascending") for name in HISTORY_ORDER])
+        return table.sort_by(everything)
     key = baskets * (high - low + 1) + (products - low)
     return table.take(np.argsort(key, kind="stable"))
 
 
-def basket_starts(table: pa.Table) -> np.ndarray | None:
-    """[N] bool: whether each row opens a basket (a new shopper, time or basket id), if the rows of
-    ``table`` are in shopper, time and basket order (ties allowed); None if they are not."""
-    opens = np.ones(table.num_rows, dtype=bool)
-    undecided = np.ones(max(table.num_rows - 1, 0), dtype=bool)  # neighbours equal in the keys so far
-    for name in HISTORY_ORDER[:3]:
-        values = pc.cast(table.column(name), pa.int64()).to_numpy()
+def ordered_runs(keys: tuple[np.ndarray, ...]) -> np.ndarray | None:
+    """[N] bool: whether each row opens a run of equal ``keys`` (arrays of one length, compared in that
+    order), if the rows are non-decreasing in them (ties allowed); None if they are not. Receipts in
+    shopper order give their shoppers' first rows with ``(shopper_ids,)``, and in shopper, time and basket
+    order their baskets' with those three columns."""
+    count = len(keys[0])
+    opens = np.ones(count, dtype=bool)
+    undecided = np.ones(max(count - 1, 0), dtype=bool)  # neighbours equal in the keys so far
+    for values in keys:
         earlier, later = values[:-1], values[1:]
         if np.any(undecided & (later < earlier)):
             return None
