@@ -61,7 +61,7 @@ from batch.engines import OnnxEngine
 from batch.lock import LockError, locked
 from batch.manifests import CandidatesError, ShardManifest, combine_shards, write_part
 from batch.partition import Layout
-from batch.shards import PARTITIONS_DIR, layout, part_reader, receipts_identity, remove_partitions
+from batch.shards import PARTITIONS_DIR, Runs, layout, part_reader, receipts_identity, remove_partitions
 from recsys.calibration import reliability_png
 from recsys.data.loader import open_dataset
 from recsys.data.schema import SHOPPER, TIMESTAMP
@@ -96,7 +96,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     scores_dir = output / "scores"
     dataset = open_dataset(cfg.receipts)
     num_rows = dataset.count_rows()
-    found = layout(cfg, num_rows, scores_dir)
+    found, ordered = layout(cfg, num_rows, scores_dir)
     receipts = receipts_identity(cfg, dataset)
     # what the scores depend on; the audience's size, threshold and exclusions only change step 2
     job = {
@@ -111,10 +111,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "receipts": receipts,
         "num_shards": found.num_shards,
         "parts": found.parts,
+        "parts_by": "hash" if ordered is None else "row_groups",
     }
     try:
         with locked(scores_dir / f".{found.shard_name}.lock"):
-            manifest = _score(cfg, engine, spec, products, as_of, found, receipts, job, num_rows)
+            manifest = _score(cfg, engine, spec, products, as_of, found, ordered, receipts, job, num_rows)
     except LockError as error:
         raise CandidatesError(str(error)) from error
     result = {"shard": manifest.save(complete=True)}
@@ -147,6 +148,7 @@ def _score(
     products: np.ndarray,
     as_of: datetime,
     found: Layout,
+    ordered: Runs | None,
     receipts: dict[str, Any],
     job: dict[str, Any],
     num_rows: int,
@@ -160,7 +162,7 @@ def _score(
     if not pending:
         return manifest
     partitions = Path(cfg.output) / PARTITIONS_DIR / found.shard_name
-    read, _ = part_reader(cfg, found, receipts, partitions, num_rows, pending)
+    read, _ = part_reader(cfg, found, receipts, partitions, num_rows, pending, ordered)
     for index in pending:
         table = read(index)
         name = found.part_name(index)

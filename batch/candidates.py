@@ -20,7 +20,9 @@ How a shard runs: :func:`batch.partition.partition` streams the receipts once an
 by a hash of ``shopper_id`` into parts, so each shopper's whole history is in one part; then
 :func:`batch.pipeline.process` reads, encodes, scores and writes part by part (:mod:`batch.manifests`).
 A shard of a single part writes no partition files: its rows are streamed straight into memory
-(:func:`batch.partition.gather`), unless ``keep_partitions`` asks for the files. The output equals
+(:func:`batch.partition.gather`), unless ``keep_partitions`` asks for the files. Receipts in shopper
+order (by their parquet footers' statistics) need no partition pass at all: a part is a run of whole row
+groups, read straight from the input (:func:`batch.partition.runs`). The output equals
 serving's ``Recommender.recommend_batch`` for the same histories and rules.
 
 Memory: the read batch (``read_batch_rows``) plus the partition buffer (``partition_buffer_rows``) while
@@ -178,7 +180,7 @@ def _run(cfg: DictConfig, timings: Timings) -> tuple[ShardManifest, Layout, Path
     output = Path(cfg.output)
     dataset = open_dataset(cfg.receipts)
     num_rows = dataset.count_rows()
-    layout = shard_layout(cfg, num_rows, output)
+    layout, ordered = shard_layout(cfg, num_rows, output)
     receipts = receipts_identity(cfg, dataset)
     rules_description: dict[str, Any] = dataclasses.asdict(rules) | {"unavailable": None}
     del rules_description["k"]  # the job's own key
@@ -195,6 +197,7 @@ def _run(cfg: DictConfig, timings: Timings) -> tuple[ShardManifest, Layout, Path
         "receipts": receipts,
         "num_shards": layout.num_shards,
         "parts": layout.parts,
+        "parts_by": "hash" if ordered is None else "row_groups",
     }
     directory = output / layout.shard_name
     directory.mkdir(parents=True, exist_ok=True)
@@ -211,7 +214,9 @@ def _run(cfg: DictConfig, timings: Timings) -> tuple[ShardManifest, Layout, Path
         done = layout.parts - len(pending)
         log.info("%s: %d of %d parts already written, resuming", layout.shard_name, done, layout.parts)
 
-    part_receipts, rows_left = part_reader(cfg, layout, receipts, partitions, num_rows, pending, timings)
+    part_receipts, rows_left = part_reader(
+        cfg, layout, receipts, partitions, num_rows, pending, ordered, timings
+    )
     progress = Progress(rows_left, cfg.progress, layout.shard_name)
     with progress.bar:
         process(

@@ -13,15 +13,22 @@ chosen to keep a part to a few million rows. The files are complete once ``_part
 
 A shard of a single part needs no shuffle: :func:`gather` streams the same rows straight into memory, the
 table :func:`read_part` would have read back. Both select the rows with :func:`split`.
+
+Receipts already in shopper order need no shuffle either: when the row groups' shopper ranges (from the
+footers' statistics) ascend through the files, :func:`runs` cuts the input into parts of consecutive
+shoppers, each read straight from its row groups (shards still by hash: a shard keeps its shoppers' rows
+of each). Part numbers then follow the input's order instead of the hash; every shopper is still in
+exactly one part.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recsys.data.loader import RowGroup
 from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
 from recsys.io import write_json
 
@@ -156,6 +164,55 @@ def split(batch: pa.Table, layout: Layout) -> list[tuple[int, pa.Table]]:
     table = batch.take(pa.array(order))
     starts = np.concatenate([[0], np.cumsum(counts)])
     return [(int(p), table.slice(starts[p], counts[p])) for p in np.flatnonzero(counts)]
+
+
+@dataclass(frozen=True)
+class Run:
+    """A part of receipts in shopper order: its row groups and the shopper ids it owns, ``low <= id < high``
+    (None: unbounded). A shopper whose rows straddle a cut puts that row group in both parts; each keeps
+    its own ids of it."""
+
+    groups: list[RowGroup]
+    low: int | None
+    high: int | None
+
+    def owns_all(self, group: RowGroup) -> bool:
+        """Whether every shopper ``group`` records is this part's (no rows of it to leave out)."""
+        if group.shoppers is None:
+            return False
+        lowest, highest = group.shoppers
+        return (self.low is None or lowest >= self.low) and (self.high is None or highest < self.high)
+
+
+def runs(groups: Sequence[RowGroup], rows: int) -> list[Run] | None:
+    """``groups`` (a source's row groups, in order) cut into parts of about ``rows`` receipt rows, or None
+    when the input is not in shopper order by its footers: a group without statistics, or one whose
+    lowest shopper id is below the highest of the group before it.
+
+    Once a part has ``rows`` rows, it ends before the next group's lowest shopper id: that shopper and
+    the ones after it are the next part's, also where their rows begin in this part's last groups. Groups
+    without rows are left out."""
+    kept = [group for group in groups if group.rows]
+    bounds = [group.shoppers for group in kept if group.shoppers is not None]
+    if not kept or len(bounds) < len(kept):
+        return None
+    if any(after[0] < before[1] for before, after in itertools.pairwise(bounds)):
+        return None
+    parts: list[Run] = []
+    start, low, size = 0, None, 0
+    for i, group in enumerate(kept[:-1]):
+        size += group.rows
+        cut = bounds[i + 1][0]
+        # the part must keep some ids of its own: one shopper over many groups is not cut
+        if size < rows or cut <= (bounds[start][0] if low is None else low):
+            continue
+        parts.append(Run(kept[start : i + 1], low, cut))
+        start = i + 1
+        while start > 0 and bounds[start - 1][1] >= cut:
+            start -= 1  # groups holding rows of ``cut``: read again by the next part
+        low, size = cut, 0
+    parts.append(Run(kept[start:], low, None))
+    return parts
 
 
 def gather(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -21,10 +22,11 @@ from omegaconf import DictConfig
 
 from batch import pipeline, shards
 from batch.candidates import MANIFEST_FILE, CandidatesError, run
-from batch.partition import Layout, gather, partition, read_part
+from batch.partition import Layout, Run, gather, partition, read_part, runs
 from export import index as indexes
 from export.export import export_bundle
 from recsys.bundle import BundleError, read_bundle
+from recsys.data.loader import RowGroup
 from recsys.data.schema import PRODUCT, SHOPPER, ReceiptsError
 from recsys.data.sequences import product_histories
 from recsys.data.synthetic import SyntheticConfig, generate_table
@@ -283,6 +285,105 @@ def test_gather_equals_the_partition_files(data: dict[str, Any], tmp_path: Path)
     assert gather(iter([receipts.slice(0, 0)]), Layout(0, 1, 1)) is None
     with pytest.raises(ValueError, match="one part"):
         gather(iter([receipts]), Layout(0, 1, 2))
+
+
+def test_runs_cut_between_shoppers() -> None:
+    """Parts of consecutive shoppers: a part ends before the next row group's lowest shopper id, and a
+    group whose shoppers straddle the cut is read by both parts, each owning its own ids of it."""
+
+    def group(index: int, rows: int, shoppers: tuple[int, int] | None) -> RowGroup:
+        return RowGroup("f.parquet", index, rows, 0, shoppers)
+
+    groups = [group(0, 5, (1, 3)), group(1, 5, (3, 3)), group(2, 5, (3, 6)), group(3, 0, None)]
+    groups += [group(4, 5, (7, 9)), group(5, 5, (9, 10))]
+
+    def described(parts: list[Run] | None) -> list[tuple[list[int], int | None, int | None]]:
+        assert parts is not None
+        return [([g.index for g in part.groups], part.low, part.high) for part in parts]
+
+    # shopper 3 is in groups 0-2, so the cut before it leaves group 0 to both parts, and no cut can fall
+    # inside it; shopper 9 straddles groups 4 and 5; the empty group 3 is left out
+    assert described(runs(groups, 5)) == [([0], None, 3), ([0, 1, 2], 3, 7), ([4], 7, 9), ([4, 5], 9, None)]
+    assert described(runs(groups, 10)) == [([0, 1], None, 3), ([0, 1, 2, 4], 3, 9), ([4, 5], 9, None)]
+    assert described(runs(groups, 100)) == [([0, 1, 2, 4, 5], None, None)]
+    assert runs([group(0, 5, (4, 4)), group(1, 5, (4, 4))], 1) is not None  # one shopper: one part
+    assert len(runs([group(0, 5, (4, 4)), group(1, 5, (4, 4))], 1) or []) == 1
+    assert runs([group(0, 5, (1, 5)), group(1, 5, (4, 8))], 1) is None  # overlapping: not in order
+    assert runs([group(0, 5, (1, 5)), group(1, 5, None)], 1) is None  # no statistics
+    assert runs([group(0, 0, None)], 1) is None
+
+
+@pytest.fixture(scope="module")
+def ordered_dir(data: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The receipts in shopper order (a shopper's rows in their order), in two files of row groups of
+    100 rows: a shopper may span two groups, and the two files."""
+    receipts: pa.Table = data["receipts"]
+    ordered = receipts.take(pc.sort_indices(receipts, [(SHOPPER, "ascending")]))
+    root = tmp_path_factory.mktemp("ordered")
+    half = ordered.num_rows // 2
+    pq.write_table(ordered.slice(0, half), root / "a.parquet", row_group_size=100)
+    pq.write_table(ordered.slice(half), root / "b.parquet", row_group_size=100)
+    return root
+
+
+def test_receipts_in_shopper_order_need_no_partition_pass(
+    job: Job, data: dict[str, Any], ordered_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Receipts in shopper order are cut into parts of whole row groups, read straight from the input:
+    the same candidates as through the partition pass, in one or in several shards, and a killed run
+    resumes with one row per shopper."""
+    rows = {"rows_per_part": data["receipts"].num_rows // 4, "batch_size": 32}
+    hashed = job("hashed", parts=4, batch_size=32)
+    assert hashed["job"]["parts_by"] == "hash"
+
+    def no_partition_pass(*args: Any, **kwargs: Any) -> list[int]:
+        raise AssertionError("receipts in shopper order need no partition pass")
+
+    monkeypatch.setattr(shards, "partition", no_partition_pass)
+    ordered = job("ordered", receipts=ordered_dir, **rows)
+    assert ordered["job"]["parts_by"] == "row_groups" and 3 <= ordered["job"]["parts"] <= 5
+    output = read_output(tmp_path / "ordered").drop_columns(["shard"])
+    assert output.equals(read_output(tmp_path / "hashed").drop_columns(["shard"]))
+    assert_equal_to_serving(output, Recommender.load(data["bundle"]), data["receipts"])
+
+    for index in range(2):
+        job("sharded", receipts=ordered_dir, shard_index=index, num_shards=2, **rows)
+    sharded = read_output(tmp_path / "sharded").drop_columns(["shard"]).sort_by(SHOPPER)
+    assert sharded.equals(output)
+
+    write_part = pipeline.write_part
+    written: list[str] = []
+
+    def dies_on_the_second_part(directory: Path, name: str, batches: list[pa.RecordBatch]) -> dict[str, Any]:
+        if written:
+            raise RuntimeError("killed")
+        written.append(name)
+        return write_part(directory, name, batches)
+
+    monkeypatch.setattr(pipeline, "write_part", dies_on_the_second_part)
+    with pytest.raises(RuntimeError, match="killed"):
+        job("resumed", receipts=ordered_dir, **rows)
+    monkeypatch.setattr(pipeline, "write_part", write_part)
+    resumed = job("resumed", receipts=ordered_dir, **rows)
+    assert resumed["parts"][written[0]] == ordered["parts"][written[0]]  # kept, not recomputed
+    assert read_output(tmp_path / "resumed").drop_columns(["shard"]).equals(output)
+
+
+def test_wrong_footer_statistics_are_refused(
+    job: Job, ordered_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts are cut by the footers' shopper ranges: rows outside them would put a shopper in two parts."""
+    row_groups = shards.row_groups
+
+    def narrowed(*args: Any) -> list[RowGroup]:
+        groups = row_groups(*args)
+        low, high = groups[0].shoppers  # the first shopper's rows are then outside the recorded range
+        return [dataclasses.replace(groups[0], shoppers=(low + 1, high)), *groups[1:]]
+
+    monkeypatch.setattr(shards, "row_groups", narrowed)
+    wrong = r"row group 0: shopper ids 42\.\.\d+ outside the range 43\.\.\d+ its footer's"
+    with pytest.raises(CandidatesError, match=wrong):
+        job(receipts=ordered_dir, rows_per_part=100, batch_size=32)
 
 
 @pytest.mark.parametrize("order", ["shuffled", "by shopper"])

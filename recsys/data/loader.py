@@ -10,7 +10,7 @@ the file.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from recsys.data.schema import (
     ID_COLUMNS,
     KEY_COLUMNS,
     OPTIONAL_COLUMNS,
+    SHOPPER,
     TIMESTAMP,
     DateBound,
     ReceiptsError,
@@ -49,13 +50,28 @@ def open_dataset(source: str | Path | list[str]) -> ds.Dataset:
 
 
 @dataclass(frozen=True)
+class RowGroup:
+    """One row group of a receipts file (:func:`row_groups`): the unit an input in shopper order is cut by."""
+
+    path: str
+    index: int  # within its file
+    rows: int
+    first_row: int  # its first row's number in its file, so errors name the file's row
+    shoppers: tuple[int, int] | None  # (lowest, highest) shopper id from the footer's statistics, if any
+
+
+@dataclass(frozen=True)
 class _File:
     """One file of a dataset, with what is needed to read it by its own schema."""
 
     path: str
     fragment: ds.Fragment
     schema: pa.Schema  # the file's own columns plus its hive partition keys
-    projection: dict[str, ds.Expression]  # canonical name -> source column
+    sources: dict[str, str]  # canonical name -> source column, for the columns read
+
+    @property
+    def projection(self) -> dict[str, ds.Expression]:
+        return {canonical: ds.field(source) for canonical, source in self.sources.items()}
 
     def error(self, message: object) -> ReceiptsError:
         return ReceiptsError(f"receipts file {self.path!r}: {message}")
@@ -69,12 +85,36 @@ class _File:
         except (OSError, pa.ArrowException) as error:
             raise self.error(f"cannot be read: {error}") from error
 
-    def table(self) -> pa.Table:
-        """The whole file; a read error (corrupt bytes) names the file."""
+    def table(self, row_group: int | None = None) -> pa.Table:
+        """The whole file, or one of its row groups; a read error (corrupt bytes) names the file."""
         try:
-            return self.fragment.to_table(schema=self.schema, columns=self.projection)
+            fragment = self.fragment
+            if row_group is not None:
+                fragment = fragment.subset(row_group_ids=[row_group])
+            return fragment.to_table(schema=self.schema, columns=self.projection)
         except (OSError, pa.ArrowException) as error:
             raise self.error(f"cannot be read: {error}") from error
+
+    def row_groups(self) -> list[RowGroup]:
+        """The file's row groups, with the shopper ids' range where the footer records it."""
+        try:
+            metadata = self.fragment.metadata
+        except (OSError, pa.ArrowException) as error:
+            raise self.error(f"cannot be read: {error}") from error
+        source = self.sources[SHOPPER]
+        leaves = [metadata.schema.column(j).path for j in range(metadata.num_columns)]
+        # a hive partition key has no statistics: its rows' ids are not known from the footer
+        column = leaves.index(source) if source in leaves else None
+        integer = pa.types.is_integer(self.schema.field(source).type)
+        groups, first = [], 0
+        for index in range(metadata.num_row_groups):
+            group = metadata.row_group(index)
+            stats = None if column is None else group.column(column).statistics
+            known = integer and stats is not None and stats.has_min_max
+            shoppers = (int(stats.min), int(stats.max)) if known else None
+            groups.append(RowGroup(self.path, index, group.num_rows, first, shoppers))
+            first += group.num_rows
+        return groups
 
 
 def _file_schema(dataset: ds.Dataset, fragment: ds.Fragment) -> pa.Schema:
@@ -162,8 +202,7 @@ def _files(
     for fragment in dataset.get_fragments():
         schema = _file_schema(dataset, fragment)
         wanted = list(KEY_COLUMNS) + [c for c in OPTIONAL_COLUMNS if source_names[c] in schema.names]
-        projection = {c: ds.field(source_names[c]) for c in wanted}
-        file = _File(fragment.path, fragment, schema, projection)
+        file = _File(fragment.path, fragment, schema, {c: source_names[c] for c in wanted})
         _check_file(file, source_names)
         files.append(file)
     _check_agreement(files, source_names, timezone)
@@ -218,16 +257,21 @@ def iter_receipts(
     nonexistent_times: str = "raise",
     min_date: DateBound = DEFAULT_MIN_DATE,
     max_date: DateBound = None,
+    row_groups: Sequence[RowGroup] | None = None,
 ) -> Iterator[pa.Table]:
     """Stream validated receipts in batches of at most ``batch_size`` rows, never the whole table.
 
     Options are those of :func:`read_receipts`. Every file's schema is checked before the first batch
     (from the footers only); a batch never spans two files. Batches that are empty once returns are
     dropped are skipped; an entirely empty source raises. Duplicate removal needs the whole table, so it
-    is not offered here.
+    is not offered here. ``row_groups`` (of :func:`row_groups`): only these are read, in this order, one
+    batch for each whatever its size, also when it is empty once returns are dropped.
     """
     rules = TimeRules.from_options(timezone, ambiguous_times, nonexistent_times, min_date, max_date)
     files = _files(source, columns, timezone)
+    if row_groups is not None:
+        yield from _read_row_groups(files, row_groups, rules, drop_returns)
+        return
     seen_rows = 0
     for file in files:
         file_rows = 0  # row numbers in errors count from the file's start
@@ -244,3 +288,25 @@ def iter_receipts(
         seen_rows += file_rows
     if seen_rows == 0:
         raise ReceiptsError(f"receipts are empty: {source!s} has no rows")
+
+
+def row_groups(
+    source: str | Path | list[str], columns: Mapping[str, str] | None = None, timezone: str | None = None
+) -> list[RowGroup]:
+    """Every row group of ``source``'s files, in the order :func:`iter_receipts` reads them, with the
+    shopper ids' range each file's footer records (footers only; every file's schema is checked)."""
+    return [group for file in _files(source, columns, timezone) for group in file.row_groups()]
+
+
+def _read_row_groups(
+    files: list[_File], groups: Sequence[RowGroup], rules: TimeRules, drop_returns: bool
+) -> Iterator[pa.Table]:
+    by_path = {file.path: file for file in files}
+    for group in groups:
+        file = by_path.get(group.path)
+        if file is None:
+            raise ReceiptsError(f"receipts file {group.path!r} is not part of the source any more")
+        try:
+            yield conform_receipts(file.table(group.index), rules, drop_returns, group.first_row)
+        except ReceiptsError as error:
+            raise file.error(error) from None
