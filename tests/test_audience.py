@@ -334,6 +334,23 @@ def test_two_shards_and_the_library_function_give_the_audience_of_one(
     assert in_memory.table.equals(one)  # the library function, without files
 
 
+def test_receipts_in_shopper_order_give_the_audience_of_one_part(
+    tmp_path: Path, compose_config: Callable[..., DictConfig], campaign_world: dict
+) -> None:
+    """Receipts in shopper order, in small row groups, are scored in runs of row groups with no partition
+    pass (batch.shards): the same scores and audience as one part."""
+    table = campaign_world["table"]
+    ordered = table.take(pc.sort_indices(table, [(SHOPPER, "ascending")]))
+    pq.write_table(ordered, tmp_path / "ordered.parquet", row_group_size=64)
+    receipts = f"receipts={tmp_path / 'ordered.parquet'}"
+    rows = f"rows_per_part={table.num_rows // 3}"
+    runs = audience_job.run(_job(compose_config, campaign_world, tmp_path / "runs", receipts, rows))
+    assert runs["shard"]["job"]["parts_by"] == "row_groups" and runs["shard"]["job"]["parts"] >= 2
+    audience_job.run(_job(compose_config, campaign_world, tmp_path / "one"))
+    found, one = (pq.read_table(tmp_path / d / "audience" / "audience.parquet") for d in ("runs", "one"))
+    assert found.equals(one)
+
+
 def test_nothing_on_or_after_the_scoring_date_reaches_the_scores_or_the_calibration(
     campaign_world: dict,
 ) -> None:
