@@ -12,7 +12,7 @@ The bundle: the untrained SASRec of ``benchmarks.batch_candidates.ensure_checkpo
 max_len 50, every synthetic product in its vocabulary) with a ranker fitted by ``training.rank.fit`` on
 the receipts of the first ``--ranker-shoppers`` shoppers before ``as_of``, stored in a copy of the
 checkpoint (``training.checkpoint.write_scorer``), then exported as a Flat bundle as the candidate
-benchmark exports (its encoder quantised as ``conf/export.yaml`` or ``--quantize`` says). The ranker is
+benchmark exports (its encoder as ``--quantize`` says, int8 by default). The ranker is
 fitted through the checkpoint's network (``fit(module, ...)``, as ``fit_and_test`` does, less its test
 metrics), not with ``fit_at``: ``fit_at`` builds its own vocabulary from the receipts, and a ranker's item
 statistics are indexed by the rows of the vocabulary it was fitted on, so they would not line up with the
@@ -65,11 +65,10 @@ import batch.engines
 import batch.shards
 import recsys.propensity
 import recsys.ranker
-from benchmarks.batch_candidates import CONF, ensure_checkpoint, ensure_receipts
+from benchmarks.batch_candidates import CONF, MEASURED, MEASURED_HELP, ensure_checkpoint, ensure_receipts
 from benchmarks.segments import Stopwatch, load, peak_rss
 from export.export import export_bundle
 from export.index import flat
-from export.onnx import QUANTIZATIONS
 from recsys.data.loader import open_dataset
 from recsys.data.schema import PRODUCT, SHOPPER
 from recsys.data.split import parse_cutoff, temporal_split
@@ -203,7 +202,7 @@ def main() -> None:
     parser.add_argument("--exploration", type=float, default=0.1)
     parser.add_argument("--calibration-share", type=float, nargs="+", default=[1.0], help="one run each")
     parser.add_argument("--as-of", default="2017-12-01")
-    parser.add_argument("--quantize", choices=QUANTIZATIONS, default=None, help="default: conf/export.yaml's")
+    parser.add_argument("--quantize", choices=MEASURED, default="int8", help=MEASURED_HELP)
     parser.add_argument("--workdir", type=Path, default=Path("artifacts/bench/audience_scale"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -218,8 +217,7 @@ def main() -> None:
     receipts = args.workdir / f"receipts-{args.shoppers}x{args.products}-b{args.mean_baskets:g}"
     ensure_receipts(receipts, config)
     as_of = parse_cutoff(args.as_of, "UTC")
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        quantize = args.quantize or compose("export", overrides=["checkpoint=-"]).quantize
+    quantize = args.quantize
     bundle, _ = ensure_ranked_bundle(args.workdir, receipts, args, as_of, quantize)
     spec_file = args.workdir / "campaign.yaml"
     spec = write_spec(spec_file, receipts, args, args.shoppers)

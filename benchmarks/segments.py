@@ -10,7 +10,7 @@ Data: seeded synthetic receipts (``recsys.data.synthetic``: a year from 2017-01-
 The model is an untrained SASRec (``benchmarks.batch_candidates.ensure_checkpoint``: 2 blocks, 2 heads,
 max_len 50; the job's time does not depend on training) given the synthetic catalogue's categories as its
 product metadata, so the report counts real category names, then exported as a Flat bundle (its encoder
-quantised as ``conf/export.yaml`` or ``--quantize`` says).
+as ``--quantize`` says, int8 by default).
 
 The job is composed from ``conf/segment.yaml`` as its command line would be (``as_of`` 2017-12-01, so the
 28 days after it are in the receipts and the churn model is evaluated) and run once. Its stages are timed
@@ -45,10 +45,9 @@ from unittest import mock
 from hydra import compose, initialize_config_dir
 
 import batch.segment
-from benchmarks.batch_candidates import CONF, ensure_checkpoint, ensure_receipts
+from benchmarks.batch_candidates import CONF, MEASURED, MEASURED_HELP, ensure_checkpoint, ensure_receipts
 from export.export import export_bundle
 from export.index import flat
-from export.onnx import QUANTIZATIONS
 from recsys.data.features import product_metadata
 from recsys.data.loader import open_dataset
 from recsys.data.schema import PRODUCT
@@ -152,7 +151,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--as-of", default="2017-12-01")
-    parser.add_argument("--quantize", choices=QUANTIZATIONS, default=None, help="default: conf/export.yaml's")
+    parser.add_argument("--quantize", choices=MEASURED, default="int8", help=MEASURED_HELP)
     parser.add_argument("--workdir", type=Path, default=Path("artifacts/bench/segments"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -163,8 +162,7 @@ def main() -> None:
     )
     receipts = args.workdir / f"receipts-{args.shoppers}x{args.products}-b{args.mean_baskets:g}"
     ensure_receipts(receipts, config)
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        quantize = args.quantize or compose("export", overrides=["checkpoint=-"]).quantize
+    quantize = args.quantize
     bundle = ensure_bundle(args.workdir, config, args.dim, quantize)
     output = args.workdir / "out"
     shutil.rmtree(output, ignore_errors=True)

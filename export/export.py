@@ -13,8 +13,11 @@ network alone, a fraction of the quality; ``allow_unfinished=true`` exports it a
 
 ``quantize=int8`` stores the encoder with int8 weight products (:func:`export.onnx.quantize_int8`), after
 the fp32 graph passed its checks. Its own parity is recorded in the manifest (``quantization``: max abs
-difference from torch, and how much of the fp32 graph's exact top-10 it keeps on the export's queries);
-its measured effect on the Complete Journey metrics is in docs/results.md.
+difference from torch, and how much of the fp32 graph's exact top-10 it keeps on the export's queries).
+``quantize=auto`` (the command's default) also measures both encoders through serving on the validation
+window of ``evaluation_data`` (the window before the protocol's cutoff, never its test split) and keeps
+int8 only when it costs less than ``max_ndcg_cost`` relative NDCG@10; the figures of both, with a paired
+interval, and the choice are in the manifest's ``quantization``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,7 +54,11 @@ from export.onnx import (
 )
 from recsys.bundle import BundleError, sha256_file, write_bundle
 from recsys.data.vocabulary import PRODUCTS, Vocabulary, to_indices
+from recsys.evaluation.metrics import paired_difference, shopper_metrics
+from recsys.evaluation.protocol import EvaluationData, evaluate
 from training import checkpoint as checkpoints
+from training.datamodule import ReceiptsDataModule
+from training.evaluate import bundle_rankings
 from training.module import NextItemModule, module_from_checkpoint
 
 log = logging.getLogger(__name__)
@@ -60,6 +68,7 @@ NUM_QUERIES = 1000  # shopper embeddings the index's recall is measured on
 NUM_TOP_K_CHECKS = 64  # of those, histories whose top-K is compared with torch (scores are [n, V])
 TIE_TOLERANCE = 1e-5  # torch scores this close count as a tie, whose order the check ignores
 MAX_METRICS_BYTES = 1 << 20  # a run's metrics.json, copied into the manifest
+MAX_NDCG_COST = 0.005  # quantize=auto keeps int8 below this relative NDCG@10 cost (issue 15's bar)
 
 
 def item_vectors(module: NextItemModule) -> np.ndarray:
@@ -151,16 +160,23 @@ def export_bundle(
     seed: int = 0,
     allow_unfinished: bool = False,
     quantize: str = "none",
+    evaluation: EvaluationData | None = None,
+    max_ndcg_cost: float = MAX_NDCG_COST,
 ) -> Path:
     """Export ``checkpoint`` as a bundle at ``output`` and return its path.
 
     ``index_builder`` maps item vectors [N, d] to a filled inner-product index (``export.index``);
-    ``quantize`` is one of :data:`export.onnx.QUANTIZATIONS`. Raises ``ExportError`` when a check fails or
-    the checkpoint's run did not finish (unless ``allow_unfinished``), ``BundleError`` when ``output``
-    exists and ``overwrite`` is false, ``ValueError`` for an unknown ``quantize``.
+    ``quantize`` is one of :data:`export.onnx.QUANTIZATIONS`: ``auto`` keeps the int8 encoder only when
+    its relative NDCG@10 cost on ``evaluation`` (next-basket data the bundle is served on, e.g. a
+    validation window) is below ``max_ndcg_cost``; with ``int8``, an ``evaluation`` is measured and
+    recorded too. Raises ``ExportError`` when a check fails or the checkpoint's run did not finish (unless
+    ``allow_unfinished``), ``BundleError`` when ``output`` exists and ``overwrite`` is false,
+    ``ValueError`` for an unknown ``quantize`` or ``auto`` without ``evaluation``.
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {list(QUANTIZATIONS)}, got {quantize!r}")
+    if quantize == "auto" and evaluation is None:
+        raise ValueError("quantize=auto needs evaluation data to measure the int8 encoder's cost on")
     checkpoint, output = Path(checkpoint), Path(output)
     # write_bundle refuses too, but only after all the work below
     if output.exists() and not overwrite:
@@ -209,21 +225,25 @@ def export_bundle(
     if description["type"] == "Flat":
         n = NUM_TOP_K_CHECKS
         check_top_k(module, index, histories[:n], gaps[:n], shoppers[:n])
-    quantization = None
-    if quantize == "int8":
-        onnx_bytes = quantize_int8(onnx_bytes)
-        quantized = onnx_encoder(onnx_bytes)(histories, gaps)
+    quantization: dict[str, Any] | None = None
+    int8_bytes = b""
+    if quantize != "none":
+        int8_bytes = quantize_int8(onnx_bytes)
+        quantized = onnx_encoder(int8_bytes)(histories, gaps)
         quantization = {
             "method": "int8-dynamic",  # onnxruntime.quantization.quantize_dynamic, weight products only
-            "max_abs_diff": parity(model, onnx_bytes, seed=seed),
+            "max_abs_diff": parity(model, int8_bytes, seed=seed),
             f"top_{K}_agreement": top_k_agreement(vectors, shoppers, quantized, K),
         }
         if not math.isfinite(quantization["max_abs_diff"]):
             raise ExportError("the int8 encoder gives non-finite shopper embeddings; export quantize=none")
         log.info("int8 encoder: %s", quantization)
-        shoppers = quantized  # the index's recall is measured on what the bundle will compute
-    recall = index_recall(index, vectors, shoppers, K)
-    log.info("index recall@%d vs exact search: %.4f", K, recall)
+
+    def bundle(path: Path, graph: bytes, extra: dict[str, Any], replace: bool = overwrite) -> Path:
+        return write_bundle(
+            path, graph, items, index, manifest | extra, overwrite=replace, repeat=scorer,
+            time_gaps=takes_gaps(model),
+        )  # fmt: skip
 
     manifest = {
         "model": {"name": type(model).__name__, "config": dict(module.hparams["net"])},
@@ -231,23 +251,72 @@ def export_bundle(
         "embedding_dim": int(vectors.shape[1]),
         "vocab_size": vocab.size,
         "training": {"metrics": training_metrics(checkpoint), "data": module.hparams.get("data")},
-        "index": {**description, f"recall_at_{K}": recall},
         "parity": {"max_abs_diff": max_abs_diff, "tolerance": PARITY_TOLERANCE},
-        **({"quantization": quantization} if quantization is not None else {}),
         # the checkpoint's name and digest, not its path: a bundle's manifest is shown to clients
         "source": {"checkpoint": checkpoint.name, "sha256": sha256_file(checkpoint)},
     }
+    if quantization is not None:
+        if evaluation is not None:
+            graphs = {"fp32": onnx_bytes, "int8": int8_bytes}
+            quantization["evaluation"] = quantization_cost(bundle, graphs, evaluation, output.parent)
+            quantization["evaluation"]["max_relative_ndcg_cost"] = max_ndcg_cost
+        cost = quantization.get("evaluation", {}).get("relative_ndcg_cost")
+        quantization["kept"] = quantize == "int8" or cost < max_ndcg_cost
+        if quantization["kept"]:
+            onnx_bytes, shoppers = int8_bytes, quantized  # the index's recall: on what the bundle computes
+        else:
+            log.warning(
+                "int8 encoder not kept: it costs %.3g relative NDCG@%d (bar %.3g)", cost, K, max_ndcg_cost
+            )
+        manifest["quantization"] = quantization
+    recall = index_recall(index, vectors, shoppers, K)
+    log.info("index recall@%d vs exact search: %.4f", K, recall)
+    manifest["index"] = {**description, f"recall_at_{K}": recall}
     log.info("repeat-aware scorer: %s", "included" if scorer is not None else "none in the checkpoint")
-    return write_bundle(
-        output,
-        onnx_bytes,
-        items,
-        index,
-        manifest,
-        overwrite=overwrite,
-        repeat=scorer,
-        time_gaps=takes_gaps(model),
-    )
+    return bundle(output, onnx_bytes, {})
+
+
+def quantization_cost(
+    bundle: Callable[[Path, bytes, dict[str, Any], bool], Path],
+    graphs: dict[str, bytes],
+    data: EvaluationData,
+    scratch: Path,
+) -> dict[str, Any]:
+    """Recall@10 and NDCG@10 through serving of the bundle written (by ``bundle``) with each encoder of
+    ``graphs`` (``fp32``, ``int8``) on ``data``, the per-shopper NDCG@10 difference int8 - fp32 (mean and
+    95% interval), and the relative NDCG@10 cost of int8."""
+    figures: dict[str, Any] = {"cutoff": data.cutoff.isoformat(), "shoppers": len(data.targets.shopper_ids)}
+    per_shopper = {}
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".caddie-quantization-", dir=scratch) as directory:
+        for name, graph in graphs.items():
+            path = bundle(Path(directory) / name, graph, {}, False)
+            ranked = bundle_rankings(str(path), data, K)
+            metrics = evaluate(ranked, data, (K,))
+            figures[name] = {f"recall@{K}": metrics[f"recall@{K}"], f"ndcg@{K}": metrics[f"ndcg@{K}"]}
+            per_shopper[name] = shopper_metrics(ranked, data.targets.items, K)[f"ndcg@{K}"]
+    mean, low, high = paired_difference(per_shopper["int8"], per_shopper["fp32"])
+    figures[f"ndcg@{K}_difference"] = {"mean": float(mean), "low": float(low), "high": float(high)}
+    fp32 = figures["fp32"][f"ndcg@{K}"]
+    figures["relative_ndcg_cost"] = (fp32 - figures["int8"][f"ndcg@{K}"]) / fp32 if fp32 > 0 else 0.0
+    log.info("int8 encoder through serving on %d shoppers: %s", figures["shoppers"], figures)
+    return figures
+
+
+TRAINING_SPLIT = ("cutoff", "timezone", "min_baskets", "val_days", "horizon_days")  # of a checkpoint's data
+
+
+def validation_data(cfg: DictConfig, checkpoint: str | Path) -> EvaluationData:
+    """The validation window of ``cfg`` (a data config) split as ``checkpoint``'s training data was (its
+    cutoff, zone, vocabulary and validation days, where the checkpoint records them): the ``val_days``
+    before that cutoff, with histories before them, so the int8 choice never sees the model's test split."""
+    trained = checkpoints.read(checkpoint).get("hyper_parameters", {}).get("data") or {}
+    split = {key: trained[key] for key in TRAINING_SPLIT if key in trained and key in cfg}
+    datamodule: ReceiptsDataModule = hydra.utils.instantiate(cfg, **split)
+    datamodule.setup("fit")
+    if datamodule.val_data is None:
+        raise ExportError("quantize=auto needs a validation window: evaluation_data.val_days must be > 0")
+    return datamodule.val_data
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
@@ -255,6 +324,7 @@ def main(cfg: DictConfig) -> None:
     # torch.onnx's optimiser passes log every rewrite at INFO, which Hydra's root logger would print
     for name in ("onnxscript", "onnx_ir"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    measured = cfg.quantize != "none" and cfg.get("evaluation_data") is not None
     path = export_bundle(
         cfg.checkpoint,
         cfg.output,
@@ -263,6 +333,8 @@ def main(cfg: DictConfig) -> None:
         seed=cfg.seed,
         allow_unfinished=cfg.allow_unfinished,
         quantize=cfg.quantize,
+        evaluation=validation_data(cfg.evaluation_data, cfg.checkpoint) if measured else None,
+        max_ndcg_cost=cfg.max_ndcg_cost,
     )
     log.info("bundle written to %s", path)
 

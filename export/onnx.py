@@ -32,7 +32,7 @@ from recsys.data.sequences import FIRST_PURCHASE
 from recsys.data.vocabulary import PAD, UNK
 
 PARITY_TOLERANCE = 1e-4  # max abs difference of shopper embeddings, ONNX Runtime vs torch
-QUANTIZATIONS = ("none", "int8")  # conf/export.yaml's quantize
+QUANTIZATIONS = ("none", "int8", "auto")  # conf/export.yaml's quantize (auto: int8 where it costs little)
 
 
 class ExportError(RuntimeError):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import hydra
 import numpy as np
 import onnx
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -18,7 +20,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
 from export import index as indexes
-from export.export import check_top_k, export_bundle, item_vectors
+from export.export import check_top_k, export_bundle, item_vectors, validation_data
 from export.onnx import PARITY_TOLERANCE, ExportError, onnx_encoder, parity, random_gaps, random_histories
 from recsys.bundle import (
     INPUT_NAME,
@@ -30,7 +32,12 @@ from recsys.bundle import (
     sha256_file,
 )
 from recsys.data.features import product_metadata
+from recsys.data.schema import PRODUCT, TIMESTAMP
+from recsys.data.split import parse_cutoff
+from recsys.data.synthetic import PRODUCT_ID_OFFSET, SyntheticConfig, generate_table
 from recsys.data.vocabulary import NUM_RESERVED, PAD, Vocabulary
+from recsys.evaluation.protocol import EvaluationData, evaluate, prepare
+from training.evaluate import bundle_rankings
 from training.module import NextItemModule, load_module
 
 NUM_PRODUCTS, MAX_LEN, DIM = 300, 8, 16
@@ -196,6 +203,67 @@ def test_export_config_composes(compose_config: Callable[..., DictConfig], optio
     vectors = np.random.default_rng(6).normal(size=(400, DIM)).astype(np.float32)
     assert indexes.describe_index(builder(vectors))["type"] == kind
     assert cfg.output.endswith("/bundle") and cfg.allow_unfinished is False
+    # the command's int8 choice is measured on Complete Journey's validation window
+    assert cfg.quantize == "auto" and cfg.evaluation_data._target_ == "training.datamodule.ReceiptsDataModule"
+
+
+def evaluation_data(vocab: Vocabulary) -> EvaluationData:
+    """Synthetic next-basket data over the checkpoint's products, split at 2017-12-01."""
+    receipts = generate_table(SyntheticConfig(num_shoppers=120, num_products=NUM_PRODUCTS, seed=4))
+    rows = receipts.column(PRODUCT).to_numpy() - PRODUCT_ID_OFFSET
+    receipts = receipts.set_column(
+        receipts.schema.get_field_index(PRODUCT), PRODUCT, pa.array(vocab.product_ids[rows])
+    )
+    return prepare(receipts, parse_cutoff("2017-12-01", "UTC"), min_baskets=1)
+
+
+def test_auto_quantization_keeps_int8_only_under_the_ndcg_bar(
+    checkpoint: Path, module: NextItemModule, tmp_path: Path
+) -> None:
+    """quantize=auto measures both encoders through serving and keeps int8 only under ``max_ndcg_cost``;
+    the figures in the manifest are those of the bundles it could write."""
+    data = evaluation_data(module.vocab)
+    kept = read_bundle(export_bundle(checkpoint, tmp_path / "kept", indexes.flat, quantize="auto",
+                                     evaluation=data, max_ndcg_cost=1.0))  # fmt: skip
+    refused = read_bundle(export_bundle(checkpoint, tmp_path / "refused", indexes.flat, quantize="auto",
+                                        evaluation=data, max_ndcg_cost=-1.0))  # fmt: skip
+    ops = [
+        {node.op_type for node in onnx.load_from_string(b.model_bytes).graph.node} for b in (kept, refused)
+    ]
+    assert "MatMulInteger" in ops[0] or "DynamicQuantizeMatMul" in ops[0]
+    assert not ({"MatMulInteger", "DynamicQuantizeMatMul"} & ops[1])  # the fp32 encoder
+    assert kept.manifest["quantization"]["kept"] and not refused.manifest["quantization"]["kept"]
+    figures = refused.manifest["quantization"]["evaluation"]
+    assert figures == {**kept.manifest["quantization"]["evaluation"], "max_relative_ndcg_cost": -1.0}
+    assert figures["shoppers"] == len(data.targets.shopper_ids) and figures["cutoff"].startswith("2017-12-01")
+    fp32 = evaluate(bundle_rankings(str(tmp_path / "refused"), data, 10), data, (10,))
+    assert figures["fp32"] == {"recall@10": fp32["recall@10"], "ndcg@10": fp32["ndcg@10"]}
+    int8 = evaluate(bundle_rankings(str(tmp_path / "kept"), data, 10), data, (10,))
+    assert figures["int8"] == {"recall@10": int8["recall@10"], "ndcg@10": int8["ndcg@10"]}
+    difference = figures["ndcg@10_difference"]
+    assert difference["low"] <= difference["mean"] <= difference["high"]
+    assert difference["mean"] == pytest.approx(int8["ndcg@10"] - fp32["ndcg@10"], abs=1e-9)
+    assert figures["relative_ndcg_cost"] == pytest.approx(1 - int8["ndcg@10"] / fp32["ndcg@10"])
+    with pytest.raises(ValueError, match="quantize=auto needs evaluation data"):
+        export_bundle(checkpoint, tmp_path / "none", indexes.flat, quantize="auto")
+
+
+def test_auto_quantization_measures_on_the_checkpoints_validation_window(
+    compose_config: Callable[..., DictConfig], checkpoint: Path
+) -> None:
+    """The command's evaluation data is split at the checkpoint's own cutoff (here 2017-12-01, against
+    the config's 2017-10-01): its validation window, the val_days before that cutoff, never after it."""
+    overrides = [
+        "data@evaluation_data=synthetic",
+        "evaluation_data.cutoff=2017-10-01",
+        f"checkpoint={checkpoint}",
+    ]
+    overrides += ["evaluation_data.receipts.config.num_shoppers=200", "evaluation_data.val_days=14"]
+    cfg = compose_config("export", overrides)
+    data = validation_data(cfg.evaluation_data, checkpoint)
+    assert data.cutoff == parse_cutoff("2017-12-01", "UTC") - timedelta(days=14)
+    assert pc.max(data.train.column(TIMESTAMP)).as_py() < data.cutoff
+    assert len(data.targets.shopper_ids) > 0
 
 
 def test_int8_export_records_its_parity(checkpoint: Path, bundle_path: Path, tmp_path: Path) -> None:

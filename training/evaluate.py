@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from collections.abc import Container
 from pathlib import Path
 
 import hydra
@@ -85,6 +86,15 @@ def bundle_rankings(path: str, data: EvaluationData, k: int, batch_size: int = 2
     return ranked
 
 
+def _name(kind: str, short: str, path: str, taken: Container[str]) -> str:
+    """``kind (short)``, or ``kind (path)`` when another input already has that name (two bundles both
+    called ``bundle``): one input's figures never overwrite another's."""
+    for name in (f"{kind} ({short})", f"{kind} ({path})"):
+        if name not in taken:
+            return name
+    raise ValueError(f"{path} is given twice")
+
+
 def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Metrics of every baseline and checkpoint on the test split of ``cfg.data``."""
     datamodule: ReceiptsDataModule = hydra.utils.instantiate(cfg.data)
@@ -96,12 +106,13 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     rankings = baseline_rankings(data, max(ks), cfg.half_life_days, cfg.knn_neighbours)
     for path in cfg.checkpoints:
         module = load_module(path)
-        name = f"{module.model.__class__.__name__.lower()} ({Path(path).parent.parent.name})"
+        kind = module.model.__class__.__name__.lower()
+        name = _name(kind, Path(path).parent.parent.name, path, rankings)
         # the network alone: the repeat-aware ranking is the bundle's (bundles=[...])
         histories = evaluated_histories(data, module.vocab)
         rankings[name] = recommend(module, histories, Rules(k=max(ks), repeat_aware=False))
     for path in cfg.bundles:
-        rankings[f"bundle ({Path(path).name})"] = bundle_rankings(path, data, max(ks))
+        rankings[_name("bundle", Path(path).name, path, rankings)] = bundle_rankings(path, data, max(ks))
     results = {name: evaluate(ranked, data, ks) for name, ranked in rankings.items()}
     reference = f"personal_frequency_decay_{cfg.half_life_days:g}d"
     for name, ranked in rankings.items():
