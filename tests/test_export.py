@@ -37,6 +37,7 @@ from recsys.data.split import parse_cutoff
 from recsys.data.synthetic import PRODUCT_ID_OFFSET, SyntheticConfig, generate_table
 from recsys.data.vocabulary import NUM_RESERVED, PAD, Vocabulary
 from recsys.evaluation.protocol import EvaluationData, evaluate, prepare
+from training.evaluate import _name as evaluate_name
 from training.evaluate import bundle_rankings
 from training.module import NextItemModule, load_module
 
@@ -278,3 +279,13 @@ def test_int8_export_records_its_parity(checkpoint: Path, bundle_path: Path, tmp
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
     with pytest.raises(ValueError, match="quantize must be one of"):
         export_bundle(checkpoint, tmp_path / "fp16", indexes.flat, quantize="fp16")
+
+
+def test_evaluated_inputs_of_the_same_name_are_told_apart() -> None:
+    """Two bundles both called ``bundle`` (``training.evaluate bundles=[a/bundle,b/bundle]``) get two rows."""
+    taken: dict[str, object] = {}
+    for path in ("a/bundle", "b/bundle"):
+        taken[evaluate_name("bundle", Path(path).name, path, taken)] = path
+    assert taken == {"bundle (bundle)": "a/bundle", "bundle (b/bundle)": "b/bundle"}
+    with pytest.raises(ValueError, match="given twice"):
+        evaluate_name("bundle", "bundle", "b/bundle", taken)
