@@ -34,7 +34,9 @@ exactly those shapes in the same order; the fraction is the ratio of the two (th
 weight products alone, without attention's small batched ones, are printed beside). An int8 encoder's
 FLOPs are counted as the fp32 ones it replaces, against the fp32 GEMMs, so it can pass 100%. ``--sweep`` first
 measures the encoder's shoppers/s over ``onnx.encode_rows`` and ONNX Runtime's graph optimisation
-levels (the choice in ``conf/candidates.yaml``).
+levels (the choice in ``conf/candidates.yaml``). ``--repeats N`` runs the jobs and the reference N
+times, interleaved, and prints each repeat's job / reference ratio and their median: on a shared box whose
+speed drifts, a ratio of two runs taken one after the other is what is comparable.
 """
 
 from __future__ import annotations
@@ -324,6 +326,9 @@ def main() -> None:
         help="encoders of the plain loop",
     )
     parser.add_argument("--skip-torch-job", action="store_true", help="the ONNX job and the reference only")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="job and reference runs, interleaved; ratios per repeat"
+    )
     args = parser.parse_args()
     gpu = args.device == "cuda"
     args.batch_size = args.batch_size or (16_384 if gpu else 4096)
@@ -372,17 +377,29 @@ def main() -> None:
 
     print("| run | shoppers | wall s | shoppers/s | " + " | ".join(STAGES) + " |")
     print("|---" * (len(STAGES) + 4) + "|")
-    for name, model in runs.items():
-        began = time.perf_counter()
-        manifest = job(receipts, args.workdir / "out", args, **model)
-        report(name, manifest["rows"], manifest["seconds"], time.perf_counter() - began)
-
     encoders = {"full": [True], "trimmed": [False], "both": [True, False], "none": []}[args.reference]
-    for full in encoders:
-        began = time.perf_counter()
-        result = reference(receipts, args.workdir / "out-reference", checkpoint, args, full)
-        name = f"reference loop (torch, {'full forward' if full else 'trimmed encode'})"
-        report(name, result["rows"], result["seconds"], time.perf_counter() - began)
+    rates: dict[str, list[float]] = {}  # shoppers/s of each run, per repeat
+    for _ in range(args.repeats):  # interleaved: a box that slows down slows both sides of a ratio
+        for name, model in runs.items():
+            began = time.perf_counter()
+            manifest = job(receipts, args.workdir / "out", args, **model)
+            wall = time.perf_counter() - began
+            report(name, manifest["rows"], manifest["seconds"], wall)
+            rates.setdefault(name, []).append(manifest["rows"] / wall)
+        for full in encoders:
+            began = time.perf_counter()
+            result = reference(receipts, args.workdir / "out-reference", checkpoint, args, full)
+            name = f"reference loop (torch, {'full forward' if full else 'trimmed encode'})"
+            wall = time.perf_counter() - began
+            report(name, result["rows"], result["seconds"], wall)
+            rates.setdefault(name, []).append(result["rows"] / wall)
+    if encoders and args.repeats > 1:
+        base = next(name for name in rates if name.startswith("reference"))
+        print(f"\njob / {base}, each repeat (the runs one after the other):")
+        for name in runs:
+            ratios = [a / b for a, b in zip(rates[name], rates[base], strict=True)]
+            shown = ", ".join(f"{r:.2f}x" for r in ratios)
+            print(f"  {name}: {shown}; median {statistics.median(ratios):.2f}x")
     print(f"\nload average at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
