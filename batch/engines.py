@@ -32,6 +32,33 @@ if TYPE_CHECKING:
     import torch
 
 SCORE_CHUNK_ELEMENTS = 1 << 28  # scores materialised at once by the torch engine: 1 GiB of fp32
+SEARCH_QUERIES = 1024  # shoppers per block of exact_search: their heaps stay in cache
+SEARCH_ITEMS = 4096  # items per block: at most 16 MiB of fp32 scores at once
+
+
+def exact_search(items_t: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best items of each query by inner product: scores [n, k] float32 and rows [n, k] int64,
+    best first, as a flat FAISS index's ``search`` returns them (FAISS's own heaps, so the same order of
+    ties), from ``items_t`` [d, N] (the item vectors, transposed).
+
+    The scores are numpy's matrix products, block by block: faster than the BLAS that FAISS's wheel
+    bundles (BENCHMARKS.md, "Batch candidates"), while the heaps keep FAISS's selection."""
+    n, count = len(queries), items_t.shape[1]
+    scores = np.empty((n, k), dtype=np.float32)
+    rows = np.empty((n, k), dtype=np.int64)
+    heaps = faiss.float_minheap_array_t()  # a min-heap of the k largest, per query
+    heaps.nh, heaps.k, heaps.val, heaps.ids = n, k, faiss.swig_ptr(scores), faiss.swig_ptr(rows)
+    heaps.heapify()
+    block = np.empty(min(n, SEARCH_QUERIES) * min(count, SEARCH_ITEMS), dtype=np.float32)
+    for first in range(0, n, SEARCH_QUERIES):
+        last = min(first + SEARCH_QUERIES, n)
+        for start in range(0, count, SEARCH_ITEMS):
+            stop = min(start + SEARCH_ITEMS, count)
+            found = block[: (last - first) * (stop - start)].reshape(last - first, stop - start)
+            np.matmul(queries[first:last], items_t[:, start:stop], out=found)
+            heaps.addn(stop - start, faiss.swig_ptr(found), start, first, last - first)
+    heaps.reorder()  # best first
+    return scores, rows
 
 
 class Engine(ABC):
@@ -104,6 +131,13 @@ class OnnxEngine(Engine):
         self._gaps = bundle.gaps_name
         self._output = bundle.manifest["output_name"]
         self._index = bundle.index
+        flat = isinstance(self._index, faiss.IndexFlat)
+        # a flat index is searched by exact_search, over its vectors; any other through FAISS
+        self._items_t = (
+            np.ascontiguousarray(self._index.reconstruct_n(0, self._index.ntotal).T)
+            if flat and self._index.metric_type == faiss.METRIC_INNER_PRODUCT
+            else None
+        )
         self.items = bundle.items  # the bundle's product table: ids, popularity, training-data metadata
         self._identity = {
             "engine": "onnx",
@@ -132,9 +166,12 @@ class OnnxEngine(Engine):
         blocked = int(self.blocked.sum())
         # OpenMP's thread count is per calling thread: set it on the thread that searches
         faiss.omp_set_num_threads(self.threads)
-        scores, rows = self._index.search(
-            np.ascontiguousarray(shoppers, dtype=np.float32), min(self.num_items, wanted + blocked)
-        )
+        queries = np.ascontiguousarray(shoppers, dtype=np.float32)
+        k = min(self.num_items, wanted + blocked)
+        if self._items_t is not None and k > 0:
+            scores, rows = exact_search(self._items_t, queries, k)
+        else:
+            scores, rows = self._index.search(queries, k)
         if blocked:
             rows = np.where(self.blocked[rows.clip(0)], -1, rows)
         return rows, scores

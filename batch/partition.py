@@ -186,15 +186,16 @@ class Run:
 
 def runs(groups: Sequence[RowGroup], rows: int) -> list[Run] | None:
     """``groups`` (a source's row groups, in order) cut into parts of about ``rows`` receipt rows, or None
-    when the input is not in shopper order by its footers: a group without statistics, or one whose
-    lowest shopper id is below the highest of the group before it.
+    when the input is not in shopper order by its footers (a group without statistics, or one whose
+    lowest shopper id is below the highest of the group before it) or has a group of more than ``rows``
+    rows (a part is read a group at a time: the partition pass bounds its memory instead).
 
     Once a part has ``rows`` rows, it ends before the next group's lowest shopper id: that shopper and
     the ones after it are the next part's, also where their rows begin in this part's last groups. Groups
     without rows are left out."""
     kept = [group for group in groups if group.rows]
     bounds = [group.shoppers for group in kept if group.shoppers is not None]
-    if not kept or len(bounds) < len(kept):
+    if not kept or len(bounds) < len(kept) or max(group.rows for group in kept) > rows:
         return None
     if any(after[0] < before[1] for before, after in itertools.pairwise(bounds)):
         return None

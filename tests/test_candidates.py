@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,7 +21,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from batch import pipeline, shards
+from batch import engines, pipeline, shards
 from batch.candidates import MANIFEST_FILE, CandidatesError, run
 from batch.partition import Layout, Run, gather, partition, read_part, runs
 from export import index as indexes
@@ -287,6 +288,29 @@ def test_gather_equals_the_partition_files(data: dict[str, Any], tmp_path: Path)
         gather(iter([receipts]), Layout(0, 1, 2))
 
 
+@pytest.mark.parametrize("blocks", [(1024, 4096), (7, 5)])
+def test_exact_search_is_the_flat_index_search(
+    blocks: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU engine's search of a flat index (numpy's products, FAISS's heaps) returns what the index's
+    own search does, in blocks of any size, also when fewer items than ``k`` are there."""
+    monkeypatch.setattr(engines, "SEARCH_QUERIES", blocks[0])
+    monkeypatch.setattr(engines, "SEARCH_ITEMS", blocks[1])
+    rng = np.random.default_rng(3)
+    items = rng.normal(size=(40, 8)).astype(np.float32)
+    queries = rng.normal(size=(23, 8)).astype(np.float32)
+    index = faiss.IndexFlatIP(8)
+    index.add(items)
+    items_t = np.ascontiguousarray(items.T)
+    for k in (1, 10, 40, 45):
+        scores, rows = engines.exact_search(items_t, queries, k)
+        want_scores, want_rows = index.search(queries, k)
+        assert np.array_equal(rows, want_rows)  # -1 where fewer than k items
+        np.testing.assert_allclose(scores[rows >= 0], want_scores[want_rows >= 0], rtol=1e-5, atol=1e-5)
+    empty = engines.exact_search(items_t, queries[:0], 5)
+    assert empty[0].shape == empty[1].shape == (0, 5)
+
+
 def test_runs_cut_between_shoppers() -> None:
     """Parts of consecutive shoppers: a part ends before the next row group's lowest shopper id, and a
     group whose shoppers straddle the cut is read by both parts, each owning its own ids of it."""
@@ -306,11 +330,12 @@ def test_runs_cut_between_shoppers() -> None:
     assert described(runs(groups, 5)) == [([0], None, 3), ([0, 1, 2], 3, 7), ([4], 7, 9), ([4, 5], 9, None)]
     assert described(runs(groups, 10)) == [([0, 1], None, 3), ([0, 1, 2, 4], 3, 9), ([4, 5], 9, None)]
     assert described(runs(groups, 100)) == [([0, 1, 2, 4, 5], None, None)]
-    assert runs([group(0, 5, (4, 4)), group(1, 5, (4, 4))], 1) is not None  # one shopper: one part
-    assert len(runs([group(0, 5, (4, 4)), group(1, 5, (4, 4))], 1) or []) == 1
-    assert runs([group(0, 5, (1, 5)), group(1, 5, (4, 8))], 1) is None  # overlapping: not in order
-    assert runs([group(0, 5, (1, 5)), group(1, 5, None)], 1) is None  # no statistics
-    assert runs([group(0, 0, None)], 1) is None
+    assert runs(groups, 4) is None  # groups larger than a part: read by hash, in bounded memory
+    one_shopper = runs([group(0, 5, (4, 4)), group(1, 5, (4, 4))], 5)
+    assert one_shopper is not None and len(one_shopper) == 1  # a shopper is never cut
+    assert runs([group(0, 5, (1, 5)), group(1, 5, (4, 8))], 5) is None  # overlapping: not in order
+    assert runs([group(0, 5, (1, 5)), group(1, 5, None)], 5) is None  # no statistics
+    assert runs([group(0, 0, None)], 5) is None
 
 
 @pytest.fixture(scope="module")
@@ -383,7 +408,7 @@ def test_wrong_footer_statistics_are_refused(
     monkeypatch.setattr(shards, "row_groups", narrowed)
     wrong = r"row group 0: shopper ids 42\.\.\d+ outside the range 43\.\.\d+ its footer's"
     with pytest.raises(CandidatesError, match=wrong):
-        job(receipts=ordered_dir, rows_per_part=100, batch_size=32)
+        job(receipts=ordered_dir, rows_per_part=500, batch_size=32)
 
 
 @pytest.mark.parametrize("order", ["shuffled", "by shopper"])
