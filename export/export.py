@@ -68,7 +68,7 @@ NUM_QUERIES = 1000  # shopper embeddings the index's recall is measured on
 NUM_TOP_K_CHECKS = 64  # of those, histories whose top-K is compared with torch (scores are [n, V])
 TIE_TOLERANCE = 1e-5  # torch scores this close count as a tie, whose order the check ignores
 MAX_METRICS_BYTES = 1 << 20  # a run's metrics.json, copied into the manifest
-MAX_NDCG_COST = 0.005  # quantize=auto keeps int8 below this relative NDCG@10 cost (issue 15's bar)
+MAX_NDCG_COST = 0.005  # quantize=auto keeps int8 below this relative NDCG@10 cost
 
 
 def item_vectors(module: NextItemModule) -> np.ndarray:
