@@ -28,8 +28,10 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import faiss
 import hydra
@@ -312,6 +314,11 @@ def validation_data(cfg: DictConfig, checkpoint: str | Path) -> EvaluationData:
     before that cutoff, with histories before them, so the int8 choice never sees the model's test split."""
     trained = checkpoints.read(checkpoint).get("hyper_parameters", {}).get("data") or {}
     split = {key: trained[key] for key in TRAINING_SPLIT if key in trained and key in cfg}
+    if isinstance(split.get("cutoff"), str) and split.get("timezone"):
+        moment = datetime.fromisoformat(split["cutoff"])
+        if moment.tzinfo is not None:  # a recorded offset: the zone's wall clock, as training split it
+            local = moment.astimezone(ZoneInfo(split["timezone"])).replace(tzinfo=None)
+            split["cutoff"] = local.isoformat()
     datamodule: ReceiptsDataModule = hydra.utils.instantiate(cfg, **split)
     datamodule.setup("fit")
     if datamodule.val_data is None:

@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
+from export import export as export_module
 from export import index as indexes
 from export.export import check_top_k, export_bundle, item_vectors, validation_data
 from export.onnx import PARITY_TOLERANCE, ExportError, onnx_encoder, parity, random_gaps, random_histories
@@ -265,6 +266,25 @@ def test_auto_quantization_measures_on_the_checkpoints_validation_window(
     assert data.cutoff == parse_cutoff("2017-12-01", "UTC") - timedelta(days=14)
     assert pc.max(data.train.column(TIMESTAMP)).as_py() < data.cutoff
     assert len(data.targets.shopper_ids) > 0
+
+
+def test_the_validation_window_keeps_the_training_zones_wall_clock(
+    compose_config: Callable[..., DictConfig], checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint records its cutoff with a fixed offset (-05:00 in December); 28 days earlier is across
+    the change to daylight saving time, where training's own window starts at midnight EDT (-04:00)."""
+    read = export_module.checkpoints.read
+
+    def recorded(path: str | Path) -> dict:
+        state = read(path)
+        data = {"cutoff": "2017-12-01T00:00:00-05:00", "timezone": "America/New_York", "val_days": 28}
+        return state | {"hyper_parameters": {**state["hyper_parameters"], "data": data}}
+
+    monkeypatch.setattr(export_module.checkpoints, "read", recorded)
+    overrides = ["data@evaluation_data=synthetic", "evaluation_data.receipts.config.num_shoppers=200"]
+    cfg = compose_config("export", [*overrides, f"checkpoint={checkpoint}"])
+    data = validation_data(cfg.evaluation_data, checkpoint)
+    assert data.cutoff.isoformat() == "2017-11-03T00:00:00-04:00"
 
 
 def test_int8_export_records_its_parity(checkpoint: Path, bundle_path: Path, tmp_path: Path) -> None:
