@@ -241,11 +241,11 @@ def export_bundle(
             raise ExportError("the int8 encoder gives non-finite shopper embeddings; export quantize=none")
         log.info("int8 encoder: %s", quantization)
 
-    def bundle(path: Path, graph: bytes, extra: dict[str, Any], replace: bool = overwrite) -> Path:
+    def bundle(path: Path, graph: bytes, replace: bool = overwrite) -> Path:
+        """The bundle of ``graph`` at ``path``, with the manifest as it stands when called."""
         return write_bundle(
-            path, graph, items, index, manifest | extra, overwrite=replace, repeat=scorer,
-            time_gaps=takes_gaps(model),
-        )  # fmt: skip
+            path, graph, items, index, manifest, overwrite=replace, repeat=scorer, time_gaps=takes_gaps(model)
+        )
 
     manifest = {
         "model": {"name": type(model).__name__, "config": dict(module.hparams["net"])},
@@ -275,11 +275,11 @@ def export_bundle(
     log.info("index recall@%d vs exact search: %.4f", K, recall)
     manifest["index"] = {**description, f"recall_at_{K}": recall}
     log.info("repeat-aware scorer: %s", "included" if scorer is not None else "none in the checkpoint")
-    return bundle(output, onnx_bytes, {})
+    return bundle(output, onnx_bytes)
 
 
 def quantization_cost(
-    bundle: Callable[[Path, bytes, dict[str, Any], bool], Path],
+    bundle: Callable[[Path, bytes, bool], Path],
     graphs: dict[str, bytes],
     data: EvaluationData,
     scratch: Path,
@@ -292,7 +292,7 @@ def quantization_cost(
     scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".caddie-quantization-", dir=scratch) as directory:
         for name, graph in graphs.items():
-            path = bundle(Path(directory) / name, graph, {}, False)
+            path = bundle(Path(directory) / name, graph, False)
             ranked = bundle_rankings(str(path), data, K)
             metrics = evaluate(ranked, data, (K,))
             figures[name] = {f"recall@{K}": metrics[f"recall@{K}"], f"ndcg@{K}": metrics[f"ndcg@{K}"]}
