@@ -126,7 +126,8 @@ def evaluate_cutoff(
         combination = fitted_combination(ranker, vocab, windows, members, HORIZON_DAYS)
         rows = history_rows(before, members, households, cutoff, raw)
         # households rank by the combined score (the probabilities' order, the calibration's ties broken)
-        ranking, probability = combination.score(rows), combination(rows)
+        ranking = combination.score(rows)
+        probability = combination.calibration(ranking)
         outcome = bought(after, members, households)
         ever = bought(before, members, households)
         frequency = {h: decayed_frequency(lines, households, category, cutoff_days, h) for h in HALF_LIVES}
