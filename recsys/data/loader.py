@@ -189,9 +189,13 @@ def _check_agreement(files: list[_File], source_names: Mapping[str, str], timezo
 
 
 def _files(
-    source: str | Path | list[str], columns: Mapping[str, str] | None, timezone: str | None
+    source: str | Path | list[str],
+    columns: Mapping[str, str] | None,
+    timezone: str | None,
+    only: set[str] | None = None,
 ) -> list[_File]:
-    """Every file of ``source`` with its schema checked, in the dataset's order; reads only footers."""
+    """Every file of ``source`` (or those of its files whose paths are in ``only``) with its schema
+    checked, in the dataset's order; reads only footers."""
     mapping = dict(columns or {})
     unknown = set(mapping) - set(KEY_COLUMNS) - set(OPTIONAL_COLUMNS)
     if unknown:
@@ -200,6 +204,8 @@ def _files(
     dataset = open_dataset(source)
     files = []
     for fragment in dataset.get_fragments():
+        if only is not None and fragment.path not in only:
+            continue
         schema = _file_schema(dataset, fragment)
         wanted = list(KEY_COLUMNS) + [c for c in OPTIONAL_COLUMNS if source_names[c] in schema.names]
         file = _File(fragment.path, fragment, schema, {c: source_names[c] for c in wanted})
@@ -265,10 +271,13 @@ def iter_receipts(
     (from the footers only); a batch never spans two files. Batches that are empty once returns are
     dropped are skipped; an entirely empty source raises. Duplicate removal needs the whole table, so it
     is not offered here. ``row_groups`` (of :func:`row_groups`): only these are read, in this order, one
-    batch for each whatever its size, also when it is empty once returns are dropped.
+    batch for each whatever its size, also when it is empty once returns are dropped; only their files'
+    schemas are checked then (:func:`row_groups` checked every file's).
     """
     rules = TimeRules.from_options(timezone, ambiguous_times, nonexistent_times, min_date, max_date)
-    files = _files(source, columns, timezone)
+    # row groups name their files: the others' footers need not be read again
+    only = None if row_groups is None else {group.path for group in row_groups}
+    files = _files(source, columns, timezone, only)
     if row_groups is not None:
         yield from _read_row_groups(files, row_groups, rules, drop_returns)
         return
