@@ -313,12 +313,25 @@ def validation_data(cfg: DictConfig, checkpoint: str | Path) -> EvaluationData:
     cutoff, zone, vocabulary and validation days, where the checkpoint records them): the ``val_days``
     before that cutoff, with histories before them, so the int8 choice never sees the model's test split."""
     trained = checkpoints.read(checkpoint).get("hyper_parameters", {}).get("data") or {}
+    if not isinstance(trained, dict):
+        raise ExportError(f"{checkpoint}: its training data description is not a mapping")
     split = {key: trained[key] for key in TRAINING_SPLIT if key in trained and key in cfg}
+    for key, value in split.items():
+        # plain values only: a mapping here would reach hydra.utils.instantiate, which runs a `_target_`
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+            raise ExportError(
+                f"{checkpoint}: its training data's {key!r} is not a plain value: {value!r:.80}"
+            )
     if isinstance(split.get("cutoff"), str) and split.get("timezone"):
-        moment = datetime.fromisoformat(split["cutoff"])
-        if moment.tzinfo is not None:  # a recorded offset: the zone's wall clock, as training split it
-            local = moment.astimezone(ZoneInfo(split["timezone"])).replace(tzinfo=None)
-            split["cutoff"] = local.isoformat()
+        try:
+            moment = datetime.fromisoformat(split["cutoff"])
+            if moment.tzinfo is not None:  # a recorded offset: the zone's wall clock, as training split it
+                local = moment.astimezone(ZoneInfo(str(split["timezone"]))).replace(tzinfo=None)
+                split["cutoff"] = local.isoformat()
+        except (ValueError, KeyError) as error:  # ZoneInfo refuses keys that are paths
+            raise ExportError(
+                f"{checkpoint}: its training data's cutoff or timezone is unreadable: {error}"
+            ) from error
     datamodule: ReceiptsDataModule = hydra.utils.instantiate(cfg, **split)
     datamodule.setup("fit")
     if datamodule.val_data is None:

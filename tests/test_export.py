@@ -287,6 +287,39 @@ def test_the_validation_window_keeps_the_training_zones_wall_clock(
     assert data.cutoff.isoformat() == "2017-11-03T00:00:00-04:00"
 
 
+@pytest.mark.parametrize(
+    ("data", "refused"),
+    [
+        ({"cutoff": {"_target_": "os.system", "command": "echo owned"}}, "'cutoff' is not a plain value"),
+        ({"val_days": [28]}, "'val_days' is not a plain value"),
+        ({"cutoff": "2017-12-01T00:00:00-05:00", "timezone": "../../../etc/passwd"}, "unreadable"),
+        (["cutoff"], "not a mapping"),
+    ],
+)
+def test_a_checkpoints_training_split_cannot_name_code_or_files(
+    compose_config: Callable[..., DictConfig],
+    checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    data: object,
+    refused: str,
+) -> None:
+    """What the checkpoint records of its training split reaches the data config's instantiation: only
+    plain values pass, so a `_target_` or a zone key that is a path is refused before anything runs."""
+    read = export_module.checkpoints.read
+    ran: list[str] = []
+    monkeypatch.setattr("os.system", lambda command: ran.append(command) or 0)
+
+    def recorded(path: str | Path) -> dict:
+        state = read(path)
+        return state | {"hyper_parameters": {**state["hyper_parameters"], "data": data}}
+
+    monkeypatch.setattr(export_module.checkpoints, "read", recorded)
+    cfg = compose_config("export", ["data@evaluation_data=synthetic", f"checkpoint={checkpoint}"])
+    with pytest.raises(ExportError, match=refused):
+        validation_data(cfg.evaluation_data, checkpoint)
+    assert ran == []
+
+
 def test_int8_export_records_its_parity(checkpoint: Path, bundle_path: Path, tmp_path: Path) -> None:
     assert "quantization" not in read_bundle(bundle_path).manifest  # off by default
     bundle = read_bundle(export_bundle(checkpoint, tmp_path / "int8", indexes.flat, quantize="int8"))
