@@ -53,11 +53,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from batch.audiences import SCORES, calibration_windows, campaign_rows, choose, score_part
 from batch.campaign import CampaignSpec, load_spec
-from batch.engines import OnnxEngine
+from batch.engines import OnnxEngine, onnx_settings
 from batch.lock import LockError, locked
 from batch.manifests import CandidatesError, ShardManifest, combine_shards, write_part
 from batch.partition import Layout
@@ -87,9 +87,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise CandidatesError(f"calibration_share must be in (0, 1], got {cfg.calibration_share}")
     try:
         calibration_windows(as_of, spec.horizon_days, cfg.calibration_windows)
+        onnx = onnx_settings(OmegaConf.to_container(cfg.onnx))
     except ValueError as error:
         raise CandidatesError(str(error)) from error
-    engine = OnnxEngine(cfg.bundle, cfg.threads, None, cfg.onnx.encode_rows, cfg.onnx.graph_optimization)
+    engine = OnnxEngine(cfg.bundle, cfg.threads, None, **onnx)
     products = spec.product_ids(engine.items)
     rows = campaign_rows(engine, products)
     output = Path(cfg.output)

@@ -51,14 +51,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
-from batch.engines import Engine, OnnxEngine, TorchEngine
+from batch.engines import Engine, OnnxEngine, TorchEngine, onnx_settings
 from batch.lock import LockError, locked
 from batch.manifests import MANIFEST_FILE, CandidatesError, ShardManifest, combine_shards
 from batch.partition import Layout
 from batch.pipeline import Concurrency, Progress, Timings, process
 from batch.shards import PARTITIONS_DIR, part_reader, receipts_identity, remove_partitions
 from batch.shards import layout as shard_layout
-from recsys.bundle import GRAPH_OPTIMIZATION, sha256_file
+from recsys.bundle import sha256_file
 from recsys.data.loader import open_dataset
 from recsys.data.schema import PRODUCT
 from recsys.rules import Rules, RulesError
@@ -164,16 +164,12 @@ def _run(cfg: DictConfig, timings: Timings) -> tuple[ShardManifest, Layout, Path
     """Check the settings, then partition and process whatever parts of the shard are not written yet."""
     if cfg.batch_size < 1:
         raise CandidatesError(f"need batch_size >= 1, got {cfg.batch_size}")
-    if cfg.onnx.encode_rows is not None and cfg.onnx.encode_rows < 1:
-        raise CandidatesError(f"need onnx.encode_rows >= 1, got {cfg.onnx.encode_rows}")
-    if cfg.onnx.graph_optimization not in GRAPH_OPTIMIZATION:
-        raise CandidatesError(
-            f"onnx.graph_optimization must be one of {sorted(GRAPH_OPTIMIZATION)}, "
-            f"got {cfg.onnx.graph_optimization!r}"
-        )
+    try:
+        onnx = onnx_settings(OmegaConf.to_container(cfg.onnx))
+    except ValueError as error:
+        raise CandidatesError(str(error)) from error
     unavailable_path = cfg.rules.unavailable
     unavailable = read_product_ids(unavailable_path) if unavailable_path else np.zeros(0, np.int64)
-    onnx = OmegaConf.to_container(cfg.onnx)
     engine = open_engine(cfg.bundle, cfg.checkpoint, cfg.device, cfg.threads, unavailable, onnx)
     rules = _rules(cfg, engine)
     concurrency = Concurrency(cfg.batch_size, max(1, cfg.read_threads), max(1, cfg.select_threads))

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
 
-from recsys.bundle import onnx_session, read_bundle, sha256_file
+from recsys.bundle import GRAPH_OPTIMIZATION, onnx_session, read_bundle, sha256_file
 from recsys.data.vocabulary import PRODUCTS, Vocabulary
 from recsys.ranker import Ranker
 
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 SCORE_CHUNK_ELEMENTS = 1 << 28  # scores materialised at once by the torch engine: 1 GiB of fp32
 SEARCH_QUERIES = 1024  # shoppers per block of exact_search: their heaps stay in cache
 SEARCH_ITEMS = 4096  # items per block: at most 16 MiB of fp32 scores at once
+PARALLEL = ("rows", "ops")  # how OnnxEngine's cores share a batch
 
 
 def exact_search(items_t: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,6 +62,26 @@ def exact_search(items_t: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.n
             heaps.addn(stop - start, faiss.swig_ptr(found), start, first, last - first)
     heaps.reorder()  # best first
     return scores, rows
+
+
+def onnx_settings(group: Mapping[str, Any]) -> dict[str, Any]:
+    """A job config's ``onnx`` group as :class:`OnnxEngine`'s keyword arguments, checked: a ValueError
+    names the first unknown key or bad value (``onnx.<key>``)."""
+    settings = dict(group)
+    unknown = sorted(set(settings) - {"encode_rows", "graph_optimization", "parallel"})
+    if unknown:
+        raise ValueError(f"unknown onnx settings {unknown}: encode_rows, graph_optimization, parallel")
+    rows = settings.get("encode_rows")
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise ValueError(f"need onnx.encode_rows >= 1 (or null), got {rows!r}")
+    level = settings.get("graph_optimization", "all")
+    if level not in GRAPH_OPTIMIZATION:
+        raise ValueError(
+            f"onnx.graph_optimization must be one of {sorted(GRAPH_OPTIMIZATION)}, got {level!r}"
+        )
+    if settings.get("parallel", "rows") not in PARALLEL:
+        raise ValueError(f"onnx.parallel must be one of {list(PARALLEL)}, got {settings['parallel']!r}")
+    return settings
 
 
 class Engine(ABC):
@@ -100,10 +123,12 @@ class Engine(ABC):
 class OnnxEngine(Engine):
     """A verified bundle: ONNX Runtime encodes on ``threads`` cores, FAISS searches on as many.
 
-    Tuned for throughput: at most ``encode_rows`` shoppers per ONNX Runtime call (None: a whole batch in
-    one), so a call's activations stay in cache (``conf/candidates.yaml`` sets it;
-    ``benchmarks/batch_candidates.py --sweep`` measures it), under ``graph_optimization``
-    (:data:`recsys.bundle.GRAPH_OPTIMIZATION`).
+    Tuned for throughput: at most ``encode_rows`` shoppers per ONNX Runtime call, so a call's activations
+    stay in cache, under ``graph_optimization`` (:data:`recsys.bundle.GRAPH_OPTIMIZATION`). ``parallel``
+    says how the cores share a batch: ``"rows"``, each core runs its own single-threaded calls on the
+    batch's chunks of ``encode_rows`` shoppers (None: one chunk per core); ``"ops"``, one call at a time
+    (None: the whole batch), each operator split over the cores. ``conf/candidates.yaml`` sets them,
+    ``benchmarks/batch_candidates.py --sweep`` measures them. Both give the same embeddings.
     """
 
     def __init__(
@@ -113,9 +138,12 @@ class OnnxEngine(Engine):
         unavailable: np.ndarray | None = None,
         encode_rows: int | None = None,
         graph_optimization: str = "all",
+        parallel: str = "rows",
     ) -> None:
         if encode_rows is not None and encode_rows < 1:
             raise ValueError(f"need encode_rows >= 1, got {encode_rows}")
+        if parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {list(PARALLEL)}, got {parallel!r}")
         bundle = read_bundle(path)
         popularity = bundle.items.column("popularity").to_numpy().astype(np.int64)
         super().__init__(
@@ -125,8 +153,9 @@ class OnnxEngine(Engine):
             bundle.repeat,
         )
         self.threads = threads or os.cpu_count() or 1
-        self.encode_rows = encode_rows
-        self._session = onnx_session(bundle, self.threads, graph_optimization)
+        self.encode_rows, self.parallel = encode_rows, parallel
+        # by rows, each call runs on the thread that makes it; by operators, on all the cores
+        self._session = onnx_session(bundle, 1 if parallel == "rows" else self.threads, graph_optimization)
         self._input = bundle.manifest["input_name"]
         self._gaps = bundle.gaps_name
         self._output = bundle.manifest["output_name"]
@@ -152,14 +181,25 @@ class OnnxEngine(Engine):
         return self._identity
 
     def encode(self, item_ids: np.ndarray, gaps: np.ndarray) -> np.ndarray:
-        chunks, step = [], self.encode_rows or max(1, len(item_ids))
+        by_rows = self.parallel == "rows"
+        whole = -(-len(item_ids) // self.threads) if by_rows else len(item_ids)
+        step = self.encode_rows or max(1, whole)
         # an empty batch still runs once, for its [0, d] result
-        for start in range(0, len(item_ids), step) or range(1):
+        starts = range(0, len(item_ids), step) or range(1)
+
+        def call(start: int) -> np.ndarray:
             rows = slice(start, start + step)
             feeds = {self._input: item_ids[rows]}
             if self._gaps is not None:
                 feeds[self._gaps] = gaps[rows]
-            chunks.append(self._session.run([self._output], feeds)[0])
+            return self._session.run([self._output], feeds)[0]
+
+        if by_rows and self.threads > 1 and len(starts) > 1:
+            # ONNX Runtime releases the GIL while it runs; map keeps the chunks in order
+            with ThreadPoolExecutor(min(self.threads, len(starts)), thread_name_prefix="encode") as pool:
+                chunks = list(pool.map(call, starts))
+        else:
+            chunks = [call(start) for start in starts]
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
     def top(self, shoppers: np.ndarray, wanted: int) -> tuple[np.ndarray, np.ndarray]:

@@ -33,8 +33,9 @@ from their shapes) against a roofline measured on the same box, the numpy and to
 exactly those shapes in the same order; the fraction is the ratio of the two (the GEMM rates of the
 weight products alone, without attention's small batched ones, are printed beside). An int8 encoder's
 FLOPs are counted as the fp32 ones it replaces, against the fp32 GEMMs, so it can pass 100%. ``--sweep`` first
-measures the encoder's shoppers/s over ``onnx.encode_rows`` and ONNX Runtime's graph optimisation
-levels (the choice in ``conf/candidates.yaml``). ``--repeats N`` runs the jobs and the reference N
+measures the encoder's shoppers/s over ``onnx.encode_rows``, ``onnx.parallel`` (cores on their own calls,
+or each call's operators over all cores) and ONNX Runtime's graph optimisation levels (the choice in
+``conf/candidates.yaml``). ``--repeats N`` runs the jobs and the reference N
 times, interleaved, and prints each repeat's job / reference ratio and their median: on a shared box whose
 speed drifts, a ratio of two runs taken one after the other is what is comparable.
 """
@@ -58,7 +59,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from batch.candidates import run
-from batch.engines import OnnxEngine
+from batch.engines import PARALLEL, OnnxEngine
 from export.export import export_bundle
 from export.index import flat
 from recsys.data.loader import open_dataset
@@ -114,6 +115,8 @@ def job(receipts: Path, output: Path, args: argparse.Namespace, **model: str) ->
         settings["onnx.encode_rows"] = args.encode_rows
     if args.graph_optimization is not None:
         settings["onnx.graph_optimization"] = args.graph_optimization
+    if args.parallel is not None:
+        settings["onnx.parallel"] = args.parallel
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("candidates", overrides=[f"{key}={value}" for key, value in settings.items()])
     return run(cfg)
@@ -247,25 +250,29 @@ def encoder_histories(engine: OnnxEngine, count: int, seed: int) -> tuple[np.nda
 
 
 def sweep(bundle: Path, args: argparse.Namespace) -> None:
-    """Encoder shoppers/s by ``onnx.encode_rows`` and graph optimisation level, interleaved in rounds."""
-    levels = ("basic", "extended", "all")
-    engines = {level: OnnxEngine(bundle, args.threads, graph_optimization=level) for level in levels}
-    # not 4096: ONNX Runtime's arena keeps each session's peak activations, which at that size are
-    # what encode_rows exists to avoid, here three times over
-    sizes = (64, 128, 256, 512, 1024)
-    items, gaps = encoder_histories(engines["all"], max(sizes), args.seed)
-    found: dict[tuple[int, str], list[float]] = {(rows, level): [] for rows in sizes for level in levels}
+    """Encoder shoppers/s by ``onnx.parallel``, graph optimisation level and ``onnx.encode_rows``, over
+    batches of 1,024 full-width histories, interleaved in rounds."""
+    settings = [(parallel, level) for parallel in PARALLEL for level in ("basic", "extended", "all")]
+    engines = {
+        (parallel, level): OnnxEngine(bundle, args.threads, graph_optimization=level, parallel=parallel)
+        for parallel, level in settings
+    }
+    sizes = (32, 64, 128, 256, 512)
+    items, gaps = encoder_histories(engines[settings[0]], 1024, args.seed)
+    found: dict[tuple[int, tuple[str, str]], list[float]] = {(r, s): [] for r in sizes for s in settings}
     for _ in range(args.sweep_rounds):
         for rows in sizes:
-            for level in levels:
-                call = functools.partial(engines[level].encode, items[:rows], gaps[:rows])
-                found[rows, level].append(rate(call, rows, 1.0, 1))
+            for setting in settings:
+                engines[setting].encode_rows = rows
+                call = functools.partial(engines[setting].encode, items, gaps)
+                found[rows, setting].append(rate(call, len(items), 1.0, 1))
     print(f"encoder alone, shoppers/s (median of {args.sweep_rounds} interleaved rounds of >= 1 s, "
-          f"max_len {engines['all'].max_len}), by encode_rows and graph optimisation:\n")  # fmt: skip
-    print("| encode_rows | " + " | ".join(levels) + " |")
-    print("|---" * (len(levels) + 1) + "|")
+          f"batches of {len(items):,}, max_len {engines[settings[0]].max_len}), by encode_rows, "
+          "parallel and graph optimisation:\n")  # fmt: skip
+    print("| encode_rows | " + " | ".join(f"{parallel}, {level}" for parallel, level in settings) + " |")
+    print("|---" * (len(settings) + 1) + "|")
     for rows in sizes:
-        cells = [f"{statistics.median(found[rows, level]):,.0f}" for level in levels]
+        cells = [f"{statistics.median(found[rows, setting]):,.0f}" for setting in settings]
         print(f"| {rows} | " + " | ".join(cells) + " |")
     print(flush=True)
 
@@ -283,7 +290,7 @@ def roofline(bundle: Path, net: dict[str, Any], args: argparse.Namespace, onnx: 
     best = max(limits, key=limits.get)
     dense = gemm_rates([shape for shape in shapes if shape[0] == 1], args.roofline_seconds)
     print(f"encoder alone: {shoppers:,.0f} shoppers/s at {per_shopper / 1e6:.1f} MFLOP per shopper "
-          f"(encode_rows {rows}, max_len {engine.max_len}, graph optimisation "
+          f"(encode_rows {rows}, parallel {onnx['parallel']}, max_len {engine.max_len}, graph optimisation "
           f"{onnx['graph_optimization']}) = {achieved:.1f} GFLOP/s; the same products as GEMMs: numpy "
           f"{limits['numpy']:.1f}, torch {limits['torch']:.1f} GFLOP/s; encoder at "
           f"{achieved / limits[best]:.0%} of the faster ({best}); the weight products alone (no "
@@ -315,8 +322,11 @@ def main() -> None:
     parser.add_argument("--rows-per-part", type=int, default=None, help="default: conf/candidates.yaml's")
     parser.add_argument("--encode-rows", type=int, default=None, help="default: conf/candidates.yaml's")
     parser.add_argument("--graph-optimization", default=None, help="default: conf/candidates.yaml's")
+    parser.add_argument("--parallel", choices=PARALLEL, default=None, help="default: conf/candidates.yaml's")
     parser.add_argument("--threads", type=int, default=None, help="encoder alone; default all cores")
-    parser.add_argument("--sweep", action="store_true", help="first, the encoder by encode_rows and level")
+    parser.add_argument(
+        "--sweep", action="store_true", help="first, the encoder by encode_rows, parallel and level"
+    )
     parser.add_argument("--sweep-rounds", type=int, default=3)
     parser.add_argument("--roofline-seconds", type=float, default=2.0, help="per measured round")
     parser.add_argument(
@@ -353,6 +363,7 @@ def main() -> None:
         onnx: dict[str, Any] = dict(compose("candidates", overrides=["receipts=-", "output=-"]).onnx)
     onnx["encode_rows"] = args.encode_rows or onnx["encode_rows"]
     onnx["graph_optimization"] = args.graph_optimization or onnx["graph_optimization"]
+    onnx["parallel"] = args.parallel or onnx["parallel"]
     print(
         f"{args.shoppers:,} shoppers, {rows:,} receipt rows, {args.products:,} products; load average "
         f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}"
