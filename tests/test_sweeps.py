@@ -83,6 +83,7 @@ def test_each_process_evaluates_its_own_shoppers_and_no_sampler_is_injected(
         datamodule.val_dataloader()
 
 
+@pytest.mark.slow  # multi-process, 40-50 s on the 2-core box: `make test-all` runs it
 def test_ddp_metrics_equal_one_process_on_the_same_model(tmp_path: Path) -> None:
     """Training, validation, the scorer's fit and the test through ``trainer=ddp`` with 2 CPU processes
     (gloo) give the single-process figures exactly. At lr=0 both runs keep the seed's initial weights, so
@@ -140,6 +141,7 @@ def test_same_seed_and_config_give_identical_metrics(tmp_path: Path) -> None:
     assert first.metrics["epochs"] == 2 and 0 < first.metrics["test/repeat_aware/recall@10"] <= 1
 
 
+@pytest.mark.slow  # multi-process, 40-50 s on the 2-core box: `make test-all` runs it
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     """SIGKILL mid-epoch once checkpoints/last.ckpt holds a step, then ckpt_path=last in the same run
     dir: optimizer, scheduler, loop counters, batch order and random state resume, and the final metrics
