@@ -140,10 +140,9 @@ class OnnxEngine(Engine):
         graph_optimization: str = "all",
         parallel: str = "rows",
     ) -> None:
-        if encode_rows is not None and encode_rows < 1:
-            raise ValueError(f"need encode_rows >= 1, got {encode_rows}")
-        if parallel not in PARALLEL:
-            raise ValueError(f"parallel must be one of {list(PARALLEL)}, got {parallel!r}")
+        onnx_settings(
+            {"encode_rows": encode_rows, "graph_optimization": graph_optimization, "parallel": parallel}
+        )
         bundle = read_bundle(path)
         popularity = bundle.items.column("popularity").to_numpy().astype(np.int64)
         super().__init__(
