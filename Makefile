@@ -38,8 +38,9 @@ demo: $(STAMP)
 	$(PY) -c "import yaml; from recsys.data.completejourney import load_campaign_tables as load; \
 		c = load()['coupons']; ids = sorted(set(c.filter(c['campaign_id'].to_numpy() == 22)['product_id'].to_pylist())); \
 		yaml.safe_dump({'campaign_id': 22, 'name': 'Complete Journey campaign 22, its coupon products', \
-		'products': ids, 'horizon_days': 28, 'audience': 250, 'min_probability': 0.05, 'exploration': 0.1, \
-		'exclude': {'bought_within_days': 7}}, open('$(DEMO)/campaign_22.yaml', 'w'))"
+		'products': ids, 'horizon_days': 28, 'objective': 'redeem', 'audience': 250, \
+		'min_probability': 0.01, 'exploration': 0.1, 'exclude': {'bought_within_days': 7}}, \
+		open('$(DEMO)/campaign_22.yaml', 'w'))"
 	$(PY) -m batch.audience campaign=$(DEMO)/campaign_22.yaml bundle=$(DEMO)/bundle \
 		receipts=$(DEMO)/receipts.parquet output=$(DEMO)/audience as_of=2017-12-01 \
 		timezone=America/New_York progress=false hydra.run.dir=$(DEMO)/audience_run

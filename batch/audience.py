@@ -7,17 +7,19 @@ Two steps (library: :mod:`batch.audiences`, :mod:`recsys.propensity`, :mod:`recs
 1. **Scores**, sharded and resumable like the candidate job (the same partitioning, engine and manifests,
    :mod:`batch.shards`): every shopper with a purchase before ``as_of`` gets its raw within-horizon score
    of the campaign's products, and its own history of them (days since it last bought one, its baskets,
-   its decayed baskets with them). A ``calibration_share`` of the shoppers (chosen by a hash of the id,
+   its decayed baskets with them; with the spec's ``objective: redeem``, its baskets with a coupon
+   discount, :mod:`recsys.coupons`). A ``calibration_share`` of the shoppers (chosen by a hash of the id,
    so every shard agrees) is also scored the same way at the start of each of ``calibration_windows``
    horizons back to back before ``as_of``, on the receipts before that start, with what it bought in
    that horizon: the calibration's examples, all before ``as_of``.
 2. **Audience**, once every shard is complete (the shard that completes last writes it): the
    combination fitted on those examples (:mod:`recsys.combination`: monotone gradient-boosted trees over
    the raw score and the history, then isotonic calibration of their cross-fitted output; the raw score
-   alone, calibrated, when the sample has too few buyers) maps every shopper to a probability;
+   alone, calibrated, when the sample has too few buyers) maps every shopper to a probability of buying
+   (``objective: redeem``: times its coupon rate, P(redeem) if the two are independent);
    :func:`select_audience`
    applies the spec's threshold, exclusions and exploration share. When the receipts go on past
-   ``as_of + horizon``, the probabilities are also judged against what happened (AUC, Brier, ECE,
+   ``as_of + horizon``, the purchase probabilities are also judged against what happened (AUC, Brier, ECE,
    reliability; overall and for the low-activity third of shoppers by baskets), their AUC next to that
    of decayed frequency (baskets with the products, 120-day half-life) with a paired bootstrap interval.
 
@@ -60,11 +62,11 @@ from batch.campaign import CampaignSpec, load_spec
 from batch.engines import OnnxEngine, onnx_settings
 from batch.lock import LockError, locked
 from batch.manifests import CandidatesError, ShardManifest, combine_shards, write_part
-from batch.partition import Layout
+from batch.partition import COLUMNS, Layout
 from batch.shards import PARTITIONS_DIR, Runs, layout, part_reader, receipts_identity, remove_partitions
 from recsys.calibration import reliability_png
 from recsys.data.loader import open_dataset
-from recsys.data.schema import SHOPPER, TIMESTAMP
+from recsys.data.schema import COUPON, SHOPPER, TIMESTAMP
 from recsys.data.split import parse_cutoff
 from recsys.io import atomic_path, staged_directory, write_json
 
@@ -104,6 +106,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "model": engine.identity,
         "campaign_products": _digest(products.tolist()),
         "horizon_days": spec.horizon_days,
+        "coupon_baskets": spec.objective == "redeem",  # counted only for that objective
         "as_of": as_of.isoformat(),
         "calibration_share": float(cfg.calibration_share),
         "calibration_windows": int(cfg.calibration_windows),
@@ -163,7 +166,8 @@ def _score(
     if not pending:
         return manifest
     partitions = Path(cfg.output) / PARTITIONS_DIR / found.shard_name
-    read, _ = part_reader(cfg, found, receipts, partitions, num_rows, pending, ordered)
+    columns = (*COLUMNS, COUPON) if spec.objective == "redeem" else COLUMNS  # coupons: recsys.coupons
+    read, _ = part_reader(cfg, found, receipts, partitions, num_rows, pending, ordered, columns=columns)
     for index in pending:
         table = read(index)
         name = found.part_name(index)

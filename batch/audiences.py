@@ -8,7 +8,9 @@ shopper's own history of the products (:func:`history_features`). Both at the sc
 calibration sample, at the start of each calibration window (:func:`calibration_windows`), where what
 happened next is known; and, when the receipts go on past the scoring date, what happened after it
 (the evaluation). :func:`choose` fits the combination (:mod:`recsys.combination`) on the windows'
-examples and turns every shopper's row into a probability.
+examples and turns every shopper's row into a probability; for a spec whose ``objective`` is ``redeem``,
+that probability of buying times the shopper's coupon-use rate (:mod:`recsys.coupons`, from its baskets
+with a coupon discount, counted by :func:`score_part`).
 
 :func:`select_audience` takes each shopper's calibrated probability of buying the campaign's products
 within its horizon and when the shopper last bought them, and returns the ranked audience:
@@ -41,6 +43,7 @@ from batch.partition import shopper_hash
 from batch.pipeline import Part, Timings, search
 from recsys.calibration import summary
 from recsys.combination import Combination, fit_combination
+from recsys.coupons import coupon_baskets, coupon_rate
 from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
 from recsys.data.sequences import SECONDS_PER_DAY, build_sequences, epoch_days, positions
 from recsys.data.split import temporal_split
@@ -69,6 +72,9 @@ SCORES = pa.schema(
         pa.field("days_since_bought", pa.float64()),  # to the scoring date, inf: never bought the products
         pa.field("baskets", pa.int64()),  # baskets before the scoring date (the low-activity view)
         pa.field("frequency", pa.float64()),  # decayed baskets with the products: the reference scorer
+        # baskets before the scoring date with a coupon discount (recsys.coupons); null unless the
+        # campaign's objective is redeem
+        pa.field("coupon_baskets", pa.int64()),
         # the same four at the start of each calibration window (calibration_windows), one entry per
         # window, and whether the shopper bought the products in it; raw NaN: not sampled, or no receipt
         # before that window
@@ -197,6 +203,7 @@ def score_part(
     now = _histories(before, engine, shopper_ids)
     raw = raw_scores(engine, now, rows, as_of, spec.horizon_days, popular)
     since, basket_count, frequency = history_features(before, product_ids, shopper_ids, as_of)
+    coupons = coupon_baskets(before, shopper_ids) if spec.objective == "redeem" else None
     found = calibration_windows(as_of, spec.horizon_days, windows)
     calibration: dict[str, list[np.ndarray]] = {field: [] for field in (*CALIBRATION, "calibration_bought")}
     # the sample's rows alone: a small share costs a small share of the grouping
@@ -235,9 +242,12 @@ def score_part(
         values = np.stack(calibration[field], axis=1).ravel()
         return pa.ListArray.from_arrays(offsets, pa.array(values, SCORES.field(field).type.value_type))
 
-    columns = [shopper_ids, raw, since, basket_count, frequency]
+    columns = [shopper_ids, raw, since, basket_count, frequency, coupons]
     return pa.record_batch(
-        [pa.array(c, f.type) for c, f in zip(columns, SCORES, strict=False)]
+        [
+            pa.nulls(len(shopper_ids), f.type) if c is None else pa.array(c, f.type)
+            for c, f in zip(columns, SCORES, strict=False)
+        ]
         + [per_window(f) for f in SCORES.names[len(columns) : -1]]
         + [pa.array(bought_after)],
         schema=SCORES,
@@ -382,7 +392,13 @@ def choose(scores: pa.Table, spec: CampaignSpec, as_of: datetime, outcome_known:
         earlier[sampled], bought[sampled], FEATURES, INCREASING, cross_fold(owners[sampled])
     )
     ranking = combination.score(x)  # the probabilities' order, ties of the calibration broken
-    probability = combination.calibration(ranking)
+    buy = combination.calibration(ranking)
+    probability = buy
+    if spec.objective == "redeem":  # P(buy) x P(use a coupon), the two taken as independent
+        coupons = scores.column("coupon_baskets")
+        if coupons.null_count:
+            raise ValueError("scores: objective redeem needs every shopper's coupon_baskets")
+        probability = buy * coupon_rate(coupons.to_numpy(), scores.column("baskets").to_numpy())
     scored = ~np.isnan(probability)
     chosen = select_audience(spec, ids[scored], probability[scored], since[scored], score=ranking[scored])
     members = np.flatnonzero(scored)[chosen.members]
@@ -407,6 +423,7 @@ def choose(scores: pa.Table, spec: CampaignSpec, as_of: datetime, outcome_known:
     summary_: dict[str, Any] = {
         "as_of": as_of.isoformat(),
         "horizon_days": spec.horizon_days,
+        "objective": spec.objective,
         "shoppers": len(ids),
         "scored": int(scored.sum()),
         "eligible": len(chosen.eligible),
@@ -437,8 +454,9 @@ def choose(scores: pa.Table, spec: CampaignSpec, as_of: datetime, outcome_known:
         outcome = scores.column("bought_after").to_numpy(zero_copy_only=False)
         frequency = scores.column("frequency").to_numpy(zero_copy_only=False)
         summary_["evaluation"] = {
-            "overall": _judged(probability, ranking, frequency, outcome, scored),
-            "low_activity": _judged(probability, ranking, frequency, outcome, scored & low),
+            # purchases are what the receipts record: the purchase half of the probability is judged
+            "overall": _judged(buy, ranking, frequency, outcome, scored),
+            "low_activity": _judged(buy, ranking, frequency, outcome, scored & low),
             "audience_conversions": int(outcome[members].sum()),
         }
     return Chosen(table, eligible, combination, summary_)

@@ -4,6 +4,8 @@
     products: [1029743, 1082185]        # the coupon's products, or a selection from product metadata:
     select: {brand: National, product_category: FLUID MILK PRODUCTS}   # every listed column must match
     horizon_days: 14                    # P(buys one of the products within this many days)
+    objective: redeem                   # buy (default): P(buy); redeem: P(buy) x the shopper's coupon
+                                        # use (recsys.coupons; receipts need coupon_discount)
     audience: 5000                      # contacts at most (or budget and cost_per_contact)
     min_probability: 0.05               # never a shopper under it: better no message than an irrelevant one
     exploration: 0.1                    # this share of the audience is new to the products
@@ -32,8 +34,9 @@ import yaml
 MAX_SPEC_BYTES = 64 * 1024
 MAX_PRODUCTS = 100_000
 MAX_OPTED_OUT = 10_000_000
-KEYS = {"campaign_id", "name", "products", "select", "horizon_days", "audience", "budget", "cost_per_contact",
-        "min_probability", "exploration", "value", "exclude"}  # fmt: skip
+KEYS = {"campaign_id", "name", "products", "select", "horizon_days", "objective", "audience", "budget",
+        "cost_per_contact", "min_probability", "exploration", "value", "exclude"}  # fmt: skip
+OBJECTIVES = ("buy", "redeem")
 EXCLUDE_KEYS = {"bought_within_days", "opted_out"}
 
 
@@ -53,6 +56,7 @@ class CampaignSpec:
     products: tuple[int, ...] = ()
     select: dict[str, str] = field(default_factory=dict)
     horizon_days: float = 28.0
+    objective: str = "buy"
     exploration: float = 0.0
     bought_within_days: float | None = None
     opted_out: tuple[int, ...] = ()
@@ -84,6 +88,9 @@ class CampaignSpec:
         if not isinstance(exclude, dict) or set(exclude) - EXCLUDE_KEYS:
             raise SpecError(f"exclude takes {sorted(EXCLUDE_KEYS)}")
         within = exclude.get("bought_within_days")
+        objective = data.get("objective", "buy")
+        if objective not in OBJECTIVES:
+            raise SpecError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
         spec = cls(
             campaign_id=campaign_id,
             audience=audience,
@@ -93,6 +100,7 @@ class CampaignSpec:
             products=tuple(sorted(set(products))),
             select={str(k): str(v) for k, v in select.items()},
             horizon_days=_number(data, "horizon_days", 28.0, 0.0, 366.0, open_low=True),
+            objective=objective,
             exploration=_number(data, "exploration", 0.0, 0.0, 1.0),
             bought_within_days=None if within is None else _number(exclude, "bought_within_days", 0, 0, 3660),
             opted_out=_opted_out(exclude.get("opted_out"), base),

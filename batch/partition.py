@@ -98,16 +98,17 @@ def partition(
     signature: dict[str, Any],
     buffer_rows: int = 4_000_000,
     on_batch: Callable[[int], None] | None = None,
+    columns: tuple[str, ...] = COLUMNS,
 ) -> list[int]:
     """Write this shard's rows of ``batches`` (canonical receipts) to ``directory/part-NNNNN.parquet``.
 
     Returns the rows of each part. ``signature`` describes the input and settings; when ``directory``
-    already holds a finished partition with the same signature and layout, it is reused without reading
-    ``batches``; anything else there is removed first. Parts without rows get no file. ``on_batch`` is
-    called with the row count of every batch read (progress).
+    already holds a finished partition with the same signature, layout and ``columns`` (those kept, see
+    :func:`split`), it is reused without reading ``batches``; anything else there is removed first. Parts
+    without rows get no file. ``on_batch`` is called with the row count of every batch read (progress).
     """
     directory = Path(directory)
-    stamp = {"signature": signature, "layout": vars(layout)}
+    stamp = {"signature": signature, "layout": vars(layout), "columns": list(columns)}
     done = directory / DONE_FILE
     if done.exists():
         finished = json.loads(done.read_text())
@@ -136,7 +137,7 @@ def partition(
         for batch in batches:
             if on_batch is not None:
                 on_batch(batch.num_rows)
-            for p, table in split(batch, layout):
+            for p, table in split(batch, layout, columns):
                 buffers.setdefault(p, []).append(table)
                 rows[p] += table.num_rows
                 buffered += table.num_rows
@@ -151,10 +152,14 @@ def partition(
     return rows
 
 
-def split(batch: pa.Table, layout: Layout) -> list[tuple[int, pa.Table]]:
-    """This shard's rows of ``batch`` (canonical receipts, :data:`COLUMNS` only) as (part, rows), for
-    each part that has any, in part order; a row keeps its order within its part."""
-    batch = batch.select(list(COLUMNS))
+def split(batch: pa.Table, layout: Layout, columns: tuple[str, ...] = COLUMNS) -> list[tuple[int, pa.Table]]:
+    """This shard's rows of ``batch`` (canonical receipts, ``columns`` only: :data:`COLUMNS` and what a
+    job reads beside them) as (part, rows), for each part that has any, in part order; a row keeps its
+    order within its part. ValueError names a column the receipts lack."""
+    missing = [c for c in columns if c not in batch.column_names]
+    if missing:
+        raise ValueError(f"the receipts lack column(s) {missing}, which this job reads")
+    batch = batch.select(list(columns))
     shard, part = layout.assign(batch.column(SHOPPER).to_numpy())
     mine = np.flatnonzero(shard == layout.shard_index)
     if len(mine) == batch.num_rows and layout.parts == 1:
@@ -217,7 +222,10 @@ def runs(groups: Sequence[RowGroup], rows: int) -> list[Run] | None:
 
 
 def gather(
-    batches: Iterable[pa.Table], layout: Layout, on_batch: Callable[[int], None] | None = None
+    batches: Iterable[pa.Table],
+    layout: Layout,
+    on_batch: Callable[[int], None] | None = None,
+    columns: tuple[str, ...] = COLUMNS,
 ) -> pa.Table | None:
     """This shard's rows of ``batches`` in memory, for a layout of one part: the table :func:`partition`
     and :func:`read_part` would give, without writing it to disk and reading it back. None when the shard
@@ -228,7 +236,7 @@ def gather(
     for batch in batches:
         if on_batch is not None:
             on_batch(batch.num_rows)
-        tables += [table for _, table in split(batch, layout)]
+        tables += [table for _, table in split(batch, layout, columns)]
     return pa.concat_tables(tables) if tables else None
 
 

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from batch.manifests import CandidatesError
-from batch.partition import Layout, Run, fingerprint, gather, partition, read_part, runs
+from batch.partition import COLUMNS, Layout, Run, fingerprint, gather, partition, read_part, runs
 from recsys.data.loader import iter_receipts, row_groups
 from recsys.data.schema import SHOPPER
 
@@ -91,6 +91,7 @@ def part_reader(
     pending: list[int],
     ordered: Runs | None,
     timings: Any | None = None,
+    columns: tuple[str, ...] = COLUMNS,
 ) -> tuple[Callable[[int], pa.Table | None], int]:
     """How a job reads a part's receipts, and the receipt rows still to process (for an ETA).
 
@@ -100,7 +101,8 @@ def part_reader(
     of the same input, ``receipts``, and layout is there), and each part is read back. One part: it would
     be written only to be read back whole, so its rows are streamed into memory instead
     (:func:`batch.partition.gather`), unless ``keep_partitions`` asks for the files. ``timings`` (a
-    :class:`batch.pipeline.Timings`) gets the partition pass's seconds."""
+    :class:`batch.pipeline.Timings`) gets the partition pass's seconds. A part keeps ``columns`` (the
+    ordering's :data:`batch.partition.COLUMNS` and any the job reads beside them)."""
     empty = CandidatesError(
         f"shard {found.shard_index} of {found.num_shards} is empty: no shopper of {cfg.receipts} "
         "hashes to it (fewer shoppers than shards?)"
@@ -114,11 +116,12 @@ def part_reader(
 
     if ordered is not None:
         rows_left = sum(group.rows for index in pending for group in ordered[index].groups)
-        return functools.partial(_read_run, cfg, found, ordered), math.ceil(rows_left / found.num_shards)
+        reader = functools.partial(_read_run, cfg, found, ordered, columns=columns)
+        return reader, math.ceil(rows_left / found.num_shards)
     if found.parts == 1 and not cfg.keep_partitions:
 
         def streamed(index: int) -> pa.Table:
-            table = gather(batches(), found)
+            table = gather(batches(), found, columns=columns)
             if table is None:
                 raise empty
             return table
@@ -126,13 +129,17 @@ def part_reader(
         return streamed, math.ceil(num_rows / found.num_shards)  # the shard's rows are known only later
     bar = tqdm(total=num_rows, unit="row", unit_scale=True, disable=not cfg.progress, desc="partition")
     with bar, timings.stage("partition") if timings is not None else contextlib.nullcontext():
-        rows = partition(batches(), found, directory, receipts, cfg.partition_buffer_rows, bar.update)
+        rows = partition(
+            batches(), found, directory, receipts, cfg.partition_buffer_rows, bar.update, columns
+        )
     if sum(rows) == 0:
         raise empty
     return functools.partial(read_part, directory, found), sum(rows[p] for p in pending)
 
 
-def _read_run(cfg: DictConfig, found: Layout, ordered: Runs, index: int) -> pa.Table | None:
+def _read_run(
+    cfg: DictConfig, found: Layout, ordered: Runs, index: int, columns: tuple[str, ...] = COLUMNS
+) -> pa.Table | None:
     """This shard's receipts of part ``index`` of an input in shopper order, None when it has none.
 
     The footers' statistics decided where the parts were cut: a row group holding shoppers outside the
@@ -164,7 +171,7 @@ def _read_run(cfg: DictConfig, found: Layout, ordered: Runs, index: int) -> pa.T
                 mine = below if mine is None else pc.and_(mine, below)
             table = table.filter(mine)
         tables.append(table)
-    return gather(tables, Layout(found.shard_index, found.num_shards, 1))
+    return gather(tables, Layout(found.shard_index, found.num_shards, 1), columns=columns)
 
 
 def remove_partitions(directory: Path) -> None:

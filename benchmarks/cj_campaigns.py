@@ -6,13 +6,16 @@ recipients are ranked with data strictly before its start date (``recsys.evaluat
 
 - past purchases: baskets containing one of the campaign's coupon products;
 - past redemptions: coupon redemptions of any earlier campaign;
+- coupon use: the recipient's smoothed share of baskets with a coupon discount in its receipts
+  (``recsys.evaluation.campaigns.coupon_use``);
 - the ranking stage (``--model``): the raw propensity score of buying one of the coupon products within
   the campaign's duration (``recsys.propensity``), from a ranker fitted on the receipts before the first
   of the start's month (``benchmarks.cj_rankers``: no network);
 - coupon affinity (``--model``): the recipient's smoothed share of earlier campaigns it redeemed;
 - ranking stage x affinity (``--model``): P(buy) as the audience job computes it (the raw score and the
   recipient's history of the products through ``recsys.combination``, ``cj_rankers.calibrated_propensity``)
-  times the affinity, an estimate of P(redeem) = P(buy) x P(use the coupon | buy);
+  times the affinity, an estimate of P(redeem) = P(buy) x P(use the coupon | buy); ranking stage x
+  coupon use the same with coupon use;
 - learned redemption (``--model``): :func:`learned_redemption`, those scorers combined by
   ``recsys.combination`` fitted on the recipients of the campaigns that ended before the start;
 
@@ -44,6 +47,7 @@ from recsys.evaluation.campaigns import (
     Summary,
     auc,
     coupon_affinity,
+    coupon_use,
     paired_summary,
     past_purchases,
     past_redemptions,
@@ -77,21 +81,27 @@ def ranking_stage(
     return score
 
 
-def redemption(
-    products: pa.Table, durations: dict[int, int], affinity: Callable[[Campaign, pa.Table], np.ndarray]
-) -> Callable[[Campaign, pa.Table], np.ndarray]:
-    """A scorer: P(buy the products during the campaign), calibrated, times the recipient's coupon
-    affinity (``recsys.evaluation.campaigns.coupon_affinity``): P(redeem) if the two are independent."""
+def purchase(products: pa.Table, durations: dict[int, int]) -> Callable[[Campaign, pa.Table], np.ndarray]:
+    """A scorer: P(buy the products during the campaign), calibrated as the audience job calibrates it
+    (``cj_rankers.calibrated_propensity``), computed once per campaign."""
 
     kept: dict[int, np.ndarray] = {}  # a campaign is always scored on the receipts before its start
 
     def score(campaign: Campaign, before: pa.Table) -> np.ndarray:
         if campaign.campaign_id not in kept:
-            buy = calibrated_propensity(before, products, campaign, durations[campaign.campaign_id])
-            kept[campaign.campaign_id] = buy * affinity(campaign, before)
+            duration = durations[campaign.campaign_id]
+            kept[campaign.campaign_id] = calibrated_propensity(before, products, campaign, duration)
         return kept[campaign.campaign_id]
 
     return score
+
+
+def redemption(
+    buy: Callable[[Campaign, pa.Table], np.ndarray], use: Callable[[Campaign, pa.Table], np.ndarray]
+) -> Callable[[Campaign, pa.Table], np.ndarray]:
+    """A scorer: P(buy) times a rate of using coupons (``coupon_affinity`` or ``coupon_use`` of
+    ``recsys.evaluation.campaigns``): P(redeem) if the two are independent."""
+    return lambda campaign, before: buy(campaign, before) * use(campaign, before)
 
 
 def learned_redemption(
@@ -168,6 +178,7 @@ def main() -> None:
     scorers = {
         "past purchases": past_purchases,
         "past redemptions": past_redemptions(tables["coupon_redemptions"], args.timezone),
+        "coupon use": coupon_use,
     }
     if args.model:
         descriptions = tables["campaign_descriptions"].to_pylist()
@@ -178,13 +189,17 @@ def main() -> None:
         )
         scorers["ranking stage"] = ranking_stage(products, durations)
         scorers["coupon affinity"] = affinity
-        scorers["ranking stage x affinity"] = redemption(products, durations, affinity)
+        buy = purchase(products, durations)
+        scorers["ranking stage x affinity"] = redemption(buy, affinity)
+        scorers["ranking stage x coupon use"] = redemption(buy, coupon_use)
         ends = {d["campaign_id"]: d["end_date"] for d in descriptions}
-        columns = {
+        columns = {  # the first is the fallback where too few earlier campaigns ended
             "ranking stage x affinity": scorers["ranking stage x affinity"],
             "coupon affinity": affinity,
             "past redemptions": scorers["past redemptions"],
             "past purchases": past_purchases,
+            "ranking stage x coupon use": scorers["ranking stage x coupon use"],
+            "coupon use": coupon_use,
         }
         scorers["learned redemption"] = learned_redemption(
             campaigns, receipts, columns, ends, tables["coupon_redemptions"]
@@ -209,10 +224,11 @@ def main() -> None:
     for name, metrics in figures.items():
         for metric, values in metrics.items():
             print(_line(name, metric, summarise(values, redeemers)))
-    pairs = [("past redemptions", "past purchases")]
+    pairs = [("past redemptions", "past purchases"), ("coupon use", "past redemptions")]
     if args.model:
         pairs += [("ranking stage", "past purchases"), ("ranking stage", "past redemptions"),
                   ("ranking stage x affinity", "past redemptions"),
+                  ("ranking stage x coupon use", "past redemptions"),
                   ("learned redemption", "past redemptions"),
                   ("learned redemption", "ranking stage x affinity")]  # fmt: skip
     for better, worse in pairs:

@@ -8,8 +8,11 @@ household over the week. Each (recipient, campaign) pair's value is its estimate
 calibrated propensity of buying one of the campaign's coupon products during the campaign
 (``recsys.propensity``, from a ranker fitted before the first of the start's month,
 ``benchmarks.cj_rankers``; isotonic calibration on every household's purchases in the campaign's length
-before its start) times the household's coupon affinity (``recsys.evaluation.campaigns.coupon_affinity``),
-all from data before its start.
+before its start) times the household's rate of using coupons: by default its coupon use (``--use
+coupons``, ``recsys.evaluation.campaigns.coupon_use``: its share of baskets with a coupon discount, what
+the audience job's ``objective: redeem`` multiplies by), or its coupon affinity (``--use affinity``,
+``recsys.evaluation.campaigns.coupon_affinity``: earlier campaigns redeemed), all from data before its
+start.
 
 Plans (``batch.allocation``): the allocation (the exact MILP, and the Lagrangian method) and the
 uncoordinated reference (each campaign its top audience, then each household over the cap keeps its most
@@ -17,7 +20,7 @@ probable contacts). Reported: contacts, expected redemptions (sum of the values)
 redemptions among the contacted pairs, with a 95% bootstrap interval over households for the paired
 difference against the reference.
 
-    python -m benchmarks.cj_week [--cap 2] [--campaigns 10]
+    python -m benchmarks.cj_week [--cap 2] [--campaigns 10] [--use coupons|affinity]
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from benchmarks.cj_rankers import calibrated_propensity
 from recsys.data.completejourney import load_campaign_tables, load_complete_journey, load_products
 from recsys.data.schema import TIMESTAMP
 from recsys.data.split import temporal_split
-from recsys.evaluation.campaigns import coupon_affinity, recorded_campaigns
+from recsys.evaluation.campaigns import coupon_affinity, coupon_use, recorded_campaigns
 
 BOOTSTRAP = 2000
 
@@ -49,6 +52,8 @@ def main() -> None:
     parser.add_argument("--timezone", default="America/New_York")
     parser.add_argument("--cap", type=int, default=2, help="contacts per household over the week")
     parser.add_argument("--campaigns", type=int, default=10)
+    parser.add_argument("--use", choices=("coupons", "affinity"), default="coupons",
+                        help="the rate of using coupons P(buy) is multiplied by")  # fmt: skip
     args = parser.parse_args()
     started = time.perf_counter()
     receipts = load_complete_journey(timezone=args.timezone)
@@ -64,9 +69,11 @@ def main() -> None:
         d["campaign_id"]: (d["end_date"] - d["start_date"]).days
         for d in tables["campaign_descriptions"].to_pylist()
     }
-    affinity = coupon_affinity(
-        tables["campaigns"], tables["campaign_descriptions"], tables["coupon_redemptions"], args.timezone
-    )
+    use = coupon_use
+    if args.use == "affinity":
+        use = coupon_affinity(
+            tables["campaigns"], tables["campaign_descriptions"], tables["coupon_redemptions"], args.timezone
+        )
     households = np.unique(np.concatenate([c.recipients for c in week]))
     values = np.zeros((len(households), len(week)), dtype=np.float32)
     redeemed = np.zeros(values.shape, dtype=bool)
@@ -74,7 +81,7 @@ def main() -> None:
         at = np.searchsorted(households, campaign.recipients)
         before, _ = temporal_split(receipts, campaign.start)
         buy = calibrated_propensity(before, products, campaign, durations[campaign.campaign_id])
-        values[at, j] = buy * affinity(campaign, before)  # P(redeem) = P(buy) x P(use the coupon | buy)
+        values[at, j] = buy * use(campaign, before)  # P(redeem) = P(buy) x P(use the coupon | buy)
         redeemed[at, j] = campaign.redeemed
     audience = np.array([int(np.ceil(len(c.recipients) / 2)) for c in week])
     problem = Problem(values, args.cap, audience)

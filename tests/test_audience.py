@@ -4,6 +4,7 @@ brute-force reading of the rules; the job against a brute-force scoring, resumed
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -40,7 +41,8 @@ from batch.campaign import MAX_SPEC_BYTES, CampaignSpec, SpecError, load_spec
 from batch.engines import OnnxEngine
 from recsys import combination as combination_module
 from recsys.combination import Combination
-from recsys.data.schema import PRODUCT, SHOPPER, TIMESTAMP
+from recsys.coupons import PRIOR_BASKETS
+from recsys.data.schema import BASKET, COUPON, PRODUCT, SHOPPER, TIMESTAMP
 from recsys.data.split import temporal_split
 from recsys.inputs import Histories
 from tests.bundles import make_bundle
@@ -68,6 +70,7 @@ def spec(**changes: object) -> CampaignSpec:
         ({"budget": 100.0, "cost_per_contact": 2.0}, "not both"),
         ({"exclude": {"opted_out": "x.txt"}}, "beside the spec file"),
         ({"exclude": {"since": 3}}, "exclude takes"),
+        ({"objective": "click"}, "objective must be one of"),
     ],
 )
 def test_bad_specs_are_refused_naming_the_key(changes: dict, message: str) -> None:
@@ -416,6 +419,104 @@ def test_a_calibration_share_scores_its_sample_as_the_whole_would(campaign_world
         got, want = np.array(half.column(name).to_pylist()), np.array(whole.column(name).to_pylist())
         np.testing.assert_allclose(got[sample], want[sample], rtol=1e-6, err_msg=name)
     assert np.isnan(np.array(half.column("calibration_raw").to_pylist())[~sample]).all()
+
+
+def _with_coupons(table: pa.Table) -> pa.Table:
+    """Receipts with a coupon discount on every third basket's lines, unknown (null) on every seventh's."""
+    baskets = table.column(BASKET).to_numpy()
+    return table.append_column(COUPON, pa.array(np.where(baskets % 3 == 0, 0.4, 0.0), mask=baskets % 7 == 0))
+
+
+def test_a_redeem_objective_is_p_buy_times_the_coupon_rate_and_its_threshold_holds(
+    campaign_world: dict,
+) -> None:
+    """objective redeem: each shopper's probability is its P(buy) (the same fit as objective buy) times
+    its coupon rate, counted here by hand from the receipts before the scoring date; min_probability
+    applies to that product; receipts without the coupon column are refused, naming it."""
+    engine = OnnxEngine(campaign_world["bundle"].path, threads=1)
+    table = _with_coupons(campaign_world["table"])
+    everyone = dataclasses.replace(
+        load_spec(campaign_world["spec"]), audience=1000, min_probability=0.0, exploration=0.0
+    )
+    buy = audience(engine, table, everyone, AS_OF)
+    redeem = audience(engine, table, dataclasses.replace(everyone, objective="redeem"), AS_OF)
+    baskets: dict[int, set] = {}
+    coupons: dict[int, set] = {}
+    for line in temporal_split(table, AS_OF)[0].to_pylist():
+        baskets.setdefault(line[SHOPPER], set()).add(line[BASKET])
+        if line[COUPON] not in (None, 0.0):
+            coupons.setdefault(line[SHOPPER], set()).add(line[BASKET])
+    share = sum(map(len, coupons.values())) / sum(map(len, baskets.values()))
+    assert 0 < share < 1
+    p_buy = dict(
+        zip(buy.table.column(SHOPPER).to_pylist(), buy.table.column("probability").to_pylist(), strict=True)
+    )
+    rows = redeem.table.to_pylist()
+    assert len(rows) == len(p_buy) and redeem.summary["objective"] == "redeem"
+    for row in rows:
+        s = row[SHOPPER]
+        rate = (len(coupons.get(s, ())) + share * PRIOR_BASKETS) / (len(baskets[s]) + PRIOR_BASKETS)
+        assert row["probability"] == pytest.approx(p_buy[s] * rate, rel=1e-12)
+    p = redeem.table.column("probability").to_numpy()
+    floor = float(np.median(p))
+    kept = audience(
+        engine, table, dataclasses.replace(everyone, objective="redeem", min_probability=floor), AS_OF
+    )
+    assert (
+        kept.table.num_rows == int((p >= floor).sum())
+        and (kept.table.column("probability").to_numpy() >= floor).all()
+    )
+    with pytest.raises(ValueError, match=COUPON):
+        audience(engine, campaign_world["table"], dataclasses.replace(everyone, objective="redeem"), AS_OF)
+
+
+def test_coupon_baskets_count_only_receipts_before_the_scoring_date(campaign_world: dict) -> None:
+    """The world's receipts go on past as_of, coupons included: scoring them whole or cut at as_of gives
+    the same coupon counts, so no later coupon reaches P(redeem)."""
+    engine = OnnxEngine(campaign_world["bundle"].path, threads=1)
+    table = _with_coupons(campaign_world["table"])
+    before, after = temporal_split(table, AS_OF)
+    assert pc.sum(pc.fill_null(pc.not_equal(after.column(COUPON), 0.0), False)).as_py() > 0
+    redeem = dataclasses.replace(load_spec(campaign_world["spec"]), objective="redeem")
+    products = campaign_world["products"]
+    whole, cut = (score_part(engine, t, redeem, products, AS_OF, 1.0) for t in (table, before))
+    assert whole.column("coupon_baskets").equals(cut.column("coupon_baskets"))
+    assert pc.sum(whole.column("coupon_baskets")).as_py() > 0
+
+
+def test_a_redeem_job_reads_the_coupon_column_however_its_parts_are_read(
+    tmp_path: Path, compose_config: Callable[..., DictConfig], campaign_world: dict
+) -> None:
+    """objective redeem through the job: one part streamed, two parts written by the partition pass and
+    row-group runs of receipts in shopper order all carry the coupon column to the scores, and give the
+    library function's audience; receipts without the column are refused, naming it."""
+    table = _with_coupons(campaign_world["table"])
+    pq.write_table(table, tmp_path / "coupons.parquet")
+    ordered = table.take(pc.sort_indices(table, [(SHOPPER, "ascending")]))
+    pq.write_table(ordered, tmp_path / "ordered.parquet", row_group_size=64)
+    spec_file = tmp_path / "redeem.yaml"
+    spec_file.write_text(
+        yaml.safe_dump(yaml.safe_load(campaign_world["spec"].read_text()) | {"objective": "redeem"})
+    )
+
+    def job(name: str, receipts: Path, *extra: str) -> dict:
+        return audience_job.run(compose_config("audience", [
+            f"campaign={spec_file}", f"bundle={campaign_world['bundle'].path}", f"receipts={receipts}",
+            f"output={tmp_path / name}", f"as_of={AS_OF.date()}", "progress=false", *extra,
+        ]))  # fmt: skip
+
+    job("one", tmp_path / "coupons.parquet")
+    job("parts", tmp_path / "coupons.parquet", "parts=2")
+    runs = job("runs", tmp_path / "ordered.parquet", f"rows_per_part={table.num_rows // 3}")
+    assert runs["shard"]["job"]["parts_by"] == "row_groups"
+    one, parts, by_runs = (
+        pq.read_table(tmp_path / d / "audience" / "audience.parquet") for d in ("one", "parts", "runs")
+    )
+    engine = OnnxEngine(campaign_world["bundle"].path, threads=1)
+    in_memory = audience(engine, table, load_spec(spec_file), AS_OF)
+    assert one.equals(parts) and one.equals(by_runs) and one.equals(in_memory.table) and one.num_rows
+    with pytest.raises(ValueError, match=COUPON):
+        job("none", campaign_world["root"] / "receipts.parquet", "parts=2")
 
 
 def test_audiences_feed_the_allocation_of_a_week(

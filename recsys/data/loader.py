@@ -18,10 +18,13 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from recsys.data.schema import (
+    COUPON,
     DEFAULT_MIN_DATE,
     ID_COLUMNS,
     KEY_COLUMNS,
     OPTIONAL_COLUMNS,
+    PRICE,
+    QUANTITY,
     SHOPPER,
     TIMESTAMP,
     DateBound,
@@ -165,7 +168,7 @@ def _check_agreement(files: list[_File], source_names: Mapping[str, str], timezo
         having = [f.path for f in files if name in f.projection]
         if having and len(having) < len(files):
             lacking = next(f.path for f in files if name not in f.projection)
-            effect = "return dropping" if name == "quantity" else "price bands"
+            effect = {QUANTITY: "return dropping", PRICE: "price bands", COUPON: "coupon use"}[name]
             raise ReceiptsError(
                 f"receipts file {lacking!r} lacks column {_source_name(name, source_names[name])} that "
                 f"{len(having)} of {len(files)} files have (e.g. {having[0]!r}); every file must have the "

@@ -19,10 +19,13 @@ PRODUCT = "product_id"
 TIMESTAMP = "timestamp"
 QUANTITY = "quantity"
 PRICE = "price"
+# the line's coupon discount (any sign convention: a coupon was used on the line where it is not 0; null
+# where unknown), read by coupon targeting (recsys.evaluation.campaigns.coupon_use)
+COUPON = "coupon_discount"
 
 KEY_COLUMNS = (SHOPPER, BASKET, PRODUCT, TIMESTAMP)
 ID_COLUMNS = (SHOPPER, BASKET, PRODUCT)
-OPTIONAL_COLUMNS = (QUANTITY, PRICE)
+OPTIONAL_COLUMNS = (QUANTITY, PRICE, COUPON)
 TIMESTAMP_UNIT = "us"
 
 # How naive local times that a daylight-saving change makes ambiguous (clocks fall back: the time

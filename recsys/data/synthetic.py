@@ -53,9 +53,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from recsys.data.schema import receipts_schema
+from recsys.data.schema import PRICE, QUANTITY, receipts_schema
 
 PRODUCT_ID_OFFSET = 100_000
+OPTIONAL = (QUANTITY, PRICE)  # the optional receipt columns it writes (no coupon discounts)
 SHOPPER_ID_OFFSET = 1_000_000
 BASKET_ID_OFFSET = 10_000_000
 BLOCK_SHOPPERS = 1024  # shoppers per random stream (part of the output's definition: keep it fixed)
@@ -353,7 +354,7 @@ def _block(
         QUANTITIES[rng.integers(0, len(QUANTITIES), len(product), dtype=np.uint8)],
         world.price[product],
     ]
-    table = pa.Table.from_arrays(columns, schema=receipts_schema(config.timezone))
+    table = pa.Table.from_arrays(columns, schema=receipts_schema(config.timezone, OPTIONAL))
     return table, np.bincount(shopper, weights=sizes, minlength=n).astype(np.int64), total_baskets
 
 
@@ -422,7 +423,7 @@ def write_parquet(config: SyntheticConfig, path: str | Path) -> dict[str, float]
     out.mkdir(parents=True, exist_ok=True)
     if any(out.glob("*.parquet")):
         raise FileExistsError(f"{str(out)!r} already holds parquet files; write to an empty directory")
-    schema = receipts_schema(config.timezone)
+    schema = receipts_schema(config.timezone, OPTIONAL)
     rows = files = 0
     pending: deque[Future[None]] = deque()
 

@@ -26,7 +26,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recsys.coupons import coupon_baskets, coupon_rate
 from recsys.data.schema import BASKET, PRODUCT, SHOPPER
+from recsys.data.sequences import positions
 from recsys.data.split import parse_cutoff, temporal_split
 
 TOP_SHARE = 0.1
@@ -156,6 +158,21 @@ def coupon_affinity(
         return (k + 0.5) / (n + 1.0)
 
     return score
+
+
+def coupon_use(campaign: Campaign, receipts: pa.Table) -> np.ndarray:
+    """Each recipient's coupon-use rate (:func:`recsys.coupons.coupon_rate`) over the receipts' shoppers:
+    its smoothed share of baskets with a coupon discount (any coupon). Multiplied by the propensity of
+    buying the products it estimates P(redeem) as :func:`coupon_affinity` does; recipients without
+    receipts get the share over every shopper's baskets."""
+    counted = receipts.group_by([SHOPPER]).aggregate([(BASKET, "count_distinct")])
+    # a recipient without receipts adds no basket to the share, and gets it as its rate
+    shoppers = np.union1d(counted.column(SHOPPER).to_numpy(), campaign.recipients)
+    baskets = np.zeros(len(shoppers), np.int64)
+    at, _ = positions(shoppers, counted.column(SHOPPER).to_numpy())
+    baskets[at] = counted.column(f"{BASKET}_count_distinct").to_numpy()
+    rate = coupon_rate(coupon_baskets(receipts, shoppers), baskets)
+    return rate[positions(shoppers, campaign.recipients)[0]]
 
 
 def _per_recipient(
