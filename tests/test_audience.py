@@ -71,6 +71,7 @@ def spec(**changes: object) -> CampaignSpec:
         ({"exclude": {"opted_out": "x.txt"}}, "beside the spec file"),
         ({"exclude": {"since": 3}}, "exclude takes"),
         ({"objective": "click"}, "objective must be one of"),
+        ({"objective": {"_target_": "os.system", "command": "touch pwned"}}, "objective must be one of"),
     ],
 )
 def test_bad_specs_are_refused_naming_the_key(changes: dict, message: str) -> None:
