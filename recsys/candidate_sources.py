@@ -101,10 +101,7 @@ def gather(
         cat_owner, cat_rows = _category_candidates(history, categories[:, -1], popularity, category_size)
         add(cat_owner, cat_rows, -popularity[cat_rows], category_size, 3)
     owner, item_rows, source = np.concatenate(owners), np.concatenate(rows), np.concatenate(sources)
-    # a pair proposed twice keeps its first source: stable sort by pair, then the first of each run
-    order = np.lexsort((np.arange(len(owner)), item_rows, owner))
-    owner, item_rows, source = owner[order], item_rows[order], source[order]
-    first = (
-        np.r_[True, (owner[1:] != owner[:-1]) | (item_rows[1:] != item_rows[:-1])] if len(owner) else order
-    )
+    # a pair proposed twice keeps its first source: unique's index is the first occurrence (stable sort)
+    span = int(item_rows.max(initial=0)) + 1
+    _, first = np.unique(owner * span + item_rows, return_index=True)
     return owner[first], item_rows[first], source[first]
