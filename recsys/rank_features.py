@@ -500,22 +500,24 @@ def _matrix(
     # the product's categories in the shopper's history
     for level in range(stats.levels):
         code = stats.categories[:, level]
-        entry_code = code[entries.rows]
-        known = entry_code >= 0
-        # distinct (category, basket) pairs in one sort of a packed key: baskets are numbered by shopper
-        # then time, so this order is by category, shopper, then time, and each (category, shopper) a run
-        num_baskets = max(len(entries.basket_owner), 1)
-        keys = np.unique(entry_code[known] * num_baskets + entries.basket[known])
-        cat_code, cat_basket = keys // num_baskets, keys % num_baskets
-        cat_owner = entries.basket_owner[cat_basket]
-        starts = _runs((cat_code, cat_owner))
+        known = code[entries.rows] >= 0
+        cat_owner, cat_code, cat_basket = (
+            entries.owner[known],
+            code[entries.rows[known]],
+            entries.basket[known],
+        )
+        order = np.lexsort((cat_basket, cat_code, cat_owner))
+        cat_owner, cat_code, cat_basket = cat_owner[order], cat_code[order], cat_basket[order]
+        first = _runs((cat_owner, cat_code, cat_basket))
+        cat_owner, cat_code, cat_basket = cat_owner[first], cat_code[first], cat_basket[first]
+        starts = _runs((cat_owner, cat_code))
+        cat_span = int(code.max(initial=0)) + 1
         counts = np.diff(np.append(starts, len(cat_owner)))
         ages = entries.basket_age[cat_basket]
         cat_ages = np.minimum.reduceat(ages, starts) if len(starts) else ages
         cat_decay = np.add.reduceat(np.exp2(-ages / 30.0), starts) if len(starts) else ages
         candidate_code = code[rows]
-        shoppers = max(histories.num_shoppers, 1)
-        hit = _lookup(np.maximum(candidate_code, 0), owner, cat_code[starts], cat_owner[starts], shoppers)
+        hit = _lookup(owner, np.maximum(candidate_code, 0), cat_owner[starts], cat_code[starts], cat_span)
         hit[candidate_code < 0] = -1
         found = hit >= 0
         cat_baskets = _take(counts.astype(np.float64), hit, 0.0)
