@@ -101,7 +101,8 @@ def gather(
         cat_owner, cat_rows = _category_candidates(history, categories[:, -1], popularity, category_size)
         add(cat_owner, cat_rows, -popularity[cat_rows], category_size, 3)
     owner, item_rows, source = np.concatenate(owners), np.concatenate(rows), np.concatenate(sources)
-    # a pair proposed twice keeps its first source: unique's index is the first occurrence (stable sort)
+    # a pair proposed twice keeps its first source: unique's index is the first occurrence (stable sort);
+    # the packed key is int64 whatever the callers' dtypes, since owner * span overflows int32 early
     span = int(item_rows.max(initial=0)) + 1
-    _, first = np.unique(owner * span + item_rows, return_index=True)
+    _, first = np.unique(owner.astype(np.int64) * span + item_rows, return_index=True)
     return owner[first], item_rows[first], source[first]

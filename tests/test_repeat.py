@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from recsys.bundle import RANKER_FILE, BundleError, read_bundle, sha256_file
-from recsys.candidate_sources import SOURCES
+from recsys.candidate_sources import SOURCES, gather
 from recsys.data.schema import PRODUCT, SHOPPER, TIMESTAMP
 from recsys.data.sequences import build_sequences
 from recsys.data.synthetic import SyntheticConfig, generate_table
@@ -136,6 +136,19 @@ def test_candidate_sources_propose_new_products_once() -> None:
     # 4 is the network's (its first source); 6 co-purchase; 7 then 1 are category 0's most popular
     assert source == {3: "history", 4: "network", 6: "co_purchase", 7: "category"}
     assert len(set(found.rows.tolist())) == len(found.rows)
+
+
+def test_gather_dedupes_pairs_of_int32_inputs_whose_packed_key_overflows_int32() -> None:
+    # shopper 60,000 with product 40,000: 60,000 * 40,001 is past int32; the pair is proposed twice
+    i32 = np.int32
+    history = np.array([0, 60_000], i32), np.array([5, 40_000], i32), np.array([1, 1], i32)
+    network = np.array([60_000, 60_000], i32), np.array([40_000, 7], i32), np.array([0, 1], i32)
+    empty = np.array([], i32), np.array([], i32), np.array([], np.float64)
+    owner, rows, source = gather(
+        history, network, empty, np.zeros((40_001, 0), i32), np.zeros(40_001), (0, 2, 0, 0), np.ones(2)
+    )
+    assert owner.tolist() == [0, 60_000, 60_000] and rows.tolist() == [5, 7, 40_000]
+    assert [SOURCES[s] for s in source] == ["history", "network", "history"]
 
 
 def test_the_history_source_keeps_the_most_bought_products() -> None:
