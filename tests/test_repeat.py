@@ -139,7 +139,7 @@ def test_candidate_sources_propose_new_products_once() -> None:
 
 
 def test_gather_dedupes_pairs_of_int32_inputs_whose_packed_key_overflows_int32() -> None:
-    # shopper 60,000 with product 40,000: 60,000 * 40,001 is past int32; the pair is proposed twice
+    # shopper 60,000 with product 40,000: 60,000 * 40,001 is past int32, so a wrapped key sorts it first
     i32 = np.int32
     history = np.array([0, 60_000], i32), np.array([5, 40_000], i32), np.array([1, 1], i32)
     network = np.array([60_000, 60_000], i32), np.array([40_000, 7], i32), np.array([0, 1], i32)
