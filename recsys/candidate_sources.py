@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from recsys.data.sequences import concat_ranges
-from recsys.inputs import pair_member
+from recsys.inputs import pair_keys, pair_member, split_pair_keys
 
 SOURCES = ("history", "network", "co_purchase", "category")
 TOP_CATEGORIES = 3  # the category source reads the shopper's most bought finest-level categories
@@ -37,11 +37,12 @@ def _category_candidates(
     owner, rows, baskets = history
     known = codes[rows] >= 0
     span = int(codes.max(initial=0)) + 1
-    keys, inverse = np.unique(owner[known] * span + codes[rows[known]], return_inverse=True)
+    keys, inverse = np.unique(pair_keys(owner[known], codes[rows[known]], span), return_inverse=True)
     weight = np.bincount(inverse, weights=baskets[known], minlength=len(keys))
     bought_in = np.bincount(inverse, minlength=len(keys))
-    top = _best(keys // span, -weight, keys % span, TOP_CATEGORIES)
-    shopper, category, bought_in = keys[top] // span, keys[top] % span, bought_in[top]
+    key_shopper, key_category = split_pair_keys(keys, span)
+    top = _best(key_shopper, -weight, key_category, TOP_CATEGORIES)
+    shopper, category, bought_in = key_shopper[top], key_category[top], bought_in[top]
     # products of each category, most popular first (ties to the smaller row)
     catalogue = np.flatnonzero(codes >= 0)
     order = catalogue[np.lexsort((catalogue, -popularity[catalogue], codes[catalogue]))]
@@ -101,8 +102,7 @@ def gather(
         cat_owner, cat_rows = _category_candidates(history, categories[:, -1], popularity, category_size)
         add(cat_owner, cat_rows, -popularity[cat_rows], category_size, 3)
     owner, item_rows, source = np.concatenate(owners), np.concatenate(rows), np.concatenate(sources)
-    # a pair proposed twice keeps its first source: unique's index is the first occurrence (stable sort);
-    # the packed key is int64 whatever the callers' dtypes, since owner * span overflows int32 early
+    # a pair proposed twice keeps its first source: unique's index is the first occurrence (stable sort)
     span = int(item_rows.max(initial=0)) + 1
-    _, first = np.unique(owner.astype(np.int64) * span + item_rows, return_index=True)
+    _, first = np.unique(pair_keys(owner, item_rows, span), return_index=True)
     return owner[first], item_rows[first], source[first]

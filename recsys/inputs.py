@@ -29,6 +29,18 @@ def micros_from_seconds(seconds: Sequence[float] | np.ndarray) -> np.ndarray:
     return np.round(np.asarray(seconds, dtype=np.float64) * MICROSECONDS_PER_SECOND).astype(np.int64)
 
 
+def pair_keys(owner: np.ndarray, rows: np.ndarray, span: int) -> np.ndarray:
+    """(``owner``, ``rows``) pairs (arrays broadcast together, ``rows`` in ``[0, span)``) packed into one
+    int64 key each, ordered as the pairs are (owner first): ``owner * span + rows``. Always int64, since
+    with int32 inputs the product overflows long before the catalogue or the shopper count is large."""
+    return np.asarray(owner, dtype=np.int64) * span + np.asarray(rows, dtype=np.int64)
+
+
+def split_pair_keys(keys: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (owner, rows) pairs that :func:`pair_keys` packed with the same ``span``."""
+    return keys // span, keys % span
+
+
 def pair_member(
     owner: np.ndarray, rows: np.ndarray, set_owner: np.ndarray, set_rows: np.ndarray
 ) -> np.ndarray:
@@ -42,7 +54,7 @@ def pair_member(
     if set_rows.size == 0 or rows.size == 0:
         return np.zeros(rows.shape, dtype=bool)
     span = max(int(rows.max()), int(set_rows.max())) + 1
-    return np.isin(owner * span + rows, set_owner * span + set_rows) & (rows >= 0)
+    return np.isin(pair_keys(owner, rows, span), pair_keys(set_owner, set_rows, span)) & (rows >= 0)
 
 
 @dataclass(frozen=True)
@@ -170,8 +182,7 @@ class Histories:
     @cached_property
     def _distinct(self) -> tuple[np.ndarray, np.ndarray]:
         span = int(self.rows.max(initial=0)) + 1
-        keys = np.unique(self.owner * span + self.rows)
-        return keys // span, keys % span
+        return split_pair_keys(np.unique(pair_keys(self.owner, self.rows, span)), span)
 
     def bought(self, rows: np.ndarray) -> np.ndarray:
         """[S, C] bool: whether shopper ``s`` bought ``rows[s, c]`` (negative rows never)."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from recsys.inputs import Histories
+from recsys.inputs import Histories, pair_keys, split_pair_keys
 from recsys.rank_features import pair_features
 from recsys.ranker import Ranker
 
@@ -54,8 +54,7 @@ def campaign_pairs(
     owner = np.concatenate([bought_owner[mine], searched_owner, np.repeat(np.arange(s), len(best))])
     rows = np.concatenate([bought_rows[mine], searched[hit], np.tile(best, s)])
     span = max(int(popularity.shape[0]), 1)
-    keys = np.unique(owner * span + rows)
-    return keys // span, keys % span
+    return split_pair_keys(np.unique(pair_keys(owner, rows, span)), span)
 
 
 def next_basket(

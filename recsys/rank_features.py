@@ -24,7 +24,7 @@ import numpy as np
 
 from recsys.candidate_sources import gather
 from recsys.data.sequences import concat_ranges
-from recsys.inputs import Histories
+from recsys.inputs import Histories, pair_keys, split_pair_keys
 
 HALF_LIVES_DAYS = (14.0, 30.0, 90.0, 365.0)
 RECENT_BASKETS = 5  # "bought in the shopper's last baskets" counts over this many
@@ -268,8 +268,8 @@ def _co_purchase(
     second = concat_ranges(np.repeat(starts, sizes), size_of_entry)
     a, b = rows[first], rows[second]
     distinct = a != b
-    keys, shared = np.unique(a[distinct] * num_items + b[distinct], return_counts=True)
-    a, b = keys // num_items, keys % num_items
+    keys, shared = np.unique(pair_keys(a[distinct], b[distinct], num_items), return_counts=True)
+    a, b = split_pair_keys(keys, num_items)
     score = shared / np.sqrt(np.maximum(popularity[a], 1) * np.maximum(popularity[b], 1))
     order = np.lexsort((b, -score, a))
     a, b, score = a[order], b[order], score[order]
@@ -285,8 +285,8 @@ def _lookup(
     owner: np.ndarray, rows: np.ndarray, table_owner: np.ndarray, table_rows: np.ndarray, span: int
 ) -> np.ndarray:
     """Position in the (owner, row)-sorted table of each (owner, row) pair, or -1 where it is absent."""
-    keys = table_owner * span + table_rows
-    wanted = owner * span + rows
+    keys = pair_keys(table_owner, table_rows, span)
+    wanted = pair_keys(owner, rows, span)
     at = np.searchsorted(keys, wanted)
     at = np.minimum(at, max(len(keys) - 1, 0))
     found = (len(keys) > 0) & (keys[at] == wanted) if len(keys) else np.zeros(len(wanted), dtype=bool)
@@ -563,8 +563,8 @@ def _co_candidates(
     s = stats.neighbour_scores[recent_rows].reshape(-1)
     keep = n >= 0
     span = stats.num_items
-    keys, inverse = np.unique(o[keep] * span + n[keep], return_inverse=True)
-    return keys // span, keys % span, np.bincount(inverse, weights=s[keep], minlength=len(keys))
+    keys, inverse = np.unique(pair_keys(o[keep], n[keep], span), return_inverse=True)
+    return *split_pair_keys(keys, span), np.bincount(inverse, weights=s[keep], minlength=len(keys))
 
 
 def _recent_products(entries: _Entries) -> tuple[np.ndarray, np.ndarray]:

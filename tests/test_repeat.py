@@ -21,7 +21,7 @@ from recsys.data.schema import PRODUCT, SHOPPER, TIMESTAMP
 from recsys.data.sequences import build_sequences
 from recsys.data.synthetic import SyntheticConfig, generate_table
 from recsys.evaluation.protocol import prepare
-from recsys.inputs import Histories
+from recsys.inputs import Histories, pair_keys, split_pair_keys
 from recsys.rank_features import ItemStats, feature_names, features, item_statistics
 from recsys.ranker import VERSION, Ranker
 from recsys.rules import Rules
@@ -149,6 +149,14 @@ def test_gather_dedupes_pairs_of_int32_inputs_whose_packed_key_overflows_int32()
     )
     assert owner.tolist() == [0, 60_000, 60_000] and rows.tolist() == [5, 7, 40_000]
     assert [SOURCES[s] for s in source] == ["history", "network", "history"]
+
+
+def test_pair_keys_are_int64_ordered_and_round_trip_for_int32_inputs() -> None:
+    owner, rows = np.array([60_000, 0, 60_000], np.int32), np.array([7, 40_000, 40_000], np.int32)
+    keys = pair_keys(owner, rows, 40_001)
+    assert keys.dtype == np.int64 and np.argsort(keys).tolist() == [1, 0, 2]  # owner first, then row
+    back_owner, back_rows = split_pair_keys(keys, 40_001)
+    assert back_owner.tolist() == owner.tolist() and back_rows.tolist() == rows.tolist()
 
 
 def test_the_history_source_keeps_the_most_bought_products() -> None:
