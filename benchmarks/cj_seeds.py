@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from benchmarks.cj_results import cell
+from training.evaluate import paired_cell
 
 BUNDLE = "bundle (bundle)"  # training.evaluate's name for the one bundle it was given
 METRICS = ("recall@10", "ndcg@10", "hr@10", "recall@10_repeat", "recall@10_explore")
@@ -40,11 +41,6 @@ def collect(directory: Path) -> dict[str, list[tuple[str, dict, dict]]]:
     return runs
 
 
-def _paired(figures: dict, metric: str) -> str:
-    key = f"vs_decay/{metric}"
-    return f"{figures[key]:+.4f} [{figures[key + '_low']:+.4f}, {figures[key + '_high']:+.4f}]"
-
-
 def table(runs: dict[str, list[tuple[str, dict, dict]]]) -> str:
     """One Markdown table: a row per run, then mean ± std (sample) per cutoff, latest cutoff first."""
     header = ["cutoff", "seed", "households", *METRICS, *(f"Δ{m} vs decay [95% CI]" for m in PAIRED)]
@@ -53,7 +49,7 @@ def table(runs: dict[str, list[tuple[str, dict, dict]]]) -> str:
     for cutoff, found in sorted(runs.items(), reverse=True):
         for seed, bundle, trained in found:
             row = [cutoff, seed, f"{int(bundle['num_shoppers']):,}", *(f"{bundle[m]:.4f}" for m in METRICS)]
-            row += [_paired(bundle, m) for m in PAIRED]
+            row += [paired_cell(bundle, m) for m in PAIRED]
             row += [f"{trained['ranker/rounds']:.0f}", f"{trained['ranker/seconds']:.0f}"]
             lines.append("| " + " | ".join(row) + " |")
         figures = [bundle for _, bundle, _ in found]

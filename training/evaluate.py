@@ -46,6 +46,12 @@ COLUMNS = (
 )
 
 
+def paired_cell(metrics: dict[str, float], metric: str) -> str:
+    """``metric``'s paired difference to decayed frequency and its 95% interval, as one table cell."""
+    key = f"vs_decay/{metric}"
+    return f"{metrics[key]:+.4f} [{metrics[key + '_low']:+.4f}, {metrics[key + '_high']:+.4f}]"
+
+
 def format_table(results: dict[str, dict[str, float]], columns: tuple[str, ...] = COLUMNS) -> str:
     """A Markdown table, one row per method, with the paired difference to decayed frequency (95% CI)."""
     paired = [c for c in ("recall@10", "ndcg@10") if f"vs_decay/{c}" in next(iter(results.values()), {})]
@@ -53,9 +59,7 @@ def format_table(results: dict[str, dict[str, float]], columns: tuple[str, ...] 
     lines = ["| method | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for name, metrics in results.items():
         cells = [f"{metrics[c]:.4f}" if c in metrics else "" for c in columns]
-        for c in paired:
-            low, high = metrics[f"vs_decay/{c}_low"], metrics[f"vs_decay/{c}_high"]
-            cells.append(f"{metrics[f'vs_decay/{c}']:+.4f} [{low:+.4f}, {high:+.4f}]")
+        cells += [paired_cell(metrics, c) for c in paired]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
