@@ -64,7 +64,7 @@ HOST = "127.0.0.1"  # hard-coded: this load test must never leave the machine
 SHAPES = [
     "1,1000,1000", "64,1000,1000", "1024,1000,1000",
     "64,1000,100", "64,156,100", "64,1,100", "32,312,100",
-    "1,1000,100", "10,1000,100", "16,625,100", "16,1,100",
+    "1,1000,100", "10,1000,100", "16,625,100", "16,1,100", "1,4000,100", "1,10000,100",
 ]  # fmt: skip
 
 
@@ -125,7 +125,8 @@ def shopper(rng: np.random.Generator, product_ids: np.ndarray, length: int, k: i
 
 def sizing(args: argparse.Namespace, bundle: Path, product_ids: np.ndarray) -> None:
     rng = np.random.default_rng(1)
-    limits = ["--max-batch", "4096", "--max-history", "4096", "--max-k", "4096"]
+    longest = max([4096, *(int(shape.split(",")[1]) for shape in args.shapes)])
+    limits = ["--max-batch", "4096", "--max-history", str(longest), "--max-k", "4096"]
     limits += ["--max-batch-items", str(1 << 30), "--max-body-bytes", str(1 << 30), "--body-timeout", "120"]
     header = ("batch", "history", "k", "entries", "body MB", "p50 ms", "max ms", "peak MiB")
     print(" ".join(f"{h:>9}" for h in header), flush=True)

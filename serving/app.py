@@ -52,8 +52,9 @@ Timestamp = Annotated[float, Field(allow_inf_nan=False)]
 # Defaults: the measurements behind them are in BENCHMARKS.md ("Serving limits"), the reasons in
 # docs/security.md. A request's cost grows with its history entries and its k's, so a batch is bounded
 # by its total entries as well as its length; and the largest request they allow must fit in the body
-# limit, or it could never be sent.
-DEFAULT_MAX_HISTORY = 1000
+# limit, or it could never be sent. A history is one shopper's whole record: the ranker's features read all
+# of it, so the cap must fit real loyalty histories, not only the model's max_len.
+DEFAULT_MAX_HISTORY = 10_000
 DEFAULT_MAX_K = 100
 DEFAULT_MAX_BATCH = 16
 DEFAULT_MAX_BATCH_ITEMS = 10_000

@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable
-from datetime import timedelta
+from dataclasses import replace
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import hydra
@@ -39,7 +40,7 @@ from recsys.data.synthetic import PRODUCT_ID_OFFSET, SyntheticConfig, generate_t
 from recsys.data.vocabulary import NUM_RESERVED, PAD, Vocabulary
 from recsys.evaluation.protocol import EvaluationData, evaluate, prepare
 from training.evaluate import _name as evaluate_name
-from training.evaluate import bundle_rankings
+from training.evaluate import bundle_protocol, bundle_rankings, refuse_later_training
 from training.module import NextItemModule, load_module
 
 NUM_PRODUCTS, MAX_LEN, DIM = 300, 8, 16
@@ -342,3 +343,30 @@ def test_evaluated_inputs_of_the_same_name_are_told_apart() -> None:
     assert taken == {"bundle (bundle)": "a/bundle", "bundle (b/bundle)": "b/bundle"}
     with pytest.raises(ValueError, match="given twice"):
         evaluate_name("bundle", "bundle", "b/bundle", taken)
+
+
+def test_a_model_trained_past_the_test_splits_cutoff_is_refused(
+    bundle_path: Path, module: NextItemModule
+) -> None:
+    """training.evaluate scores a bundle or checkpoint only at or after its own training cutoff: earlier, its
+    test targets are purchases it learned from. A cutoff without an offset is read in the stored timezone,
+    else in the split's; one that cannot be read is an error."""
+    trained = bundle_protocol(bundle_path)
+    assert trained == module.hparams["data"] and trained["cutoff"] == "2017-12-01"  # no offset, no zone
+    data = evaluation_data(module.vocab)
+    at = datetime.fromisoformat(trained["cutoff"]).replace(tzinfo=data.cutoff.tzinfo)
+    for later in (at, at + timedelta(days=30)):
+        refuse_later_training(trained, replace(data, cutoff=later), "bundle b")
+    with pytest.raises(
+        ValueError, match=r"bundle b was trained on receipts up to .* after this test split's"
+    ):
+        refuse_later_training(trained, replace(data, cutoff=at - timedelta(seconds=1)), "bundle b")
+    aware = {"cutoff": "2017-12-01T00:00:00-05:00"}  # 05:00 UTC: after a split at midnight UTC
+    with pytest.raises(ValueError, match="after this test split's"):
+        refuse_later_training(aware, replace(data, cutoff=at), "bundle b")
+    with pytest.raises(ValueError, match="after this test split's"):  # a zone west of the split's
+        refuse_later_training({**trained, "timezone": "America/New_York"}, replace(data, cutoff=at), "b")
+    for stored in ({"cutoff": "the day before"}, {**trained, "timezone": "../../../etc/passwd"}):
+        with pytest.raises(ValueError, match="unreadable training cutoff or timezone"):
+            refuse_later_training(stored, data, "bundle b")
+    refuse_later_training(None, data, "bundle b")  # nothing to check: a warning, as for parquet data

@@ -25,6 +25,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from recsys.data.completejourney import load_complete_journey
 from recsys.rules import Rules
 from serving.app import (
     ADMIN_TOKEN_ENV,
@@ -487,6 +488,15 @@ def test_default_limits_are_consistent(bundles: tuple[SyntheticBundle, Synthetic
     assert response.status_code == 422 and f"at most {DEFAULT_MAX_BATCH_ITEMS}" in response.text
     assert client.post("/recommend", json={"history": [1] * (DEFAULT_MAX_HISTORY + 1)}).status_code == 422
     assert client.post("/recommend", json={"history": [1], "k": DEFAULT_MAX_K + 1}).status_code == 422
+
+
+def test_the_default_history_limit_takes_every_complete_journey_household_whole() -> None:
+    """The ranker reads a shopper's whole history, so a caller cutting one to fit the limit would be served
+    other lists than training measured: every household of the embedded year of receipts fits, with room
+    for a second year of the longest."""
+    receipts = load_complete_journey()
+    _, entries = np.unique(receipts.column("shopper_id").to_numpy(), return_counts=True)
+    assert 2 * entries.max() <= DEFAULT_MAX_HISTORY, entries.max()
 
 
 class _Held:

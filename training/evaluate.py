@@ -16,12 +16,16 @@ import csv
 import logging
 import os
 from collections.abc import Container
+from datetime import datetime
 from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from recsys.bundle import read_manifest
 from recsys.data.sequences import product_histories
 from recsys.evaluation.metrics import EMPTY, paired_difference, shopper_metrics
 from recsys.evaluation.protocol import EvaluationData, baseline_rankings, evaluate, evaluated_histories
@@ -73,12 +77,49 @@ def write_csv(path: Path, results: dict[str, dict[str, float]]) -> None:
             writer.writerow([name, *(metrics.get(key, "") for key in keys)])
 
 
-def bundle_rankings(path: str, data: EvaluationData, k: int, batch_size: int = 256) -> np.ndarray:
+def refuse_later_training(trained: Any, data: EvaluationData, what: str) -> None:
+    """Raise ValueError when ``what`` was trained on receipts past ``data``'s cutoff: its test figures
+    would score purchases it learned from. ``trained`` is the protocol the model stored (a checkpoint's
+    ``data`` hyperparameters, a bundle's ``training.data``): a cutoff without an offset is read in its
+    ``timezone``, else in the split's own zone; one without a cutoff cannot be checked (a warning)."""
+    cutoff = trained.get("cutoff") if isinstance(trained, dict) else None
+    if not isinstance(cutoff, str):
+        log.warning("%s does not say where its training receipts end: cannot check for leakage", what)
+        return
+    zone = trained.get("timezone")
+    try:
+        moment = datetime.fromisoformat(cutoff)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=ZoneInfo(zone) if isinstance(zone, str) else data.cutoff.tzinfo)
+    except (ValueError, KeyError) as error:  # ZoneInfo refuses keys that are paths, or unknown
+        raise ValueError(
+            f"{what} stores an unreadable training cutoff or timezone: {cutoff!r}, {zone!r}"
+        ) from error
+    if moment > data.cutoff:
+        raise ValueError(
+            f"{what} was trained on receipts up to {moment.isoformat()}, after this test split's cutoff "
+            f"{data.cutoff.isoformat()}: its figures would score purchases it learned from. Evaluate it at "
+            "data.cutoff on or after its own, or train one at this cutoff"
+        )
+
+
+def bundle_protocol(path: str | Path) -> Any:
+    """The data protocol the bundle at ``path`` says its model was trained under (None if it does not)."""
+    training = read_manifest(path).get("training")
+    return training.get("data") if isinstance(training, dict) else None
+
+
+def bundle_rankings(
+    path: str, data: EvaluationData, k: int, batch_size: int = 256, last: int | None = None
+) -> np.ndarray:
     """Ranked product ids [n, k] (``EMPTY``-padded) that the bundle at ``path`` serves to ``data``'s
-    evaluated shoppers, given their whole training history with purchase times."""
+    evaluated shoppers, given their whole training history with purchase times, or only its most recent
+    ``last`` entries (what a caller held to a history limit would send)."""
     threads = os.cpu_count() or 1
     recommender = Recommender.load(path, intra_op_threads=threads, search_threads=threads)
     products, seconds = product_histories(data.train, data.targets.shopper_ids)
+    if last is not None:
+        products, seconds = [p[-last:] for p in products], [s[-last:] for s in seconds]
     ranked = np.full((len(products), k), EMPTY, dtype=np.int64)
     for first in range(0, len(products), batch_size):
         span = range(first, min(first + batch_size, len(products)))
@@ -110,12 +151,14 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     rankings = baseline_rankings(data, max(ks), cfg.half_life_days, cfg.knn_neighbours)
     for path in cfg.checkpoints:
         module = load_module(path)
+        refuse_later_training(module.hparams.get("data"), data, f"checkpoint {path}")
         kind = module.model.__class__.__name__.lower()
         name = _name(kind, Path(path).parent.parent.name, path, rankings)
         # the network alone: the repeat-aware ranking is the bundle's (bundles=[...])
         histories = evaluated_histories(data, module.vocab)
         rankings[name] = recommend(module, histories, Rules(k=max(ks), repeat_aware=False))
     for path in cfg.bundles:
+        refuse_later_training(bundle_protocol(path), data, f"bundle {path}")
         rankings[_name("bundle", Path(path).name, path, rankings)] = bundle_rankings(path, data, max(ks))
     results = {name: evaluate(ranked, data, ks) for name, ranked in rankings.items()}
     reference = f"personal_frequency_decay_{cfg.half_life_days:g}d"
