@@ -35,10 +35,14 @@ from recsys.bundle import (
 )
 from recsys.data.features import product_metadata
 from recsys.data.schema import PRODUCT, TIMESTAMP
+from recsys.data.sequences import product_histories
 from recsys.data.split import parse_cutoff
 from recsys.data.synthetic import PRODUCT_ID_OFFSET, SyntheticConfig, generate_table
 from recsys.data.vocabulary import NUM_RESERVED, PAD, Vocabulary
+from recsys.evaluation.metrics import EMPTY
 from recsys.evaluation.protocol import EvaluationData, evaluate, prepare
+from recsys.rules import Rules
+from serving.recommender import Recommender
 from training.evaluate import _name as evaluate_name
 from training.evaluate import bundle_protocol, bundle_rankings, refuse_later_training
 from training.module import NextItemModule, load_module
@@ -370,3 +374,21 @@ def test_a_model_trained_past_the_test_splits_cutoff_is_refused(
         with pytest.raises(ValueError, match="unreadable training cutoff or timezone"):
             refuse_later_training(stored, data, "bundle b")
     refuse_later_training(None, data, "bundle b")  # nothing to check: a warning, as for parquet data
+
+
+def test_bundle_rankings_send_each_historys_latest_entries(bundle_path: Path, module: NextItemModule) -> None:
+    """``last`` sends what a caller held to a history limit would: each history's most recent entries."""
+    data = evaluation_data(module.vocab)
+    products, seconds = product_histories(data.train, data.targets.shopper_ids)
+    whole = bundle_rankings(str(bundle_path), data, 10)
+    longest = max(len(p) for p in products)
+    np.testing.assert_array_equal(bundle_rankings(str(bundle_path), data, 10, last=longest), whole)
+    latest = bundle_rankings(str(bundle_path), data, 10, last=2)
+    served = Recommender.load(bundle_path).recommend_batch(
+        [p[-2:] for p in products[:20]], Rules(k=10), [s[-2:] for s in seconds[:20]]
+    )
+    for row, result in zip(latest[:20], served, strict=True):
+        assert row[row != EMPTY].tolist() == result.product_ids
+    assert (latest != whole).any()
+    with pytest.raises(ValueError, match="last must be >= 1"):
+        bundle_rankings(str(bundle_path), data, 10, last=0)

@@ -115,6 +115,8 @@ def bundle_rankings(
     """Ranked product ids [n, k] (``EMPTY``-padded) that the bundle at ``path`` serves to ``data``'s
     evaluated shoppers, given their whole training history with purchase times, or only its most recent
     ``last`` entries (what a caller held to a history limit would send)."""
+    if last is not None and last < 1:
+        raise ValueError(f"last must be >= 1 history entries, got {last}")
     threads = os.cpu_count() or 1
     recommender = Recommender.load(path, intra_op_threads=threads, search_threads=threads)
     products, seconds = product_histories(data.train, data.targets.shopper_ids)
