@@ -15,13 +15,15 @@ the ONNX encode and the FAISS search alone) and batched requests/s.
 With ``--real RECEIPTS`` the bundle at ``--bundle`` is used as it is (e.g. the demo's), and the single
 requests are real shoppers' whole histories from the receipts (canonical columns, e.g. the demo's
 Complete Journey ``receipts.parquet``), with their purchase times, under repeat-aware rules: every
-request as a production caller would send it.
+request as a production caller would send it. They are also reported by history length, which sets
+their cost.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import subprocess
 import sys
@@ -183,6 +185,13 @@ def main() -> None:
         lengths = np.array([len(h) for h, _ in real])
         note = f"  (median history {np.median(lengths):.0f} products)"
         report(f"single k={args.k} real, repeat-aware", seconds, note)
+        # the ranker's features read the whole history, so the longest histories set the tail
+        edges = [0, 100, 300, 600, 1200, int(lengths.max(initial=0)) + 1]
+        for low, high in itertools.pairwise(edges):
+            inside = (lengths >= low) & (lengths < high)
+            if inside.any():
+                band = [t for t, keep in zip(seconds, inside, strict=True) if keep]
+                report(f"  history {low}-{high - 1} ({inside.sum()})", band)
     for history in singles[:100]:  # warm-up: allocator, caches, thread pools
         recommender.recommend(history, rules)
     report(f"single k={args.k}", timed(lambda h: recommender.recommend(h, rules), singles))
