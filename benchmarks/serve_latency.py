@@ -190,8 +190,7 @@ def main() -> None:
         for low, high in itertools.pairwise(edges):
             inside = (lengths >= low) & (lengths < high)
             if inside.any():
-                band = [t for t, keep in zip(seconds, inside, strict=True) if keep]
-                report(f"  history {low}-{high - 1} ({inside.sum()})", band)
+                report(f"  history {low}-{high - 1} ({inside.sum()})", list(np.asarray(seconds)[inside]))
     for history in singles[:100]:  # warm-up: allocator, caches, thread pools
         recommender.recommend(history, rules)
     report(f"single k={args.k}", timed(lambda h: recommender.recommend(h, rules), singles))

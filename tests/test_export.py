@@ -370,7 +370,11 @@ def test_a_model_trained_past_the_test_splits_cutoff_is_refused(
         refuse_later_training(aware, replace(data, cutoff=at), "bundle b")
     with pytest.raises(ValueError, match="after this test split's"):  # a zone west of the split's
         refuse_later_training({**trained, "timezone": "America/New_York"}, replace(data, cutoff=at), "b")
-    for stored in ({"cutoff": "the day before"}, {**trained, "timezone": "../../../etc/passwd"}):
+    for stored in (
+        {"cutoff": "the day before"},
+        {**trained, "timezone": "../../../etc/passwd"},
+        {**trained, "timezone": "/etc/localtime"},
+    ):
         with pytest.raises(ValueError, match="unreadable training cutoff or timezone"):
             refuse_later_training(stored, data, "bundle b")
     refuse_later_training(None, data, "bundle b")  # nothing to check: a warning, as for parquet data

@@ -19,7 +19,6 @@ from collections.abc import Container
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import hydra
 import numpy as np
@@ -27,6 +26,7 @@ from omegaconf import DictConfig
 
 from recsys.bundle import read_manifest
 from recsys.data.sequences import product_histories
+from recsys.data.split import parse_cutoff
 from recsys.evaluation.metrics import EMPTY, paired_difference, shopper_metrics
 from recsys.evaluation.protocol import EvaluationData, baseline_rankings, evaluate, evaluated_histories
 from recsys.io import atomic_path, write_json
@@ -87,10 +87,10 @@ def refuse_later_training(trained: Any, data: EvaluationData, what: str) -> None
         log.warning("%s does not say where its training receipts end: cannot check for leakage", what)
         return
     zone = trained.get("timezone")
-    try:
-        moment = datetime.fromisoformat(cutoff)
+    try:  # read as the data module reads its cutoff; with no stored zone, in the split's
+        moment = parse_cutoff(cutoff, zone) if isinstance(zone, str) else datetime.fromisoformat(cutoff)
         if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=ZoneInfo(zone) if isinstance(zone, str) else data.cutoff.tzinfo)
+            moment = moment.replace(tzinfo=data.cutoff.tzinfo)
     except (ValueError, KeyError) as error:  # ZoneInfo refuses keys that are paths, or unknown
         raise ValueError(
             f"{what} stores an unreadable training cutoff or timezone: {cutoff!r}, {zone!r}"
