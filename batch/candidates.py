@@ -9,8 +9,9 @@ per shard; a shard's output is guarded by a lock file (:mod:`batch.lock`), so tw
 never write at once.
 
 Output: one row per shopper, ``shopper_id`` int64, ``product_ids`` list<int64> and ``scores``
-list<float32> best first, ``fallback`` bool (no known product in the history: the most popular products,
-scored by popularity, as serving answers)::
+list<float32> best first, as serving lists them (repeat-aware scores are probabilities, ordered by
+probability times the basket-size factor where the ranker has one), ``fallback`` bool (no known product
+in the history: the most popular products, scored by popularity, as serving answers)::
 
     output/shard=00003-of-00008/part-00012.parquet
     output/shard=00003-of-00008/_manifest.json   job (model id, K, rules, input), per-part rows and sha256

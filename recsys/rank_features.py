@@ -29,6 +29,10 @@ from recsys.inputs import Histories, pair_keys, split_pair_keys
 HALF_LIVES_DAYS = (14.0, 30.0, 90.0, 365.0)
 RECENT_BASKETS = 5  # "bought in the shopper's last baskets" counts over this many
 TREND_DAYS = 28.0  # a product's trend: baskets in the last TREND_DAYS over the mean of the 3 windows before
+# A basket's weight is what one of its products is worth to a macro-averaged NDCG@SIZE_DEPTH: 1 / the ideal
+# DCG of min(size, SIZE_DEPTH) hits (between Recall's 1 / size and a hit rate's 1).
+SIZE_DEPTH = 10
+_IDEAL_DCG = np.cumsum(1.0 / np.log2(np.arange(2, SIZE_DEPTH + 2)))
 # Prior of the per-product repeat rate, (shoppers buying it twice + 1) / (shoppers buying it + 4): rare
 # products are pulled towards 1/4 rather than to 0 or 1 on one or two shoppers.
 _RATE_PRIOR = (1.0, 4.0)
@@ -123,6 +127,7 @@ class _Entries:
     shopper_rows: np.ndarray  # [S] distinct (basket, product) entries per shopper
     basket_age: np.ndarray  # [num baskets] each basket's age
     basket_owner: np.ndarray  # [num baskets]
+    basket_weight: np.ndarray  # [num baskets] each basket's :func:`basket_weights` of its distinct products
 
 
 def _entries(histories: Histories) -> _Entries:
@@ -156,7 +161,15 @@ def _entries(histories: Histories) -> _Entries:
         np.bincount(o, minlength=histories.num_shoppers),
         basket_age,
         basket_owner,
+        basket_weights(np.bincount(b, minlength=len(basket_owner))),
     )
+
+
+def basket_weights(sizes: np.ndarray) -> np.ndarray:
+    """Each basket's weight [n] from its number of distinct products [n] (>= 1): one over the ideal DCG of
+    min(size, :data:`SIZE_DEPTH`) hits, so a product of a 1-product basket weighs 1 and one of a basket of
+    10 or more about 0.22."""
+    return 1.0 / _IDEAL_DCG[np.clip(sizes, 1, SIZE_DEPTH) - 1]
 
 
 @dataclass(frozen=True)
@@ -171,6 +184,7 @@ class _Pairs:
     days_first: np.ndarray  # [P] days from its first purchase to the shopper's last purchase
     streak: np.ndarray  # [P] the shopper's most recent baskets in a row that contain it
     recent: np.ndarray  # [P] of the shopper's last RECENT_BASKETS baskets, how many contain it
+    weight: np.ndarray  # [P] sum of the basket weights of those baskets
 
 
 def _runs(keys: tuple[np.ndarray, ...]) -> np.ndarray:
@@ -197,7 +211,9 @@ def _pairs(entries: _Entries) -> _Pairs:
     breaks = np.where(reverse == from_end, np.iinfo(np.int64).max, from_end)
     streak = np.minimum(np.minimum.reduceat(breaks, starts), counts) if len(o) else counts
     recent = np.add.reduceat((reverse < RECENT_BASKETS).astype(np.int64), starts) if len(o) else counts
-    return _Pairs(o[starts], r[starts], counts, decayed, age[ends], age[starts], streak, recent)
+    weights = entries.basket_weight[entries.basket]
+    weight = np.add.reduceat(weights, starts) if len(o) else weights
+    return _Pairs(o[starts], r[starts], counts, decayed, age[ends], age[starts], streak, recent, weight)
 
 
 def item_statistics(
@@ -325,6 +341,7 @@ class Candidates:
     rows: np.ndarray  # [M]
     source: np.ndarray  # [M] int8 index into recsys.candidate_sources.SOURCES: where the pair came from
     x: np.ndarray  # [M, F] float64
+    size_factor: np.ndarray  # [M] float64: what a hit on the pair is worth (:func:`features`)
 
 
 def features(
@@ -336,8 +353,11 @@ def features(
     co_purchase_candidates: int = 0,
     category_candidates: int = 0,
     history_candidates: int = 0,
+    size_prior: float | None = None,
 ) -> Candidates:
-    """Every candidate of every shopper and its feature row (columns :func:`feature_names`).
+    """Every candidate of every shopper, its feature row (columns :func:`feature_names`) and, with a
+    ``size_prior``, its size factor (else 1): how much more a hit on the product is worth to the
+    shopper's macro-averaged Recall and NDCG than one of its average basket (:func:`_size_factor`).
 
     Candidates, each pair once (a product of several sources counts as the first): the shopper's
     ``history_candidates`` history products of the largest 90-day decayed counts (0: every one);
@@ -360,7 +380,39 @@ def features(
         (history_candidates, new_candidates, co_purchase_candidates, category_candidates),
         context.pairs.decayed[HALF_LIVES_DAYS.index(90.0)],
     )
-    return Candidates(owner, item_rows, source, context.matrix(owner, item_rows))
+    factor = (
+        np.ones(len(owner))
+        if size_prior is None
+        else _size_factor(context.entries, context.pairs, owner, item_rows, stats.num_items, size_prior)
+    )
+    return Candidates(owner, item_rows, source, context.matrix(owner, item_rows), factor)
+
+
+def _size_factor(
+    entries: _Entries, pairs: _Pairs, owner: np.ndarray, rows: np.ndarray, span: int, prior: float
+) -> np.ndarray:
+    """How much more a hit on each (shopper ``owner``, item ``rows``) pair is worth than one of the
+    shopper's average basket [M]: the mean :func:`basket_weights` of the shopper's baskets that contain
+    the product over the mean of all its baskets, with ``prior`` baskets of the shopper's mean added to
+    the product's (1 for a product it never bought).
+
+    A macro-averaged metric divides a household's hits by its next basket's size (Recall) or ideal DCG
+    (NDCG), so the expected metric of a list is the sum over its products of P(in the basket) times
+    E[basket weight | in the basket]. The ranker gives the probability; a product the household buys on
+    small trips (milk, bread) is worth more per hit than one it buys only in its big weekly shop, and
+    the shopper's own baskets estimate by how much, shrunk by the prior where they are few.
+    """
+    shoppers = len(entries.shopper_baskets)
+    mean = np.bincount(entries.basket_owner, weights=entries.basket_weight, minlength=shoppers)
+    mean /= np.maximum(entries.shopper_baskets, 1)
+    at = _lookup(owner, rows, pairs.owner, pairs.rows, span)
+    bought = at >= 0
+    factor = np.ones(len(owner))
+    shopper_mean = mean[owner[bought]]
+    factor[bought] = (pairs.weight[at[bought]] + prior * shopper_mean) / (
+        (pairs.baskets[at[bought]] + prior) * shopper_mean
+    )
+    return factor
 
 
 def pair_features(

@@ -5,7 +5,9 @@ baseline to beat. The network (shopper encoder + item index) proposes new produc
 ranker scores every candidate pair (:mod:`recsys.candidate_sources`) from its row of features
 (:func:`recsys.rank_features.features`) with one binary LightGBM model fitted in ``training.rank`` on
 stacked internal cutoffs, so repeat and new products compete on one probability scale and ``min_score``
-is a probability.
+is a probability. With a ``size_prior`` the list is ordered by each product's probability times its
+size factor (:func:`recsys.rank_features.features`: what a hit on it is worth to the household's
+macro-averaged Recall and NDCG), while scores, ``min_score`` and audiences keep the probability.
 
 The model travels as LightGBM's own text format (``Booster(model_str=...)``): plain numbers and names, no
 code, read by LightGBM's parser. It names its features; the ranker refuses a model whose features differ
@@ -30,6 +32,7 @@ VERSION = 1  # of the ranker's features and their meaning: a model fitted on ano
 END_OF_TREES = "end of trees"
 _TREE_ARRAYS = ("split_feature", "threshold", "decision_type", "left_child", "right_child")
 STAT_COLUMNS = ("popularity", "repeat_rate", "trend", "interval", "buyers")
+MAX_SIZE_PRIOR = 1e6  # prior baskets of the size factor: beyond this the factor is 1 to float precision
 
 
 def _numbers(block: dict[str, str], key: str, count: int, kind: type) -> np.ndarray:
@@ -44,6 +47,23 @@ def _numbers(block: dict[str, str], key: str, count: int, kind: type) -> np.ndar
     if np.isnan(array).any() or (key != "threshold" and not np.isfinite(array).all()):
         raise ValueError(f"tree {block.get('Tree')}: {key} holds a non-finite number")
     return array
+
+
+def per_shopper(
+    found: Candidates, probability: np.ndarray, num_shoppers: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat candidates (owners ascending) and their probabilities [M] as :meth:`Ranker.blend`'s per-shopper
+    rows [S, W] (-1 padding), probabilities and order keys [S, W] float32 (NaN padding)."""
+    count = np.bincount(found.owner, minlength=num_shoppers)
+    width = max(int(count.max(initial=0)), 1)
+    slot = concat_ranges(np.zeros_like(count), count)  # owners ascend: the position within a shopper
+    rows = np.full((num_shoppers, width), -1, dtype=np.int64)
+    scores = np.full((num_shoppers, width), np.nan, dtype=np.float32)
+    order = np.full((num_shoppers, width), np.nan, dtype=np.float32)
+    rows[found.owner, slot] = found.rows
+    scores[found.owner, slot] = probability
+    order[found.owner, slot] = probability * found.size_factor
+    return rows, scores, order
 
 
 def verified_trees(text: str, features: tuple[str, ...], what: str = "the ranker's model") -> str:
@@ -104,6 +124,8 @@ class Ranker:
     ``features`` is the model's input columns, a subset of :func:`recsys.rank_features.feature_names` in
     its order (an ablation drops some); ``new_candidates``, ``co_purchase_candidates`` and
     ``category_candidates`` size the candidate sources, the same in the fit and wherever it is applied.
+    ``size_prior`` (> 0) orders lists by probability times the basket-size factor with that many prior
+    baskets; None orders them by probability alone (rankers written before the factor existed).
     """
 
     model: str  # LightGBM's text model
@@ -113,6 +135,7 @@ class Ranker:
     co_purchase_candidates: int = 0
     category_candidates: int = 0
     history_candidates: int = 0  # 0: every history product
+    size_prior: float | None = None
     booster: lightgbm.Booster = field(init=False, repr=False, compare=False)
     columns: np.ndarray = field(init=False, repr=False, compare=False)
 
@@ -121,6 +144,14 @@ class Ranker:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        prior = self.size_prior
+        if prior is not None and (
+            isinstance(prior, bool)
+            or not isinstance(prior, int | float)
+            or not np.isfinite(prior)
+            or not 0 < prior <= MAX_SIZE_PRIOR
+        ):
+            raise ValueError(f"size_prior must be None or a number in (0, {MAX_SIZE_PRIOR:g}], got {prior!r}")
         known = feature_names(self.stats.levels)
         if not self.features or any(f not in known for f in self.features):
             unknown = [f for f in self.features if f not in known]
@@ -151,33 +182,28 @@ class Ranker:
             self.co_purchase_candidates,
             self.category_candidates,
             self.history_candidates,
+            self.size_prior,
         )
 
     def blend(
         self, histories: Histories, rows: np.ndarray, scores: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each shopper's candidates (history products, the network's and the other sources' new ones),
-        scored by P(in the next basket).
+        scored by P(in the next basket), and the keys that order them (the probability times the size
+        factor with a :attr:`size_prior`, else the probability).
 
         The network's pool is the shopper's best :attr:`new_candidates` searched products new to it (the
         search must hold that many beyond the history: :func:`recsys.scoring.search_size`). No source
         depends on how many products a caller wants, so every list is the prefix of a longer one, and
         serving, the batch job and training agree.
 
-        Returns rows [B, W] int64 (-1 padding) and scores [B, W] float32 (NaN padding), unordered: feed
-        them to :func:`recsys.scoring.select`, which ranks and applies the rules.
+        Returns rows [B, W] int64 (-1 padding), scores [B, W] float32 (NaN padding) and order keys [B, W]
+        float32, unordered: feed them to :func:`recsys.scoring.select` (``order=``), which ranks and
+        applies the rules.
         """
         found = self.candidates(histories, rows, scores)
-        probability = self.probability(found.x).astype(np.float32)
-        owner = found.owner
-        count = np.bincount(owner, minlength=histories.num_shoppers)
-        width = max(int(count.max(initial=0)), 1)
-        slot = concat_ranges(np.zeros_like(count), count)  # owners ascend: the position within a shopper
-        out_rows = np.full((histories.num_shoppers, width), -1, dtype=np.int64)
-        out_scores = np.full((histories.num_shoppers, width), np.nan, dtype=np.float32)
-        out_rows[owner, slot] = found.rows
-        out_scores[owner, slot] = probability
-        return out_rows, out_scores
+        probability = self.probability(found.x)
+        return per_shopper(found, probability, histories.num_shoppers)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the model text and the per-item arrays, as plain values (a bundle keeps the model
@@ -191,6 +217,7 @@ class Ranker:
             "co_purchase_candidates": self.co_purchase_candidates,
             "category_candidates": self.category_candidates,
             "history_candidates": self.history_candidates,
+            "size_prior": self.size_prior,
         }
 
     def item_columns(self) -> dict[str, np.ndarray]:
@@ -224,6 +251,9 @@ class Ranker:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"ranker {key!r} must be an integer >= 0, got {value!r}")
             integers[key] = value
+        prior = data.get("size_prior")
+        if prior is not None and (isinstance(prior, bool) or not isinstance(prior, int | float)):
+            raise ValueError(f"ranker 'size_prior' must be null or a number, got {prior!r}")
         names = data.get("features")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError("ranker 'features' must be a list of names")
@@ -255,4 +285,5 @@ class Ranker:
             integers["co_purchase_candidates"],
             integers["category_candidates"],
             integers["history_candidates"],
+            None if prior is None else float(prior),
         )

@@ -41,6 +41,7 @@ def select(
     min_score: float | np.ndarray | None = None,
     history: Sequence[np.ndarray] | None = None,
     explore_slots: int | np.ndarray = 0,
+    order: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pick each shopper's final ``k`` items from searched candidates.
 
@@ -54,10 +55,12 @@ def select(
         history: per shopper, rows bought before; only used by ``explore_slots``.
         explore_slots: positions reserved for the best candidates NOT in the history, where there are
             that many (an int, or [B] per shopper); the other positions take the best remaining ones.
+        order: [B, C] keys that rank the candidates (higher first) where they should not rank by score
+            (:meth:`recsys.ranker.Ranker.blend`'s); ``min_score`` still reads the scores. None: by score.
 
     Returns:
         rows [B, k] int64 padded with -1 and scores [B, k] float32 padded with NaN, best first; equal
-        scores rank the smaller row first, and a row listed twice keeps its best score.
+        keys rank the smaller row first, and a row listed twice keeps its best-ranked occurrence.
     """
     rows = np.asarray(candidate_rows, dtype=np.int64)
     scores = np.asarray(candidate_scores, dtype=np.float32)
@@ -78,11 +81,17 @@ def select(
     if exclude is not None:
         valid &= ~_in_row_sets(rows, exclude)
 
-    # Per shopper: valid first, then score descending, then row ascending (the deterministic tie order).
-    order = np.lexsort((rows, -scores, ~valid), axis=-1)
-    rows = np.take_along_axis(rows, order, axis=1)
-    scores = np.take_along_axis(scores, order, axis=1)
-    valid = np.take_along_axis(valid, order, axis=1)
+    rank_by = scores
+    if order is not None:
+        rank_by = np.asarray(order, dtype=np.float32)
+        if rank_by.shape != rows.shape:
+            raise ValueError(f"order {rank_by.shape} must be the candidates' shape {rows.shape}")
+        valid &= ~np.isnan(rank_by)
+    # Per shopper: valid first, then key descending, then row ascending (the deterministic tie order).
+    ranking = np.lexsort((rows, -rank_by, ~valid), axis=-1)
+    rows = np.take_along_axis(rows, ranking, axis=1)
+    scores = np.take_along_axis(scores, ranking, axis=1)
+    valid = np.take_along_axis(valid, ranking, axis=1)
 
     # A repeated row keeps its first (best-ranked) occurrence: np.unique's first index in row-major order.
     span = int(rows.max(initial=0)) + 1
@@ -198,9 +207,9 @@ def recommend(
     for (scored, k), members in groups.items():
         group = np.asarray(members)
         part = histories.take(group)
-        candidates = rows[group], scores[group]
+        candidates, order = (rows[group], scores[group]), None
         if scored and scorer is not None:  # repeat_aware() is False everywhere without a scorer
-            candidates = scorer.blend(part, *candidates)
+            *candidates, order = scorer.blend(part, *candidates)
         group_rules = [every[i] for i in members]
         floor = np.array([np.nan if r.min_score is None else r.min_score for r in group_rules])
         excludes = [r.exclude_purchased for r in group_rules]
@@ -218,5 +227,6 @@ def recommend(
             min_score=None if np.isnan(floor).all() else floor,
             history=history,
             explore_slots=explore,
+            order=order,
         )
     return Ranked(out_rows, out_scores, empty, aware)

@@ -31,7 +31,9 @@ class Recommendation:
     """One shopper's recommendations, best first.
 
     ``scores`` are, with ``repeat_aware``, the probability that the product is in the shopper's next basket
-    (the bundle's repeat-aware scorer, given purchase times); else model scores (inner products); with
+    (the bundle's repeat-aware scorer, given purchase times; a ranker with a ``size_prior`` lists them by
+    probability times the shopper's basket-size factor, so they need not descend); else model scores
+    (inner products); with
     ``fallback`` the products' popularity counts. ``unknown`` counts history entries outside the catalogue
     (dropped); ``truncated`` says only the most recent ``max_len`` known products were encoded.
     """

@@ -18,6 +18,7 @@ def random_ranker(
     neighbours: int = 3,
     co_purchase_candidates: int = 0,
     category_candidates: int = 0,
+    size_prior: float | None = 1.0,
 ) -> Ranker:
     """A ranker over ``num_items`` item rows whose scores vary with the history, the network score and the
     product: fitted on 80 random shoppers, whose labels favour products bought often and scored high."""
@@ -40,4 +41,4 @@ def random_ranker(
     config = RankerConfig(max_rounds=8, num_leaves=7, min_data_in_leaf=5, num_threads=1, seed=seed)
     booster = fit_booster(x, labels, list(names), config)
     return Ranker(booster.model_to_string(), stats, names, new_candidates, co_purchase_candidates,
-                  category_candidates)  # fmt: skip
+                  category_candidates, size_prior=size_prior)  # fmt: skip

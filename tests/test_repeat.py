@@ -22,8 +22,8 @@ from recsys.data.sequences import build_sequences
 from recsys.data.synthetic import SyntheticConfig, generate_table
 from recsys.evaluation.protocol import prepare
 from recsys.inputs import Histories, pair_keys, split_pair_keys
-from recsys.rank_features import ItemStats, feature_names, features, item_statistics
-from recsys.ranker import VERSION, Ranker
+from recsys.rank_features import ItemStats, basket_weights, feature_names, features, item_statistics
+from recsys.ranker import MAX_SIZE_PRIOR, VERSION, Ranker
 from recsys.rules import Rules
 from recsys.scoring import select
 from serving.app import create_app
@@ -169,6 +169,66 @@ def test_the_history_source_keeps_the_most_bought_products() -> None:
     assert [SOURCES[s] for s in found.source] == ["network", "history", "history"]
 
 
+def test_the_size_factor_matches_a_hand_computation() -> None:
+    # baskets: day 0 {1, 2}, day 1 {1}, day 2 {2, 3, 4}; product 5 is the network's, never bought
+    histories = histories_of([[1, 2, 1, 2, 3, 4]], [[0.0, 0.0, 1.0, 2.0, 2.0, 2.0]])
+    stats = stats_of(8, [-1] * 8, {})
+    searched = np.array([[5]]), np.array([[1.0]])
+
+    def weight(size: int) -> float:  # one hit's worth to NDCG@10 in a basket of ``size`` products
+        return 1.0 / sum(1.0 / math.log2(j + 2) for j in range(min(size, 10)))
+
+    mean = (weight(2) + weight(1) + weight(3)) / 3  # the shopper's average basket
+    expected = {
+        1: (weight(2) + weight(1) + mean) / (3 * mean),  # two baskets plus one prior basket of the mean
+        2: (weight(2) + weight(3) + mean) / (3 * mean),
+        3: (weight(3) + mean) / (2 * mean),
+        4: (weight(3) + mean) / (2 * mean),
+        5: 1.0,
+    }
+    found = features(histories, *searched, stats, 1, size_prior=1.0)
+    assert dict(zip(found.rows.tolist(), found.size_factor.tolist(), strict=True)) == pytest.approx(expected)
+    assert expected[1] > 1 > expected[3]  # bought on a small trip: worth more per hit than a big shop's
+    heavy = features(histories, *searched, stats, 1, size_prior=1e6)
+    np.testing.assert_allclose(heavy.size_factor, 1.0, atol=1e-5)  # the prior swamps three baskets
+    assert (features(histories, *searched, stats, 1).size_factor == 1.0).all()  # no prior: probability
+    np.testing.assert_allclose(
+        basket_weights(np.array([1, 3, 10, 60])), [1, weight(3), weight(10), weight(10)]
+    )
+
+
+def test_lists_follow_probability_times_the_size_factor() -> None:
+    rng = np.random.default_rng(6)
+    rows = [rng.integers(0, 30, 14) for _ in range(6)]
+    days = [np.sort(rng.integers(0, 60, 14)).astype(np.float64) for _ in range(6)]
+    searched = rng.integers(0, 30, (6, 25)), rng.standard_normal((6, 25)).astype(np.float32)
+    model = random_ranker(30, size_prior=2.0)
+    histories = histories_of(rows, days)
+    blended, probability, keys = model.blend(histories, *searched)
+    found = model.candidates(histories, *searched)
+    valid = blended >= 0
+    np.testing.assert_allclose(
+        np.sort(keys[valid]), np.sort(model.probability(found.x) * found.size_factor), rtol=1e-6
+    )
+    ranked, values = select(blended, probability, 10, order=keys)
+    plain = Ranker(model.model, model.stats, model.features, model.new_candidates)  # no prior
+    by_probability, _ = select(*plain.blend(histories, *searched)[:2], 10)
+    assert not np.array_equal(ranked, by_probability)  # the factor reorders some lists
+    for b in range(6):  # each list is the best 10 by key, its scores the probabilities
+        key_of = dict(zip(blended[b][valid[b]].tolist(), keys[b][valid[b]].tolist(), strict=True))
+        listed = [key_of[r] for r in ranked[b] if r >= 0]
+        assert listed == sorted(listed, reverse=True)
+        p_of = dict(zip(blended[b][valid[b]].tolist(), probability[b][valid[b]].tolist(), strict=True))
+        np.testing.assert_allclose(values[b][ranked[b] >= 0], [p_of[r] for r in ranked[b] if r >= 0])
+    again = Ranker.from_parts(model.to_dict(), model.model, model.item_columns())
+    assert again.size_prior == 2.0 and again.to_dict() == model.to_dict()
+    older = {k: v for k, v in model.to_dict().items() if k != "size_prior"}  # a ranker from before
+    assert Ranker.from_parts(older, model.model, model.item_columns()).size_prior is None
+    for bad in (0, -1.0, float("nan"), float("inf"), MAX_SIZE_PRIOR * 10, True, "1"):
+        with pytest.raises(ValueError, match="size_prior"):
+            Ranker.from_parts(model.to_dict() | {"size_prior": bad}, model.model, model.item_columns())
+
+
 def test_scores_need_no_clock_and_are_probabilities() -> None:
     rng = np.random.default_rng(1)
     rows = [rng.integers(0, 30, 12) for _ in range(5)]
@@ -196,8 +256,9 @@ def test_blend_does_not_depend_on_how_many_candidates_were_searched() -> None:
     answers = []
     for searched in (k + 6, 40, n):  # the pool needs new_candidates + distinct history products
         rows = order[:, :searched]
-        blended = model.blend(histories_of(history, days), rows, np.take_along_axis(scores, rows, 1))
-        answers.append([select(*blended, want) for want in (3, 10, 40)])
+        found = np.take_along_axis(scores, rows, 1)
+        blended, values, keys = model.blend(histories_of(history, days), rows, found)
+        answers.append([select(blended, values, want, order=keys) for want in (3, 10, 40)])
     for lists in answers[1:]:
         for (rows, values), (first_rows, first_values) in zip(lists, answers[0], strict=True):
             np.testing.assert_array_equal(rows, first_rows)
@@ -327,16 +388,17 @@ def test_serving_uses_the_ranker_given_timestamps(ranked_bundle: SyntheticBundle
     aware = recommender.recommend(history, Rules(k=8), timestamps=seconds)
     plain = recommender.recommend(history, Rules(k=8))
     assert aware.repeat_aware and not plain.repeat_aware
-    assert all(0 < s < 1 for s in aware.scores) and aware.scores == sorted(aware.scores, reverse=True)
+    assert all(0 < s < 1 for s in aware.scores)  # probabilities, listed by probability x size factor
 
     # the same answer computed by hand: brute-force model scores, the ranker's blend, the shared select
     scores = ranked_bundle.brute_force_scores(history).astype(np.float32)
     model = read_bundle(ranked_bundle.path).repeat
     assert model is not None
     histories = histories_of([[3, 7, 3, 9, 3]], [np.array(seconds) / 86_400.0])
-    rows, values = select(
-        *model.blend(histories, np.argsort(-scores)[None, :], np.sort(scores)[::-1][None, :]), 8
+    blended, probabilities, keys = model.blend(
+        histories, np.argsort(-scores)[None, :], np.sort(scores)[::-1][None, :]
     )
+    rows, values = select(blended, probabilities, 8, order=keys)
     assert aware.product_ids == ids[rows[0]].tolist()
     np.testing.assert_allclose(aware.scores, values[0], rtol=1e-5)
 

@@ -99,6 +99,21 @@ def test_explore_slots_skip_excluded_and_below_floor() -> None:
     assert rows == [[1, 9]]
 
 
+def test_order_keys_rank_while_min_score_reads_the_scores() -> None:
+    # keys rank (ties to the smaller row); the floor keeps scores >= 0.3 whatever their keys; the returned
+    # scores are the candidates' own, so a list ordered by keys need not have descending scores
+    rows = [[1, 2, 3, 4, 5]]
+    scores = [[0.9, 0.4, 0.35, 0.2, 0.5]]
+    keys = np.array([[0.5, 0.8, 0.5, 0.9, np.nan]], dtype=np.float32)  # NaN key: no candidate
+    out, values = _select(rows, scores, 4, order=keys, min_score=0.3)
+    assert out == [[2, 1, 3, -1]] and values == [[0.4, 0.9, 0.35, None]]
+    longer, _ = _select(rows, scores, 5, order=keys)
+    shorter, _ = _select(rows, scores, 2, order=keys)
+    assert longer == [[4, 2, 1, 3, -1]] and shorter == [longer[0][:2]]  # the same ranking at every k
+    with pytest.raises(ValueError, match="order"):
+        select(np.array(rows), np.array(scores, np.float32), 2, order=np.zeros((1, 4), np.float32))
+
+
 def test_matches_a_plain_sort_on_random_input() -> None:
     rng = np.random.default_rng(0)
     rows = np.stack([rng.permutation(50)[:20] for _ in range(8)])

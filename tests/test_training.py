@@ -76,6 +76,10 @@ def test_train_job_writes_a_self_describing_checkpoint(
     assert metrics["test/repeat_aware/recall@10"] > 1.2 * metrics["test/recall@10"]
     # and better than the logistic scorer the ranker replaced did on this very run (docs/results.md)
     assert metrics["test/repeat_aware/recall@10"] > 0.76 and metrics["test/repeat_aware/ndcg@10"] > 0.78
+    # the fit reports its lists on validation as ordered and by probability alone (the size factor's worth)
+    for name in ("recall@10", "ndcg@10"):
+        ordered, by_probability = metrics[f"ranker/val_{name}"], metrics[f"ranker/val_{name}_by_probability"]
+        assert 0 < ordered <= 1 and 0 < by_probability <= 1
 
     path = tmp_path / "checkpoints" / "best.ckpt"
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # plain values only

@@ -34,12 +34,14 @@ from recsys.data.features import product_metadata
 from recsys.data.sequences import build_sequences
 from recsys.data.split import next_basket_targets, temporal_split
 from recsys.data.vocabulary import Vocabulary
+from recsys.evaluation.metrics import shopper_metrics
 from recsys.evaluation.protocol import EvaluationData, evaluate, evaluated_histories, prepare
 from recsys.inputs import Histories, pair_member
 from recsys.io import write_json
-from recsys.rank_features import NETWORK, ItemStats, feature_names, features, item_statistics
-from recsys.ranker import Ranker
+from recsys.rank_features import NETWORK, Candidates, ItemStats, feature_names, features, item_statistics
+from recsys.ranker import Ranker, per_shopper
 from recsys.rules import Rules
+from recsys.scoring import select
 from training import checkpoint as checkpoints
 from training.datamodule import ReceiptsDataModule
 from training.module import NextItemModule, module_from_checkpoint, recommend, search
@@ -59,6 +61,8 @@ class RankerConfig:
     co_purchase_baskets: int = 20  # each shopper's most recent baskets counted for co-purchase
     categories: tuple[str, ...] = ("product_category", "product_type")  # metadata columns, coarse first
     exclude: tuple[str, ...] = ()  # feature names left out (ablations), e.g. the network's
+    # lists ordered by probability x basket-size factor with this many prior baskets; null: by probability
+    size_prior: float | None = 1.0
     cutoffs: int = 4
     spacing_days: float = 14.0
     negative_rate: float = 0.3  # share of the stacked negatives kept (weighted back: calibration holds)
@@ -115,6 +119,7 @@ class _Examples:
     rows: np.ndarray
     source: np.ndarray
     x: np.ndarray
+    size_factor: np.ndarray
     labels: np.ndarray
     targets: int  # target products in the vocabulary, over all shoppers (the candidate recall's denominator)
     per_source: dict[str, int] = field(default_factory=dict)  # targets each source proposed
@@ -142,7 +147,7 @@ def _examples(
         rows, scores = search(module, histories, max(wanted, 1))
     found = features(
         histories, rows, scores, stats, config.new_candidates, config.co_purchase_candidates,
-        config.category_candidates, config.history_candidates,
+        config.category_candidates, config.history_candidates, config.size_prior,
     )  # fmt: skip
     target_rows = [vocab.rows(items) for items in data.targets.items]
     target_owner = np.repeat(np.arange(len(target_rows)), [len(t) for t in target_rows])
@@ -150,8 +155,9 @@ def _examples(
     labels = pair_member(found.owner, found.rows, target_owner, flat)
     per_source = {name: int(labels[found.source == i].sum()) for i, name in enumerate(SOURCES)}
     return _Examples(
-        found.owner, found.rows, found.source, found.x, labels, int((flat >= 0).sum()), per_source
-    )
+        found.owner, found.rows, found.source, found.x, found.size_factor, labels, int((flat >= 0).sum()),
+        per_source,
+    )  # fmt: skip
 
 
 def internal_cutoffs(
@@ -272,8 +278,10 @@ def fit(
         config.co_purchase_candidates,
         config.category_candidates,
         config.history_candidates,
+        config.size_prior,
     )
     predicted = ranker.probability(validation.x)
+    lists = _validation_lists(validation, predicted, val, vocab)
     importance = booster.feature_importance("gain")
     report = {
         "rows": len(labels),
@@ -282,6 +290,7 @@ def fit(
         "val_candidate_recall": validation.labels.sum() / max(validation.targets, 1),
         "val_source_recall": {k: v / max(validation.targets, 1) for k, v in validation.per_source.items()},
         "val_candidates_per_shopper": len(validation.labels) / max(len(val.targets.shopper_ids), 1),
+        **lists,
         "val_reliability": reliability(predicted, validation.labels),
         "importance": dict(
             sorted(
@@ -314,6 +323,26 @@ def fit_at(
     config = replace(config, exclude=tuple(dict.fromkeys((*config.exclude, *NETWORK))))
     ranker, report = fit(None, val, before, metadata, config)
     return ranker, val.vocab, report
+
+
+def _validation_lists(
+    examples: _Examples, probability: np.ndarray, data: EvaluationData, vocab: Vocabulary, k: int = 10
+) -> dict[str, float]:
+    """Validation Recall@k and NDCG@k of the ranker's lists over its candidates (no popularity padding),
+    as they are ordered (``val_recall@k``) and by probability alone (``..._by_probability``): what the
+    basket-size order gives on this fit's own validation split."""
+    found = Candidates(examples.owner, examples.rows, examples.source, examples.x, examples.size_factor)
+    rows, scores, order = per_shopper(found, probability, len(data.targets.shopper_ids))
+    targets = [vocab.rows(items) for items in data.targets.items]
+    targets = [t[t >= 0] for t in targets]
+    kept = np.array([len(t) > 0 for t in targets], dtype=bool)
+    report = {}
+    for suffix, keys in (("", order), ("_by_probability", None)):
+        ranked, _ = select(rows, scores, k, order=keys)
+        metrics = shopper_metrics(ranked[kept], [t for t, keep in zip(targets, kept, strict=True) if keep], k)
+        for name in ("recall", "ndcg"):
+            report[f"val_{name}@{k}{suffix}"] = float(metrics[f"{name}@{k}"].mean())
+    return report
 
 
 def _logloss(p: np.ndarray, y: np.ndarray) -> float:
