@@ -70,8 +70,9 @@ class RecommendResponse(BaseModel):
 
     product_ids: list[int]
     scores: list[float] = Field(
-        description="next-basket probabilities when repeat_aware, else model scores; popularity counts "
-        "when fallback is true"
+        description="next-basket probabilities when repeat_aware (listed by probability x the shopper's "
+        "basket-size factor when the ranker has one, so they need not descend), else model scores; "
+        "popularity counts when fallback is true"
     )
     fallback: bool = Field(description="the history had no known product: most popular products instead")
     unknown: int = Field(description="history entries outside the catalogue, dropped")
