@@ -145,13 +145,13 @@ class Ranker:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         prior = self.size_prior
+        # a range test refuses NaN, infinities and integers too large for a float alike
         if prior is not None and (
-            isinstance(prior, bool)
-            or not isinstance(prior, int | float)
-            or not np.isfinite(prior)
-            or not 0 < prior <= MAX_SIZE_PRIOR
+            isinstance(prior, bool) or not isinstance(prior, int | float) or not 0 < prior <= MAX_SIZE_PRIOR
         ):
             raise ValueError(f"size_prior must be None or a number in (0, {MAX_SIZE_PRIOR:g}], got {prior!r}")
+        if prior is not None:
+            object.__setattr__(self, "size_prior", float(prior))
         known = feature_names(self.stats.levels)
         if not self.features or any(f not in known for f in self.features):
             unknown = [f for f in self.features if f not in known]
@@ -285,5 +285,5 @@ class Ranker:
             integers["co_purchase_candidates"],
             integers["category_candidates"],
             integers["history_candidates"],
-            None if prior is None else float(prior),
+            prior,
         )

@@ -224,7 +224,7 @@ def test_lists_follow_probability_times_the_size_factor() -> None:
     assert again.size_prior == 2.0 and again.to_dict() == model.to_dict()
     older = {k: v for k, v in model.to_dict().items() if k != "size_prior"}  # a ranker from before
     assert Ranker.from_parts(older, model.model, model.item_columns()).size_prior is None
-    for bad in (0, -1.0, float("nan"), float("inf"), MAX_SIZE_PRIOR * 10, True, "1"):
+    for bad in (0, -1.0, float("nan"), float("inf"), MAX_SIZE_PRIOR * 10, 10**400, True, "1"):
         with pytest.raises(ValueError, match="size_prior"):
             Ranker.from_parts(model.to_dict() | {"size_prior": bad}, model.model, model.item_columns())
 
