@@ -50,19 +50,23 @@ def _numbers(block: dict[str, str], key: str, count: int, kind: type) -> np.ndar
 
 
 def per_shopper(
-    found: Candidates, probability: np.ndarray, num_shoppers: int
+    owner: np.ndarray,
+    item_rows: np.ndarray,
+    probability: np.ndarray,
+    size_factor: np.ndarray,
+    num_shoppers: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flat candidates (owners ascending) and their probabilities [M] as :meth:`Ranker.blend`'s per-shopper
-    rows [S, W] (-1 padding), probabilities and order keys [S, W] float32 (NaN padding)."""
-    count = np.bincount(found.owner, minlength=num_shoppers)
+    """Flat candidates [M] (owners ascending), their probabilities and size factors as :meth:`Ranker.blend`'s
+    per-shopper rows [S, W] (-1 padding), probabilities and order keys [S, W] float32 (NaN padding)."""
+    count = np.bincount(owner, minlength=num_shoppers)
     width = max(int(count.max(initial=0)), 1)
     slot = concat_ranges(np.zeros_like(count), count)  # owners ascend: the position within a shopper
     rows = np.full((num_shoppers, width), -1, dtype=np.int64)
     scores = np.full((num_shoppers, width), np.nan, dtype=np.float32)
     order = np.full((num_shoppers, width), np.nan, dtype=np.float32)
-    rows[found.owner, slot] = found.rows
-    scores[found.owner, slot] = probability
-    order[found.owner, slot] = probability * found.size_factor
+    rows[owner, slot] = item_rows
+    scores[owner, slot] = probability
+    order[owner, slot] = probability * size_factor
     return rows, scores, order
 
 
@@ -203,7 +207,7 @@ class Ranker:
         """
         found = self.candidates(histories, rows, scores)
         probability = self.probability(found.x)
-        return per_shopper(found, probability, histories.num_shoppers)
+        return per_shopper(found.owner, found.rows, probability, found.size_factor, histories.num_shoppers)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the model text and the per-item arrays, as plain values (a bundle keeps the model
@@ -251,9 +255,6 @@ class Ranker:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"ranker {key!r} must be an integer >= 0, got {value!r}")
             integers[key] = value
-        prior = data.get("size_prior")
-        if prior is not None and (isinstance(prior, bool) or not isinstance(prior, int | float)):
-            raise ValueError(f"ranker 'size_prior' must be null or a number, got {prior!r}")
         names = data.get("features")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError("ranker 'features' must be a list of names")
@@ -285,5 +286,5 @@ class Ranker:
             integers["co_purchase_candidates"],
             integers["category_candidates"],
             integers["history_candidates"],
-            prior,
+            data.get("size_prior"),  # checked by the constructor
         )

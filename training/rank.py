@@ -38,7 +38,7 @@ from recsys.evaluation.metrics import shopper_metrics
 from recsys.evaluation.protocol import EvaluationData, evaluate, evaluated_histories, prepare
 from recsys.inputs import Histories, pair_member
 from recsys.io import write_json
-from recsys.rank_features import NETWORK, Candidates, ItemStats, feature_names, features, item_statistics
+from recsys.rank_features import NETWORK, ItemStats, feature_names, features, item_statistics
 from recsys.ranker import Ranker, per_shopper
 from recsys.rules import Rules
 from recsys.scoring import select
@@ -331,8 +331,9 @@ def _validation_lists(
     """Validation Recall@k and NDCG@k of the ranker's lists over its candidates (no popularity padding),
     as they are ordered (``val_recall@k``) and by probability alone (``..._by_probability``): what the
     basket-size order gives on this fit's own validation split."""
-    found = Candidates(examples.owner, examples.rows, examples.source, examples.x, examples.size_factor)
-    rows, scores, order = per_shopper(found, probability, len(data.targets.shopper_ids))
+    rows, scores, order = per_shopper(
+        examples.owner, examples.rows, probability, examples.size_factor, len(data.targets.shopper_ids)
+    )
     targets = [vocab.rows(items) for items in data.targets.items]
     targets = [t[t >= 0] for t in targets]
     kept = np.array([len(t) > 0 for t in targets], dtype=bool)
