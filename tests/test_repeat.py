@@ -370,6 +370,9 @@ def test_bundle_round_trip_and_refusals(ranked_bundle: SyntheticBundle, tmp_path
         "version": (lambda m: m["ranker"].update(version=VERSION + 1), "invalid ranker.*version"),
         "features": (lambda m: m["ranker"]["features"].__setitem__(0, "log_counts"), "invalid ranker"),
         "file": (lambda m: m["files"].pop(RANKER_FILE), "'files' must list exactly"),
+        # an integer far beyond a float: refused by name, not an OverflowError out of the reader
+        "size_prior": (lambda m: m["ranker"].update(size_prior=10**400), "invalid ranker.*size_prior"),
+        "size_prior_text": (lambda m: m["ranker"].update(size_prior="1"), "invalid ranker.*size_prior"),
     }
     for name, (change, message) in edits.items():
         edited = shutil.copytree(ranked_bundle.path, tmp_path / name)
