@@ -403,8 +403,10 @@ def _size_factor(
     the shopper's own baskets estimate by how much, shrunk by the prior where they are few.
     """
     shoppers = len(entries.shopper_baskets)
-    mean = np.bincount(entries.basket_owner, weights=entries.basket_weight, minlength=shoppers)
-    mean /= np.maximum(entries.shopper_baskets, 1)
+    # not in place: with no basket at all, bincount ignores the weights and counts in integers
+    mean = np.bincount(entries.basket_owner, weights=entries.basket_weight, minlength=shoppers) / np.maximum(
+        entries.shopper_baskets, 1
+    )
     at = _lookup(owner, rows, pairs.owner, pairs.rows, span)
     bought = at >= 0
     factor = np.ones(len(owner))

@@ -192,6 +192,8 @@ def test_the_size_factor_matches_a_hand_computation() -> None:
     heavy = features(histories, *searched, stats, 1, size_prior=1e6)
     np.testing.assert_allclose(heavy.size_factor, 1.0, atol=1e-5)  # the prior swamps three baskets
     assert (features(histories, *searched, stats, 1).size_factor == 1.0).all()  # no prior: probability
+    nobody = features(histories_of([[], []]), np.array([[5], [6]]), np.ones((2, 1)), stats, 1, size_prior=1.0)
+    assert nobody.rows.tolist() == [5, 6] and nobody.size_factor.tolist() == [1.0, 1.0]  # no baskets at all
     np.testing.assert_allclose(
         basket_weights(np.array([1, 3, 10, 60])), [1, weight(3), weight(10), weight(10)]
     )
