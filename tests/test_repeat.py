@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pytest
 from fastapi.testclient import TestClient
 
+from benchmarks.serve_latency import STAGES, stage_report
 from recsys.bundle import RANKER_FILE, BundleError, read_bundle, sha256_file
 from recsys.candidate_sources import SOURCES, gather
 from recsys.data.schema import PRODUCT, SHOPPER, TIMESTAMP
@@ -416,6 +417,23 @@ def test_serving_uses_the_ranker_given_timestamps(ranked_bundle: SyntheticBundle
     assert batch[0] == aware and batch[1] == plain and batch[2].fallback
     with pytest.raises(ValueError, match="one finite number per history entry"):
         recommender.recommend(history, timestamps=seconds[:-1])
+
+
+def test_the_latency_benchmark_stages_match_serving(
+    ranked_bundle: SyntheticBundle, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # benchmarks.serve_latency times a ranked request stage by stage; each staged list must be served's
+    recommender = Recommender.load(ranked_bundle.path)
+    rng = np.random.default_rng(3)
+    ids = ranked_bundle.product_ids
+    requests = [([], [])]  # the fallback has no stages and is skipped
+    for length in (1, 5, 30, 120):
+        days = np.sort(rng.integers(0, 90, length)).astype(np.float64)
+        requests.append((ids[rng.integers(0, len(ids), length)].tolist(), (days * 86_400.0).tolist()))
+    stage_report(recommender, read_bundle(ranked_bundle.path), requests, Rules(k=8))
+    lines = capsys.readouterr().out.splitlines()
+    assert "all 4 /" in lines[0] and [line.split()[0] for line in lines[1:]] == list(STAGES)
+    assert all(float(line.split()[1]) > 0 for line in lines[1:])
 
 
 def test_http_timestamps(ranked_bundle: SyntheticBundle) -> None:
