@@ -19,6 +19,7 @@ is NaN, which the trees treat as missing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -108,6 +109,13 @@ class ItemStats:
     @property
     def num_items(self) -> int:
         return len(self.popularity)
+
+    @cached_property
+    def category_levels(self) -> tuple[tuple[np.ndarray, int], ...]:
+        """Per level, the products' codes [N] (contiguous, where a column of ``categories`` is strided) and
+        the span of the codes: read by every request, so computed once."""
+        columns = (np.ascontiguousarray(self.categories[:, level]) for level in range(self.levels))
+        return tuple((code, int(code.max(initial=0)) + 1) for code in columns)
 
     @property
     def levels(self) -> int:
@@ -552,8 +560,7 @@ def _matrix(
     put("log_last_gap", np.log1p(last_gap[owner]))
 
     # the product's categories in the shopper's history
-    for level in range(stats.levels):
-        code = stats.categories[:, level]
+    for level, (code, cat_span) in enumerate(stats.category_levels):
         known = code[entries.rows] >= 0
         cat_owner, cat_code, cat_basket = (
             entries.owner[known],
@@ -565,7 +572,6 @@ def _matrix(
         first = _runs((cat_owner, cat_code, cat_basket))
         cat_owner, cat_code, cat_basket = cat_owner[first], cat_code[first], cat_basket[first]
         starts = _runs((cat_owner, cat_code))
-        cat_span = int(code.max(initial=0)) + 1
         counts = np.diff(np.append(starts, len(cat_owner)))
         ages = entries.basket_age[cat_basket]
         cat_ages = np.minimum.reduceat(ages, starts) if len(starts) else ages
@@ -617,8 +623,14 @@ def _co_candidates(
     s = stats.neighbour_scores[recent_rows].reshape(-1)
     keep = n >= 0
     span = stats.num_items
-    keys, inverse = np.unique(pair_keys(o[keep], n[keep], span), return_inverse=True)
-    return *split_pair_keys(keys, span), np.bincount(inverse, weights=s[keep], minlength=len(keys))
+    keys = pair_keys(o[keep], n[keep], span)
+    order = np.argsort(keys, kind="stable")  # stable: each pair's scores are summed in the table's order
+    keys = keys[order]
+    first = np.ones(len(keys), dtype=bool)
+    first[1:] = keys[1:] != keys[:-1]
+    run = np.cumsum(first) - 1  # each entry's pair
+    distinct = keys[first]
+    return *split_pair_keys(distinct, span), np.bincount(run, weights=s[keep][order], minlength=len(distinct))
 
 
 def _recent_products(entries: _Entries) -> tuple[np.ndarray, np.ndarray]:
