@@ -17,7 +17,9 @@ requests are real shoppers' whole histories from the receipts (canonical columns
 Complete Journey ``receipts.parquet``), with their purchase times, under repeat-aware rules: every
 request as a production caller would send it. They are also reported by history length, which sets
 their cost, and, for a bundle with a ranker, stage by stage (parsing, encoding, search, the ranker's
-features, its trees, the final selection), each staged request checked against the recommender's list.
+features, its trees, the final selection), each staged request checked against the recommender's list,
+then the trees as served (ONNX Runtime) against LightGBM's own predictor on the same rows, where
+lightgbm is installed.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from recsys.bundle import Bundle, onnx_session, read_bundle
 from recsys.data.schema import PRODUCT, SHOPPER, TIMESTAMP
 from recsys.data.vocabulary import PRODUCTS, Vocabulary, index_count
 from recsys.inputs import Histories
-from recsys.ranker import per_shopper
+from recsys.ranker import Ranker, per_shopper
 from recsys.rules import Rules
 from recsys.scoring import search_size, select
 from serving.recommender import Recommender
@@ -153,7 +155,7 @@ def stage_report(
     session = onnx_session(bundle, 1)
     ranker = bundle.repeat
     faiss.omp_set_num_threads(1)
-    spent = []
+    spent, feature_rows = [], []
     for history, stamps in requests:
         clock = [time.perf_counter()]
         shoppers = Histories.from_requests(vocab, [history], [stamps])
@@ -171,6 +173,7 @@ def stage_report(
         )
         clock.append(time.perf_counter())
         found = ranker.candidates(shoppers, rows, scores)
+        feature_rows.append(found.x)
         clock.append(time.perf_counter())
         probability = ranker.probability(found.x)
         clock.append(time.perf_counter())
@@ -186,6 +189,41 @@ def stage_report(
     print(f"  stages of a ranked request, mean ms: all {len(ms)} / the slowest 5% ({slowest.sum()})")
     for j, stage in enumerate(STAGES):
         print(f"    {stage:<10} {ms[:, j].mean():7.3f} / {ms[slowest, j].mean():7.3f}")
+    trees_report(ranker, feature_rows)
+
+
+def trees_report(ranker: Ranker, feature_rows: list[np.ndarray]) -> None:
+    """The ranker's trees as serving runs them (``recsys.trees``: ONNX Runtime) against LightGBM's own
+    predictor on the same rows: per request's rows, then all of them in one call on 1 and 2 threads,
+    every probability checked to be LightGBM's. Skipped where lightgbm is not installed (a serve box)."""
+    try:
+        import lightgbm
+    except ImportError:
+        print("  trees: lightgbm is not installed, no reference to time against")
+        return
+    booster = lightgbm.Booster(model_str=ranker.model)
+    columns = [x[:, ranker.columns] for x in feature_rows]
+
+    def by_lightgbm(x: np.ndarray, threads: int = 1) -> np.ndarray:
+        return booster.predict(x, num_threads=threads)
+
+    for x in columns:
+        if not np.array_equal(ranker.trees.probability(x), by_lightgbm(x)):
+            raise AssertionError("the trees do not give LightGBM's probabilities")
+    rows = np.array([len(x) for x in columns])
+    size = f"{np.median(rows):.0f} rows (median) of {len(ranker.features)} features"
+    print(f"  trees, {len(columns)} requests of {size}:")
+    report("    onnxruntime (served)", timed(ranker.trees.probability, columns))
+    report("    lightgbm predict", timed(by_lightgbm, columns))
+    every = np.concatenate(columns)
+    for threads in (1, 2):
+        seconds = {}
+        for name, call in (("onnxruntime", ranker.trees.probability), ("lightgbm", by_lightgbm)):
+            start = time.perf_counter()
+            call(every, threads)
+            seconds[name] = time.perf_counter() - start
+        took = ", ".join(f"{name} {value:.3f} s" for name, value in seconds.items())
+        print(f"    all {len(every):,} rows in one call, {threads} thread(s): {took}")
 
 
 def main() -> None:

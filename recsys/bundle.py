@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 
 from recsys.io import exchange_directory, remove_stale_temporaries
 from recsys.ranker import Ranker
+from recsys.runtime import session_options
 
 FORMAT = "caddie-bundle"
 FORMAT_VERSION = 3  # 3: the LightGBM ranker replaces the logistic-regression scorer
@@ -142,14 +143,8 @@ def onnx_session(
         raise ValueError(
             f"graph_optimization must be one of {sorted(GRAPH_OPTIMIZATION)}, got {graph_optimization!r}"
         )
-    options = ort.SessionOptions()
+    options = session_options(intra_op_threads)
     options.graph_optimization_level = GRAPH_OPTIMIZATION[graph_optimization]
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # spinning intra-op workers would burn the cores that FAISS, the server or the job's other threads need
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
     with tempfile.TemporaryDirectory(prefix="caddie-no-external-data-") as empty:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", empty)
         try:

@@ -14,8 +14,7 @@ own history cannot; among those who buy the products, their own recency-weighted
 
 With fewer than :data:`MIN_OUTCOMES` examples of either outcome, trees would fit noise: the combination
 is then the first column alone, calibrated (``model`` None). Both parts travel as plain values: the
-LightGBM text model (checked by :func:`recsys.ranker.verified_trees` before LightGBM reads it) and the
-isotonic knots. No torch.
+LightGBM text model (checked and run by :class:`recsys.trees.Trees`) and the isotonic knots. No torch.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ import lightgbm
 import numpy as np
 
 from recsys.calibration import Calibration, fit_isotonic
-from recsys.ranker import verified_trees
+from recsys.trees import Trees, verified_trees
 
 MIN_OUTCOMES = 50  # examples of each outcome a model is fitted on; fewer: the first column alone
 MAX_MODEL_CHARS = 2_000_000  # a stored model's size limit (a fitted one is a few tens of kilobytes)
@@ -56,31 +55,30 @@ class Combination:
     features: tuple[str, ...]
     model: str | None
     calibration: Calibration
-    booster: lightgbm.Booster | None = field(init=False, repr=False, compare=False)
+    trees: Trees | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.features or not all(isinstance(f, str) and f for f in self.features):
             raise ValueError("a combination needs named feature columns")
-        booster = None
+        trees = None
         if self.model is not None:
             if not isinstance(self.model, str) or len(self.model) > MAX_MODEL_CHARS:
                 raise ValueError(
                     f"a combination's model must be text of at most {MAX_MODEL_CHARS} characters"
                 )
-            text = verified_trees(self.model, self.features, "the combination's model")
-            booster = lightgbm.Booster(model_str=text)
-        object.__setattr__(self, "booster", booster)
+            trees = Trees(self.model, self.features, "the combination's model")
+        object.__setattr__(self, "trees", trees)
 
     def score(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
         """[S] the uncalibrated combined score (the model's probability, or the first column): what to
         rank by, since the calibration is non-decreasing in it and flat over whole stretches."""
         x = self._checked(x)
-        if self.booster is None:
+        if self.trees is None:
             return x[:, 0].copy()
         out = np.full(len(x), np.nan)
         known = ~np.isnan(x[:, 0])
         if known.any():
-            out[known] = self.booster.predict(x[known], num_threads=threads)
+            out[known] = self.trees.probability(x[known], threads)
         return out
 
     def __call__(self, x: np.ndarray, threads: int = 1) -> np.ndarray:

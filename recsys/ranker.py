@@ -9,9 +9,10 @@ is a probability. With a ``size_prior`` the list is ordered by each product's pr
 size factor (:func:`recsys.rank_features.features`: what a hit on it is worth to the household's
 macro-averaged Recall and NDCG), while scores, ``min_score`` and audiences keep the probability.
 
-The model travels as LightGBM's own text format (``Booster(model_str=...)``): plain numbers and names, no
-code, read by LightGBM's parser. It names its features; the ranker refuses a model whose features differ
-from the ones it declares, or a :data:`VERSION` other than this library's. Serving
+The model travels as LightGBM's own text format: plain numbers and names, no code, checked and run by
+:class:`recsys.trees.Trees` (ONNX Runtime, LightGBM's predictions to the last bit). It names its
+features; the ranker refuses a model whose features differ from the ones it declares, or a
+:data:`VERSION` other than this library's. Serving
 (:class:`serving.Recommender`), the batch job and training's test metrics all reach :meth:`Ranker.blend`
 through :func:`recsys.scoring.recommend`. No torch on this path.
 """
@@ -21,32 +22,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import lightgbm
 import numpy as np
 
 from recsys.data.sequences import concat_ranges
 from recsys.inputs import Histories
 from recsys.rank_features import Candidates, ItemStats, feature_names, features
+from recsys.trees import Trees
 
 VERSION = 1  # of the ranker's features and their meaning: a model fitted on another version is refused
-END_OF_TREES = "end of trees"
-_TREE_ARRAYS = ("split_feature", "threshold", "decision_type", "left_child", "right_child")
 STAT_COLUMNS = ("popularity", "repeat_rate", "trend", "interval", "buyers")
 MAX_SIZE_PRIOR = 1e6  # prior baskets of the size factor: beyond this the factor is 1 to float precision
-
-
-def _numbers(block: dict[str, str], key: str, count: int, kind: type) -> np.ndarray:
-    values = block.get(key, "").split()
-    if len(values) != count:
-        raise ValueError(f"tree {block.get('Tree')}: {key} needs {count} values, has {len(values)}")
-    try:
-        array = np.array([kind(v) for v in values])
-    except ValueError as error:
-        raise ValueError(f"tree {block.get('Tree')}: {key} holds a non-number") from error
-    # a split threshold may be infinite (LightGBM's bound of a feature's last bin), never NaN
-    if np.isnan(array).any() or (key != "threshold" and not np.isfinite(array).all()):
-        raise ValueError(f"tree {block.get('Tree')}: {key} holds a non-finite number")
-    return array
 
 
 def per_shopper(
@@ -70,57 +55,6 @@ def per_shopper(
     return rows, scores, order
 
 
-def verified_trees(text: str, features: tuple[str, ...], what: str = "the ranker's model") -> str:
-    """The header and trees of LightGBM text model ``text``, checked line by line before LightGBM reads
-    them: LightGBM parses trees on several threads and aborts the whole process on a malformed one, so
-    a model that is not exactly a binary model over ``features`` of numerical splits is refused here
-    (ValueError naming the problem). What follows the trees (importances, training parameters) is left
-    out: prediction needs none of it. ``what`` names the model in the errors."""
-    if not isinstance(text, str) or END_OF_TREES not in text or not text.startswith("tree\n"):
-        raise ValueError(f"{what} cannot be read: it is not a LightGBM text model")
-    body = text[: text.index(END_OF_TREES)]
-    first = body.find("\nTree=")
-    header_text = body if first < 0 else body[: first + 1]
-    header = dict(line.split("=", 1) for line in header_text.splitlines()[1:] if "=" in line)
-    if header.get("feature_names", "").split() != list(features):
-        raise ValueError(f"{what} reads features {header.get('feature_names')}, it declares {list(features)}")
-    expected = {"version": "v4", "num_class": "1", "num_tree_per_iteration": "1",
-                "max_feature_idx": str(len(features) - 1)}  # fmt: skip
-    for key, value in expected.items():
-        if header.get(key) != value:
-            raise ValueError(f"{what} cannot be read: {key}={header.get(key)!r}, expected {value}")
-    if header.get("objective", "").split()[:1] != ["binary"]:
-        raise ValueError(f"{what} must output probabilities (binary), not {header.get('objective')!r}")
-    try:
-        sizes = [int(v) for v in header.get("tree_sizes", "").split()]
-    except ValueError as error:
-        raise ValueError(f"{what} cannot be read: tree_sizes are not integers") from error
-    position = len(header_text)
-    for i, size in enumerate(sizes):
-        chunk = body[position : position + size]
-        position += size
-        block = dict(line.split("=", 1) for line in chunk.splitlines() if "=" in line)
-        if not chunk.startswith(f"Tree={i}\n") or len(chunk) != size:
-            raise ValueError(f"{what} cannot be read: tree {i} is not where tree_sizes put it")
-        leaves = int(_numbers(block, "num_leaves", 1, int)[0])
-        if leaves < 1 or block.get("num_cat") != "0":
-            raise ValueError(f"tree {i}: needs >= 1 leaves and no categorical splits")
-        _numbers(block, "leaf_value", leaves, float)
-        if leaves == 1:
-            continue
-        split_feature, _, _, left, right = (
-            _numbers(block, key, leaves - 1, float if key == "threshold" else int) for key in _TREE_ARRAYS
-        )
-        children = np.concatenate([left, right])
-        if (split_feature < 0).any() or (split_feature >= len(features)).any():
-            raise ValueError(f"tree {i}: a split names a feature outside the model's {len(features)}")
-        if (children < -leaves).any() or (children >= leaves - 1).any() or (children == 0).any():
-            raise ValueError(f"tree {i}: a child index is out of range")
-    if body[position:].strip():
-        raise ValueError(f"{what} cannot be read: text between the trees and their end")
-    return body + END_OF_TREES + "\n"
-
-
 @dataclass(frozen=True)
 class Ranker:
     """A fitted LightGBM model over the named ``features`` plus the per-product statistics they read.
@@ -140,7 +74,7 @@ class Ranker:
     category_candidates: int = 0
     history_candidates: int = 0  # 0: every history product
     size_prior: float | None = None
-    booster: lightgbm.Booster = field(init=False, repr=False, compare=False)
+    trees: Trees = field(init=False, repr=False, compare=False)
     columns: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -160,8 +94,7 @@ class Ranker:
         if not self.features or any(f not in known for f in self.features):
             unknown = [f for f in self.features if f not in known]
             raise ValueError(f"ranker features {unknown or '[]'} are not features of this library: {known}")
-        booster = lightgbm.Booster(model_str=verified_trees(self.model, self.features))
-        object.__setattr__(self, "booster", booster)
+        object.__setattr__(self, "trees", Trees(self.model, self.features))
         object.__setattr__(self, "columns", np.array([known.index(f) for f in self.features], dtype=np.int64))
 
     @property
@@ -171,9 +104,7 @@ class Ranker:
     def probability(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
         """P(in the next basket) [M] of full feature rows [M, F] (every column of ``feature_names``), on
         ``threads`` threads (serving keeps one per request; a batch job may use its cores)."""
-        if not len(x):
-            return np.zeros(0)
-        return self.booster.predict(x[:, self.columns], num_threads=threads)
+        return self.trees.probability(x[:, self.columns], threads)
 
     def candidates(self, histories: Histories, rows: np.ndarray, scores: np.ndarray) -> Candidates:
         """The candidate pairs and their feature rows (:class:`recsys.rank_features.Candidates`)."""

