@@ -114,6 +114,16 @@ def _parsed(text: str, features: tuple[str, ...], what: str) -> tuple[str, float
             raise ValueError(f"tree {i}: a split names a feature outside the model's {len(features)}")
         if (children < -leaves).any() or (children >= leaves - 1).any() or (children == 0).any():
             raise ValueError(f"tree {i}: a child index is out of range")
+        # a tree: every node but the root and every leaf has one parent, and a node's children come after
+        # it (as LightGBM numbers them), so a walk from the root ends and reaches everything
+        parents = np.concatenate([np.arange(leaves - 1)] * 2)
+        nodes, leaf_ids = children[children > 0], ~children[children < 0]
+        if (
+            not np.array_equal(np.sort(nodes), np.arange(1, leaves - 1))
+            or not np.array_equal(np.sort(leaf_ids), np.arange(leaves))
+            or (nodes <= parents[children > 0]).any()
+        ):
+            raise ValueError(f"tree {i}: its nodes do not form a tree")
         if not np.isin(decision_type, _DECISION_TYPES).all():
             raise ValueError(f"tree {i}: only numerical splits with missing values None or NaN are read")
         trees.append(_Tree(split_feature, threshold, decision_type, left, right, leaf_value))

@@ -121,3 +121,40 @@ def test_categorical_splits_and_bad_inputs_are_refused() -> None:
     forged = _fit({}, rounds=3).replace("sigmoid:1", "sigmoid:-1", 1)
     with pytest.raises(ValueError, match="sigmoid must be a positive"):
         Trees(forged, NAMES)
+
+
+def _forged(text: str, children: dict[str, str]) -> str:
+    """``text`` with tree 0's child lines replaced and ``tree_sizes`` rewritten to fit, so that only the
+    tree's shape is wrong."""
+    body, tail = text.split("end of trees", 1)
+    head, *trees = body.split("\nTree=")
+    trees = ["Tree=" + t for t in trees]
+    values = {**children, "tree_sizes": ""}
+
+    def replaced(line: str) -> str:
+        key = line.split("=", 1)[0]
+        return f"{key}={values[key]}" if key in values else line
+
+    trees[0] = "\n".join(replaced(line) for line in trees[0].split("\n"))
+    # each tree's text with the newline that joins it to the next (the last keeps its own)
+    values["tree_sizes"] = " ".join([*(str(len(t) + 1) for t in trees[:-1]), str(len(trees[-1]))])
+    head = "\n".join(replaced(line) for line in head.split("\n"))
+    return head + "\n" + "\n".join(trees) + "end of trees" + tail
+
+
+@pytest.mark.parametrize(
+    "children",
+    [
+        {"left_child": "-1 2 1", "right_child": "-2 -3 -4"},  # nodes 1 and 2 each other's child: a loop
+        {"left_child": "1 2 -1", "right_child": "-2 2 -3"},  # node 2 named twice, leaf 3 never
+        {"left_child": "1 -1 -2", "right_child": "2 -1 -4"},  # leaf 0 named twice
+    ],
+    ids=["loop", "node-twice", "leaf-twice"],
+)
+def test_nodes_that_do_not_form_a_tree_are_refused(children: dict[str, str]) -> None:
+    """A walk from the root must end and reach every node: LightGBM numbers a node's children after it."""
+    text = _fit({"num_leaves": 4}, rounds=2)
+    assert "num_leaves=4\n" in text.split("Tree=1")[0]
+    Trees(_forged(text, {}), NAMES)  # the rewriting alone keeps a valid model
+    with pytest.raises(ValueError, match="do not form a tree"):
+        Trees(_forged(text, children), NAMES)
