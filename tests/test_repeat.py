@@ -432,8 +432,13 @@ def test_the_latency_benchmark_stages_match_serving(
         requests.append((ids[rng.integers(0, len(ids), length)].tolist(), (days * 86_400.0).tolist()))
     stage_report(recommender, read_bundle(ranked_bundle.path), requests, Rules(k=8))
     lines = capsys.readouterr().out.splitlines()
-    assert "all 4 /" in lines[0] and [line.split()[0] for line in lines[1:]] == list(STAGES)
-    assert all(float(line.split()[1]) > 0 for line in lines[1:])
+    stages, trees = lines[1 : 1 + len(STAGES)], lines[1 + len(STAGES) :]
+    assert "all 4 /" in lines[0] and [line.split()[0] for line in stages] == list(STAGES)
+    assert all(float(line.split()[1]) > 0 for line in stages)
+    # then the served trees against LightGBM's predictor on the same rows (it raises if they disagree)
+    assert len(trees) == 5 and "4 requests" in trees[0]
+    assert [line.split()[0] for line in trees[1:3]] == ["onnxruntime", "lightgbm"]
+    assert "1 thread(s)" in trees[3] and "2 thread(s)" in trees[4]
 
 
 def test_http_timestamps(ranked_bundle: SyntheticBundle) -> None:
