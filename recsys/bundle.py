@@ -19,7 +19,8 @@ ONNX external data is refused. No torch here: production reads bundles with nump
 onnxruntime only.
 
 Size limits: ``bundle.json`` at most :data:`MAX_MANIFEST_BYTES`; each data file at most its declared size
-and all of them at most ``max_bytes`` (:data:`MAX_BUNDLE_BYTES` by default), checked before reading.
+and all of them at most ``max_bytes`` (:data:`MAX_BUNDLE_BYTES` by default), ``ranker.txt`` at most
+:data:`MAX_RANKER_BYTES`, checked before reading.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ FORMAT = "caddie-bundle"
 FORMAT_VERSION = 3  # 3: the LightGBM ranker replaces the logistic-regression scorer
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_BUNDLE_BYTES = 32 << 30
+# ranker.txt is parsed line by line into Python numbers, several times its size in memory: the cap keeps a
+# forged file from exhausting a server before a single tree is checked (a fitted ranker is a few MiB)
+MAX_RANKER_BYTES = 256 << 20
 MAX_LEN_LIMIT = 4096  # longest history a bundle may declare (a model's position table)
 MODEL_FILE = "model.onnx"
 INDEX_FILE = "items.faiss"
@@ -312,6 +316,11 @@ def _check_manifest(manifest: Any) -> dict[str, Any]:
             raise BundleError(f"{MANIFEST_FILE}: files.{name}.sha256 must be a hex sha256")
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise BundleError(f"{MANIFEST_FILE}: files.{name}.bytes must be a byte count")
+    if RANKER_FILE in files and files[RANKER_FILE]["bytes"] > MAX_RANKER_BYTES:
+        raise BundleError(
+            f"{MANIFEST_FILE}: {RANKER_FILE} declares {files[RANKER_FILE]['bytes']} bytes, above this "
+            f"reader's limit of {MAX_RANKER_BYTES}"
+        )
     return manifest
 
 

@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from benchmarks.serve_latency import STAGES, stage_report
-from recsys.bundle import RANKER_FILE, BundleError, read_bundle, sha256_file
+from recsys.bundle import MAX_RANKER_BYTES, RANKER_FILE, BundleError, read_bundle, sha256_file
 from recsys.candidate_sources import SOURCES, gather
 from recsys.data.schema import PRODUCT, SHOPPER, TIMESTAMP
 from recsys.data.sequences import build_sequences
@@ -373,6 +373,11 @@ def test_bundle_round_trip_and_refusals(ranked_bundle: SyntheticBundle, tmp_path
         "version": (lambda m: m["ranker"].update(version=VERSION + 1), "invalid ranker.*version"),
         "features": (lambda m: m["ranker"]["features"].__setitem__(0, "log_counts"), "invalid ranker"),
         "file": (lambda m: m["files"].pop(RANKER_FILE), "'files' must list exactly"),
+        # refused from the manifest alone, before a byte of the (here small) file is read
+        "oversized": (
+            lambda m: m["files"][RANKER_FILE].update(bytes=MAX_RANKER_BYTES + 1),
+            r"ranker\.txt declares \d+ bytes, above this reader's limit",
+        ),
         # an integer far beyond a float: refused by name, not an OverflowError out of the reader
         "size_prior": (lambda m: m["ranker"].update(size_prior=10**400), "invalid ranker.*size_prior"),
         "size_prior_text": (lambda m: m["ranker"].update(size_prior="1"), "invalid ranker.*size_prior"),
