@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from recsys.data.sequences import concat_ranges
-from recsys.inputs import pair_keys, pair_member, split_pair_keys
+from recsys.inputs import first_occurrences, pair_keys, pair_member, split_pair_keys
 
 SOURCES = ("history", "network", "co_purchase", "category")
 TOP_CATEGORIES = 3  # the category source reads the shopper's most bought finest-level categories
@@ -102,7 +102,7 @@ def gather(
         cat_owner, cat_rows = _category_candidates(history, categories[:, -1], popularity, category_size)
         add(cat_owner, cat_rows, -popularity[cat_rows], category_size, 3)
     owner, item_rows, source = np.concatenate(owners), np.concatenate(rows), np.concatenate(sources)
-    # a pair proposed twice keeps its first source: unique's index is the first occurrence (stable sort)
+    # a pair proposed twice keeps its first source
     span = int(item_rows.max(initial=0)) + 1
-    _, first = np.unique(pair_keys(owner, item_rows, span), return_index=True)
+    first = first_occurrences(pair_keys(owner, item_rows, span))
     return owner[first], item_rows[first], source[first]

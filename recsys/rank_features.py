@@ -18,6 +18,7 @@ is NaN, which the trees treat as missing.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from recsys.candidate_sources import gather
 from recsys.data.sequences import concat_ranges
-from recsys.inputs import Histories, pair_keys, split_pair_keys
+from recsys.inputs import Histories, pair_keys, sorted_unique, split_pair_keys, stable_order
 
 HALF_LIVES_DAYS = (14.0, 30.0, 90.0, 365.0)
 RECENT_BASKETS = 5  # "bought in the shopper's last baskets" counts over this many
@@ -154,11 +155,9 @@ def _entries(histories: Histories) -> _Entries:
     ordinal = np.arange(len(basket_owner)) - first_basket[basket_owner]
     basket_reverse = shopper_baskets[basket_owner] - 1 - ordinal
 
-    order = np.lexsort((basket, r, o))
-    o, r, b = o[order], r[order], basket[order]
-    keep = np.ones(len(o), dtype=bool)
-    keep[1:] = (o[1:] != o[:-1]) | (r[1:] != r[:-1]) | (b[1:] != b[:-1])
-    o, r, b = o[keep], r[keep], b[keep]
+    o, r, b = _distinct_tuples(
+        (o, r, basket), (histories.num_shoppers, r.max(initial=0) + 1, len(basket_owner))
+    )
     return _Entries(
         o,
         r,
@@ -204,6 +203,25 @@ def _runs(keys: tuple[np.ndarray, ...]) -> np.ndarray:
     for key in keys:
         start[1:] |= key[1:] != key[:-1]
     return np.flatnonzero(start)
+
+
+def _distinct_tuples(columns: tuple[np.ndarray, ...], spans: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    """The distinct rows of some non-negative int64 ``columns`` (column i in ``[0, spans[i])``), sorted by
+    the first column, then the next: the columns packed into one int64 key and sorted, several times
+    cheaper than ``np.lexsort`` of the columns, which it falls back on where the key would not fit."""
+    if math.prod(max(int(span), 1) for span in spans) <= np.iinfo(np.int64).max:
+        keys = np.zeros(len(columns[0]), dtype=np.int64)
+        for column, span in zip(columns, spans, strict=True):
+            keys = keys * max(int(span), 1) + column
+        keys = sorted_unique(keys)
+        out = []
+        for span in spans[:0:-1]:
+            keys, column = np.divmod(keys, max(int(span), 1))
+            out.append(column)
+        return (keys, *out[::-1])
+    ordered = tuple(column[np.lexsort(columns[::-1])] for column in columns)
+    first = _runs(ordered)
+    return tuple(column[first] for column in ordered)
 
 
 def _pairs(entries: _Entries) -> _Pairs:
@@ -331,14 +349,20 @@ def _searched(
     score (ties to the smaller row), flat as (owner, rows, scores, rank) sorted by owner then row."""
     rows = np.asarray(rows, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float64)
-    order = np.lexsort((rows, -np.nan_to_num(scores, nan=-np.inf)), axis=-1)
-    rows, scores = np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1)
+    key = -np.nan_to_num(scores, nan=-np.inf)
+    step = np.diff(key, axis=-1)
+    # a search returns its candidates best first: the sort is needed only where ties are out of row order
+    if not ((step > 0) | ((step == 0) & (np.diff(rows, axis=-1) >= 0))).all():
+        order = np.lexsort((rows, key), axis=-1)
+        rows, scores = np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1)
     owner = np.broadcast_to(np.arange(rows.shape[0], dtype=np.int64)[:, None], rows.shape)
     rank = np.broadcast_to(np.arange(rows.shape[1], dtype=np.int64)[None, :], rows.shape)
     valid = (rows >= 0) & np.isfinite(scores) & (rank < depth[:, None])
-    o, r, s, k = owner[valid], rows[valid], scores[valid], rank[valid]
-    order = np.lexsort((r, o))
-    return o[order], r[order], s[order], k[order]
+    # by owner, then row (then rank, the order a stable sort by the first two keeps)
+    o, r, k = _distinct_tuples(
+        (owner[valid], rows[valid], rank[valid]), (rows.shape[0], rows.max(initial=0) + 1, rows.shape[1])
+    )
+    return o, r, scores[o, k], k
 
 
 @dataclass(frozen=True)
@@ -567,10 +591,10 @@ def _matrix(
             code[entries.rows[known]],
             entries.basket[known],
         )
-        order = np.lexsort((cat_basket, cat_code, cat_owner))
-        cat_owner, cat_code, cat_basket = cat_owner[order], cat_code[order], cat_basket[order]
-        first = _runs((cat_owner, cat_code, cat_basket))
-        cat_owner, cat_code, cat_basket = cat_owner[first], cat_code[first], cat_basket[first]
+        cat_owner, cat_code, cat_basket = _distinct_tuples(
+            (cat_owner, cat_code, cat_basket),
+            (histories.num_shoppers, cat_span, len(entries.basket_owner)),
+        )
         starts = _runs((cat_owner, cat_code))
         counts = np.diff(np.append(starts, len(cat_owner)))
         ages = entries.basket_age[cat_basket]
@@ -624,7 +648,7 @@ def _co_candidates(
     keep = n >= 0
     span = stats.num_items
     keys = pair_keys(o[keep], n[keep], span)
-    order = np.argsort(keys, kind="stable")  # stable: each pair's scores are summed in the table's order
+    order = stable_order(keys)  # stable: each pair's scores are summed in the table's order
     keys = keys[order]
     first = np.ones(len(keys), dtype=bool)
     first[1:] = keys[1:] != keys[:-1]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from recsys.inputs import Histories, pair_keys, pair_member
+from recsys.inputs import Histories, first_occurrences, pair_keys, pair_member
 from recsys.ranker import Ranker
 from recsys.rules import Rules
 
@@ -93,11 +93,11 @@ def select(
     scores = np.take_along_axis(scores, ranking, axis=1)
     valid = np.take_along_axis(valid, ranking, axis=1)
 
-    # A repeated row keeps its first (best-ranked) occurrence: np.unique's first index in row-major order.
+    # A repeated row keeps its first (best-ranked) occurrence in row-major order.
     span = int(rows.max(initial=0)) + 1
     keys = np.where(valid, pair_keys(np.arange(num_shoppers)[:, None], rows, span), -1).reshape(-1)
     first = np.zeros(keys.size, dtype=bool)
-    first[np.unique(keys, return_index=True)[1]] = True
+    first[first_occurrences(keys)] = True
     valid &= first.reshape(valid.shape)
 
     reserved = np.zeros_like(valid)

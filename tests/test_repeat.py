@@ -22,8 +22,22 @@ from recsys.data.schema import PRODUCT, SHOPPER, TIMESTAMP
 from recsys.data.sequences import build_sequences
 from recsys.data.synthetic import SyntheticConfig, generate_table
 from recsys.evaluation.protocol import prepare
-from recsys.inputs import Histories, pair_keys, split_pair_keys
-from recsys.rank_features import ItemStats, basket_weights, feature_names, features, item_statistics
+from recsys.inputs import (
+    Histories,
+    first_occurrences,
+    pair_keys,
+    sorted_unique,
+    split_pair_keys,
+    stable_order,
+)
+from recsys.rank_features import (
+    ItemStats,
+    _distinct_tuples,
+    basket_weights,
+    feature_names,
+    features,
+    item_statistics,
+)
 from recsys.ranker import MAX_SIZE_PRIOR, VERSION, Ranker
 from recsys.rules import Rules
 from recsys.scoring import select
@@ -158,6 +172,28 @@ def test_pair_keys_are_int64_ordered_and_round_trip_for_int32_inputs() -> None:
     assert keys.dtype == np.int64 and np.argsort(keys).tolist() == [1, 0, 2]  # owner first, then row
     back_owner, back_rows = split_pair_keys(keys, 40_001)
     assert back_owner.tolist() == owner.tolist() and back_rows.tolist() == rows.tolist()
+
+
+@pytest.mark.parametrize("scale", [7, 2**40, 2**62], ids=["small", "packed", "overflow-fallback"])
+def test_sort_helpers_match_numpys(scale: int) -> None:
+    """sorted_unique, stable_order and first_occurrences are np.unique / the stable argsort / np.unique's
+    first indices, whether the keys and positions fit one packed int64 or fall back on numpy's sort."""
+    rng = np.random.default_rng(0)
+    for keys in (rng.integers(-scale, scale, 500), rng.integers(-1, 2, 500) * (scale - 1), np.zeros(0, int)):
+        keys = keys.astype(np.int64)
+        np.testing.assert_array_equal(sorted_unique(keys), np.unique(keys))
+        np.testing.assert_array_equal(stable_order(keys), np.argsort(keys, kind="stable"))
+        np.testing.assert_array_equal(first_occurrences(keys), np.unique(keys, return_index=True)[1])
+
+
+@pytest.mark.parametrize("spans", [(9, 11, 13), (2**31, 2**31, 2**31)], ids=["packed", "lexsort-fallback"])
+def test_distinct_tuples_are_the_sorted_distinct_rows(spans: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(1)
+    columns = tuple(rng.integers(0, min(span, 4), 300).astype(np.int64) for span in spans)
+    columns = (columns[0], columns[1] * (spans[1] // 4), columns[2])
+    expected = np.unique(np.stack(columns, axis=1), axis=0)  # rows, sorted by column 0, then 1, then 2
+    found = _distinct_tuples(columns, spans)
+    np.testing.assert_array_equal(np.stack(found, axis=1), expected)
 
 
 def test_the_history_source_keeps_the_most_bought_products() -> None:
