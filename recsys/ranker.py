@@ -10,9 +10,9 @@ size factor (:func:`recsys.rank_features.features`: what a hit on it is worth to
 macro-averaged Recall and NDCG), while scores, ``min_score`` and audiences keep the probability.
 
 The model travels as LightGBM's own text format: plain numbers and names, no code, checked and run by
-:class:`recsys.trees.Trees` (ONNX Runtime, LightGBM's predictions to the last bit). It names its
-features; the ranker refuses a model whose features differ from the ones it declares, or a
-:data:`VERSION` other than this library's. Serving
+:class:`recsys.trees.Trees` (ONNX Runtime, LightGBM's predictions to within two units in the last
+place). It names its features; the ranker refuses a model whose features differ from the ones it
+declares, or a :data:`VERSION` other than this library's. Serving
 (:class:`serving.Recommender`), the batch job and training's test metrics all reach :meth:`Ranker.blend`
 through :func:`recsys.scoring.recommend`. No torch on this path.
 """

@@ -6,8 +6,9 @@ reads a stored model before :func:`verified_trees` has checked it line by line, 
 trees on several threads and aborts the whole process on a malformed one. :class:`Trees` then runs the
 checked trees as one ONNX ``TreeEnsemble`` (``ai.onnx.ml`` opset 5, whose splits, leaves and sums are
 float64) in ONNX Runtime, built in memory from the text, so the text stays the one stored form. It gives
-LightGBM's own probabilities to the last bit whatever the thread count (tests/test_trees.py), at less
-cost per call than LightGBM's predictor (BENCHMARKS.md, "The ranker's trees"). numpy, onnx and
+LightGBM's own raw scores to the last bit whatever the thread count, and its probabilities to within two
+units in the last place (NumPy's ``exp`` is not the C library's, which LightGBM calls; tests/test_trees.py),
+at less cost per call than LightGBM's predictor (BENCHMARKS.md, "The ranker's trees"). numpy, onnx and
 onnxruntime only: serving imports it.
 """
 
@@ -242,7 +243,7 @@ class Trees:
 
     def probability(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
         """P(positive) [M] float64 of feature rows ``x`` [M, F] (columns :attr:`features`, NaN missing),
-        on ``threads`` threads: LightGBM's ``Booster.predict`` to the last bit."""
+        on ``threads`` threads: LightGBM's ``Booster.predict`` to within two units in the last place."""
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
         x = np.asarray(x, dtype=np.float64)
