@@ -9,8 +9,15 @@ import pyarrow as pa
 import pytest
 
 from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP, receipts_schema
+from recsys.data.split import Targets
 from recsys.data.vocabulary import UNK, Vocabulary
 from recsys.evaluation import baselines
+from recsys.evaluation.protocol import (
+    UNBOUGHT_POPULARITY,
+    EvaluationData,
+    new_product_targets,
+    new_to_you_rankings,
+)
 
 START = datetime(2017, 1, 1, tzinfo=timezone.utc)
 CUTOFF = datetime(2017, 3, 1, tzinfo=timezone.utc)  # day 59
@@ -145,3 +152,28 @@ def test_decayed_baskets_of_a_product_set_by_hand() -> None:
     np.testing.assert_allclose(got, [0.5 + 0.5 ** (58 / 59), 0.0, 0.5 ** (54 / 59), 0.0])
     with pytest.raises(ValueError, match="positive half-life"):
         baselines.decayed_baskets(table, np.array([10]), np.array([1]), CUTOFF, 0.0)
+
+
+def test_popularity_among_unbought_skips_each_shoppers_products() -> None:
+    """Vocabulary order 20, 50, 10, 30, 40, 60; bought products are skipped, unknown ones ignored, and a
+    shopper who bought nearly everything gets what is left, padded."""
+    history = [np.array([20, 10]), np.array([]), np.array([20, 50, 10, 30, 40, 99])]
+    ranked = baselines.popularity_among_unbought(VOCAB, history, 3)
+    assert ranked_ids(ranked) == [[50, 30, 40], [20, 50, 10], [60, -1, -1]]
+
+
+def test_new_product_targets_keep_new_products_and_the_shoppers_with_one() -> None:
+    targets = Targets(
+        shopper_ids=np.array([1, 2, 3]),
+        items=[np.array([10, 50]), np.array([20]), np.array([30, 60])],
+        all_items=[np.array([10, 50, 77]), np.array([20, 78]), np.array([30, 60])],
+        history=[np.array([10, 20, 30, 40]), np.array([20, 50]), np.array([20, 50, 60])],
+    )
+    data = EvaluationData(CUTOFF, TRAIN, VOCAB, targets)
+    new = new_product_targets(data)
+    assert new.targets.shopper_ids.tolist() == [1, 3]  # shopper 2's one target product is a repeat
+    assert [t.tolist() for t in new.targets.items] == [[50], [30]]
+    assert [t.tolist() for t in new.targets.all_items] == [[50, 77], [30]]
+    assert [h.tolist() for h in new.targets.history] == [[10, 20, 30, 40], [20, 50, 60]]
+    ranked = new_to_you_rankings(new, 2)[UNBOUGHT_POPULARITY]
+    assert ranked.tolist() == [[50, 60], [10, 30]]

@@ -1,4 +1,5 @@
-"""Baselines of docs/evaluation.md: global popularity, personal frequency (optionally decayed), item kNN.
+"""Baselines of docs/evaluation.md: global popularity, personal frequency (optionally decayed), item kNN,
+and popularity among the products a shopper never bought (the reference of "new to you" lists).
 
 Each ranking function returns vocabulary indices ``[n, min(k, vocab.num_products)]`` (int64, best
 first; decode with ``vocab.decode``) for the given shoppers, computed from the train receipts alone.
@@ -9,7 +10,7 @@ without train rows scores zero everywhere and so gets the popularity list.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -19,7 +20,7 @@ import scipy.sparse as sp
 
 from recsys.data.schema import BASKET, PRODUCT, SHOPPER, TIMESTAMP
 from recsys.data.sequences import positions
-from recsys.data.vocabulary import PRODUCTS, UNK, Vocabulary, product_count, to_indices
+from recsys.data.vocabulary import NUM_RESERVED, PAD, PRODUCTS, UNK, Vocabulary, product_count, to_indices
 from recsys.evaluation.metrics import top_k
 
 # Rows of dense [rows, V] scores materialised at once (about 32 MB of float64).
@@ -31,6 +32,19 @@ def popularity(vocab: Vocabulary, num_shoppers: int, k: int) -> np.ndarray:
     """The ``k`` most popular products for everyone: indices ``2 .. 2 + k`` (the all-zero scores' ranking)."""
     ranked = to_indices(np.arange(min(k, vocab.num_products)))
     return np.tile(ranked, (num_shoppers, 1))
+
+
+def popularity_among_unbought(vocab: Vocabulary, history: Sequence[np.ndarray], k: int) -> np.ndarray:
+    """Per shopper, the ``k`` most popular products it never bought (``history``: the product ids each
+    shopper bought in training), as vocabulary indices ``[n, k]``, ``PAD``-padded where fewer are left."""
+    order = np.arange(NUM_RESERVED, vocab.size)  # popularity order, as :func:`popularity`'s
+    ranked = np.full((len(history), k), PAD, dtype=np.int64)
+    for row, bought in enumerate(history):
+        # the first k + |bought| products hold the k best unbought ones
+        head = order[: k + len(bought)]
+        kept = head[~np.isin(head, vocab.encode(bought))][:k]
+        ranked[row, : len(kept)] = kept
+    return ranked
 
 
 def purchase_counts(

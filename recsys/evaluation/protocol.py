@@ -2,13 +2,14 @@
 
 ``prepare`` turns receipts into everything a ranking needs (train rows, vocabulary, targets);
 ``evaluate`` scores ranked product ids against it, in-vocabulary and "all items" variants alike, so
-baselines and models are reported by the same code.
+baselines and models are reported by the same code; ``new_product_targets`` narrows it to what "new to
+you" lists (products the shopper never bought) are judged on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -20,6 +21,8 @@ from recsys.data.vocabulary import Vocabulary
 from recsys.evaluation import baselines
 from recsys.evaluation.metrics import ranking_metrics
 from recsys.inputs import Histories
+
+UNBOUGHT_POPULARITY = "popularity_among_unbought"
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,23 @@ def prepare(
         raise ValueError(f"no receipts at or after the cutoff {cutoff.isoformat()}")
     vocab = Vocabulary.build(train, min_baskets=min_baskets)
     return EvaluationData(cutoff, train, vocab, next_basket_targets(train, test, vocab, horizon))
+
+
+def new_product_targets(data: EvaluationData) -> EvaluationData:
+    """``data`` for "new to you" lists: each target cut to the products its shopper had not bought in
+    training, and the shoppers left without one dropped. Recall@k on it is each shopper's explore
+    recall, so its mean is ``recall@k_explore`` of the whole data."""
+    targets = data.targets
+    items = [np.setdiff1d(t, h) for t, h in zip(targets.items, targets.history, strict=True)]
+    kept = np.flatnonzero([len(t) > 0 for t in items])
+    every = [np.setdiff1d(targets.all_items[i], targets.history[i]) for i in kept]
+    cut = Targets(
+        shopper_ids=targets.shopper_ids[kept],
+        items=[items[i] for i in kept],
+        all_items=every,
+        history=[targets.history[i] for i in kept],
+    )
+    return replace(data, targets=cut)
 
 
 def evaluated_histories(data: EvaluationData, vocab: Vocabulary) -> Histories:
@@ -82,3 +102,10 @@ def baseline_rankings(
         "item_knn": baselines.item_knn(data.train, data.vocab, shoppers, k, neighbours=knn_neighbours),
     }
     return {name: data.vocab.decode(ranked) for name, ranked in indices.items()}
+
+
+def new_to_you_rankings(data: EvaluationData, k: int) -> dict[str, np.ndarray]:
+    """Ranked product ids ``[n, k]`` of the "new to you" baseline, popularity among the products each
+    shopper never bought (``EMPTY``-padded), for ``data``'s evaluated shoppers."""
+    ranked = baselines.popularity_among_unbought(data.vocab, data.targets.history, k)
+    return {UNBOUGHT_POPULARITY: data.vocab.decode(ranked)}
