@@ -14,16 +14,17 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
-from recsys.data.schema import SHOPPER
+from recsys.data.schema import PRODUCT, SHOPPER, TIMESTAMP
 from recsys.data.split import parse_cutoff
 from recsys.data.synthetic import SyntheticConfig, generate_table
+from recsys.data.vocabulary import to_indices
 from recsys.evaluation import baselines
 from recsys.evaluation.protocol import evaluate, prepare
 from tests.contract import exact_loss_drop, network_ranking
 from training import checkpoint as checkpoints
 from training.datamodule import ReceiptsDataModule
 from training.module import NextItemModule, load_module
-from training.train import train
+from training.train import CUTOFF_CHECKPOINT, train
 
 SMALL = ["data.receipts.config.num_shoppers=600", "data.receipts.config.num_products=300", "logger=csv"]
 
@@ -102,6 +103,45 @@ def test_train_job_writes_a_self_describing_checkpoint(
     # the logged hyperparameters stay small: the vocabulary is a checkpoint entry, not a hyperparameter
     (hparams_file,) = (tmp_path / "csv").glob("version_*/hparams.yaml")
     assert hparams_file.stat().st_size < 10_000 and "product_ids" not in hparams_file.read_text()
+
+
+def test_the_cutoff_network_never_trains_on_a_later_purchase(world: pa.Table) -> None:
+    """``ReceiptsDataModule.before``: the same vocabulary, no validation, and training windows of the
+    receipts before the moment alone, so a product first bought after it is in none of them."""
+    moment = parse_cutoff("2017-10-01", "UTC")
+    later = world.filter(pc.greater_equal(world.column(TIMESTAMP), moment))
+    planted = later.slice(0, 1).to_pylist()[0] | {PRODUCT: 10**9}
+    receipts = pa.concat_tables([world, pa.Table.from_pylist([planted, planted], schema=world.schema)])
+    datamodule = ReceiptsDataModule(lambda: receipts, cutoff="2017-12-01", timezone="UTC", min_baskets=1)
+    earlier = datamodule.before(moment)
+    assert earlier.vocab is datamodule.vocab and earlier.val_data is None
+    row = datamodule.vocab.rows(np.array([10**9]))[0]
+    assert row >= 0  # in the vocabulary, bought before the validation cutoff
+    assert to_indices(row) in np.concatenate(
+        [datamodule.train_sequences.items[a:b] for a, b in datamodule.windows]
+    )
+    assert to_indices(row) not in np.concatenate(
+        [earlier.train_sequences.items[a:b] for a, b in earlier.windows]
+    )
+    assert datamodule.val_data is not None and len(datamodule.windows) > len(earlier.windows)
+    with pytest.raises(ValueError, match="no training receipts before"):
+        datamodule.before(parse_cutoff("2000-01-01", "UTC"))
+
+
+def test_the_ranker_reads_its_cutoff_network_at_the_internal_cutoffs(
+    compose_config: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    cfg = compose_config(
+        "train", ["experiment=synthetic_sasrec", "trainer.max_epochs=1", "ranker.cutoff_network=true", *SMALL]
+    )
+    train(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["cutoff_network/fit_seconds"] > 0 and metrics["test/repeat_aware/recall@10"] > 0.5
+    best = load_module(tmp_path / "checkpoints" / "best.ckpt")
+    cutoff = load_module(tmp_path / "checkpoints" / CUTOFF_CHECKPOINT)
+    np.testing.assert_array_equal(cutoff.vocab.product_ids, best.vocab.product_ids)
+    assert cutoff.hparams["net"] == best.hparams["net"]
+    assert not torch.equal(cutoff.model.item_embeddings(), best.model.item_embeddings())
 
 
 def test_unknown_loss_is_refused() -> None:

@@ -7,8 +7,9 @@ on the next basket after that earlier cutoff; the test inputs are then histories
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -192,9 +193,25 @@ class ReceiptsDataModule(pl.LightningDataModule):
             fit_rows, val_rows = temporal_split(fit_rows, val_cutoff)
             targets = next_basket_targets(fit_rows, val_rows, self.vocab, self.horizon)
             self.val_data = EvaluationData(val_cutoff, fit_rows, self.vocab, targets)
-        self.train_sequences = build_sequences(fit_rows, self.vocab)
+        self._train_on(fit_rows)
+
+    def _train_on(self, rows: pa.Table) -> None:
+        self.train_sequences = build_sequences(rows, self.vocab)
         starts, ends = training_windows(self.train_sequences, self.max_len)
         self.windows = list(zip(starts.tolist(), ends.tolist(), strict=True))
+
+    def before(self, moment: datetime) -> ReceiptsDataModule:
+        """A copy that trains on this module's training receipts strictly before ``moment`` alone, with the
+        same vocabulary and no validation: a network that must know nothing from ``moment`` on (the
+        ranker's network for its internal cutoffs, ``ranker.cutoff_network``)."""
+        self.setup("fit")
+        rows = (self.val_data or self.test_data).train
+        earlier = copy.copy(self)
+        earlier.val_data, earlier._histories = None, {}
+        earlier._train_on(temporal_split(rows, moment)[0])
+        if not earlier.windows:
+            raise ValueError(f"no training receipts before {moment.isoformat()}")
+        return earlier
 
     @property
     def vocab(self) -> Vocabulary:

@@ -8,8 +8,15 @@ that end before the validation window: at each cutoff ``val_cutoff - j * spacing
 cutoffs``) every shopper's history before it is ranked and its first basket from it up to the
 validation cutoff is the label, with item statistics of the data before that cutoff only. The number of
 boosting rounds is selected on the validation split (its log-loss), never on the test split; the
-deployed ranker reads item statistics of all training data. LightGBM runs with ``deterministic=true``, a
-fixed thread count and the config's seed, so a fit is a function of its data and config.
+deployed ranker reads item statistics of all training data. LightGBM runs with ``deterministic=true``,
+a fixed thread count and the config's seed, so a fit is a function of its data and config.
+
+The network was trained on receipts up to the validation cutoff, so the internal cutoffs' labels were in
+its training data: a network trained long enough to remember them hands the ranker features that are
+better at those cutoffs than they can be at validation, test or serving (docs/results.md, "The GPU
+network"). With ``ranker.cutoff_network`` the internal cutoffs read a second network instead, of the
+same config and vocabulary, trained for as many epochs on the receipts before the earliest internal
+cutoff alone (``training.train`` fits it; :func:`fit` takes it as ``cutoff_module``).
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from recsys.rules import Rules
 from recsys.scoring import select
 from training import checkpoint as checkpoints
 from training.datamodule import ReceiptsDataModule
-from training.module import NextItemModule, module_from_checkpoint, recommend, search
+from training.module import NextItemModule, load_module, module_from_checkpoint, recommend, search
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +82,8 @@ class RankerConfig:
     early_stopping_rounds: int = 40
     num_threads: int = 2
     seed: int = 0
+    # the internal cutoffs read a network trained before the earliest of them, not the deployed one
+    cutoff_network: bool = False
 
     @classmethod
     def from_config(cls, cfg: DictConfig | dict[str, Any] | None) -> RankerConfig:
@@ -160,6 +169,11 @@ def _examples(
     )  # fmt: skip
 
 
+def first_internal_cutoff(val_cutoff: datetime, config: RankerConfig) -> datetime:
+    """The earliest of the stacked training cutoffs (:func:`internal_cutoffs`)."""
+    return val_cutoff - timedelta(days=config.cutoffs * config.spacing_days)
+
+
 def internal_cutoffs(
     val: EvaluationData, config: RankerConfig, horizon: timedelta | None
 ) -> list[EvaluationData]:
@@ -227,6 +241,7 @@ def fit(
     products: pa.Table | None,
     config: RankerConfig,
     horizon: timedelta | None = None,
+    cutoff_module: NextItemModule | None = None,
 ) -> tuple[Ranker, dict[str, Any]]:
     """A ranker fitted on ``val``'s internal cutoffs, its rounds selected on ``val``, carrying item
     statistics of the receipts ``deploy_train`` (what the deployed ranker reads); and a report (sizes,
@@ -234,11 +249,17 @@ def fit(
 
     ``module`` None fits a ranker without a network (over ``val``'s vocabulary): it needs
     ``new_candidates=0``, and its network features are missing everywhere, so leave them out (``exclude``).
+    ``cutoff_module`` (with ``config.cutoff_network``): the network the internal cutoffs read instead of
+    ``module``, of its vocabulary, trained on nothing from the earliest internal cutoff on.
     """
     start = time.perf_counter()
     if module is None and config.new_candidates:
         raise ValueError("a ranker without a network has no network candidates: set new_candidates=0")
+    if config.cutoff_network != (cutoff_module is not None) or (module is None and cutoff_module is not None):
+        raise ValueError("ranker.cutoff_network needs a cutoff network beside the network, and only then")
     vocab = val.vocab if module is None else module.vocab
+    if cutoff_module is not None and not np.array_equal(cutoff_module.vocab.product_ids, vocab.product_ids):
+        raise ValueError("the cutoff network's vocabulary is not the network's")
     codes = category_codes(products, vocab, config.categories)
     names = list(feature_names(codes.shape[1]))
     unknown = sorted(set(config.exclude) - set(names))
@@ -248,7 +269,8 @@ def fit(
     rng = np.random.default_rng(config.seed)
     parts, weights = [], []
     for data in internal_cutoffs(val, config, horizon):
-        part = _examples(module, data, _stats(data.train, vocab, codes, config), config)
+        reader = module if cutoff_module is None else cutoff_module
+        part = _examples(reader, data, _stats(data.train, vocab, codes, config), config)
         keep = part.labels | (rng.random(len(part.labels)) < config.negative_rate)
         parts.append((part.x[keep][:, used], part.labels[keep]))
         weights.append(np.where(part.labels[keep], 1.0, 1.0 / config.negative_rate))
@@ -358,17 +380,19 @@ def fit_and_test(
     ks: tuple,
     config: RankerConfig | None = None,
     output: str | None = None,
+    cutoff_checkpoint: str | None = None,
 ) -> dict:
     """Fit the checkpoint's ranker, store it in the checkpoint (or a copy at ``output``), return its test
     metrics (``test/repeat_aware/<metric>``, the protocol's, as serving ranks) and the fit's report
-    (``ranker/...``)."""
+    (``ranker/...``). ``cutoff_checkpoint``: the cutoff network's (``ranker.cutoff_network``)."""
     config = config or RankerConfig()
     state = checkpoints.read(best_checkpoint)
     module = module_from_checkpoint(state)
     horizon = state["hyper_parameters"]["data"].get("horizon_days")
+    cutoff_module = None if cutoff_checkpoint is None else load_module(cutoff_checkpoint)
     ranker, report = fit(
         module, val_data, test_data.train, checkpoints.products(state), config,
-        timedelta(days=horizon) if horizon else None,
+        timedelta(days=horizon) if horizon else None, cutoff_module,
     )  # fmt: skip
     checkpoints.write_scorer(output or best_checkpoint, ranker, state)
     ranked = recommend(module, evaluated_histories(test_data, module.vocab), Rules(k=max(ks)), ranker)
@@ -393,7 +417,7 @@ def main(cfg: DictConfig) -> dict:
         raise ValueError("the ranker needs a validation split (data.val_days > 0)")
     results = fit_and_test(
         cfg.checkpoint, datamodule.test_data, datamodule.val_data, tuple(cfg.ks),
-        RankerConfig.from_config(cfg.ranker), cfg.get("output"),
+        RankerConfig.from_config(cfg.ranker), cfg.get("output"), cfg.get("cutoff_checkpoint"),
     )  # fmt: skip
     write_json(Path(cfg.paths.output_dir) / "rank.json", results)
     log.info("results: %s", results)

@@ -12,10 +12,12 @@ import dataclasses
 import json
 import logging
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -24,9 +26,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys.io import write_json
 from recsys.models import model_config
+from training import checkpoint as checkpoints
 from training import rank
 from training.datamodule import ReceiptsDataModule
-from training.module import NextItemModule
+from training.module import NextItemModule, save_module
+
+CUTOFF_CHECKPOINT = "cutoff_network.ckpt"  # the ranker's cutoff network, beside best.ckpt
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +98,50 @@ def refuse_local_ddp_multirun(trainer: pl.Trainer) -> None:
         )
 
 
+def build_module(
+    cfg: DictConfig, datamodule: ReceiptsDataModule, net: dict[str, Any], codes: np.ndarray | None
+) -> NextItemModule:
+    """The configured model over ``datamodule``'s vocabulary (``codes``: its item feature codes, if any)."""
+    # a partial, then the vocabulary: it is an object, not config, and OmegaConf need not copy it
+    module: NextItemModule = hydra.utils.instantiate(
+        cfg.model, net=net, data=datamodule.describe(), _partial_=True, _recursive_=False, _convert_="all"
+    )(vocab=datamodule.vocab)
+    module.products = datamodule.product_metadata()
+    if codes is not None:
+        module.model.set_item_codes(torch.from_numpy(codes))
+    return module
+
+
+def fit_cutoff_network(
+    cfg: DictConfig,
+    datamodule: ReceiptsDataModule,
+    net: dict[str, Any],
+    codes: np.ndarray | None,
+    best_path: str,
+    before: datetime,
+) -> str:
+    """The ranker's cutoff network (``ranker.cutoff_network``): the configured model, on the same
+    vocabulary, trained for as many epochs as the best checkpoint was on the receipts before ``before``
+    (the earliest internal cutoff) alone, without validation; saved beside the best checkpoint."""
+    epochs = int(checkpoints.read(best_path)["epoch"]) + 1
+    earlier = datamodule.before(before)
+    pl.seed_everything(cfg.seed, workers=True)
+    module = build_module(cfg, earlier, net, codes)
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        max_epochs=epochs,
+        callbacks=None,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+    )
+    log.info("cutoff network: %d epochs on %d windows before %s", epochs, len(earlier.windows), before)
+    trainer.fit(module, datamodule=earlier, weights_only=True)
+    path = Path(best_path).with_name(CUTOFF_CHECKPOINT)
+    save_module(module.cpu(), path)
+    return str(path)
+
+
 def train(cfg: DictConfig) -> float:
     """Fit the configured model, test the best checkpoint, and return ``cfg.optimized_metric``."""
     pl.seed_everything(cfg.seed, workers=True)
@@ -109,21 +158,21 @@ def train(cfg: DictConfig) -> float:
             mappings, codes = features
             net |= {"feature_cardinalities": mappings.cardinalities, "features": mappings.to_dict()}
             log.info("product features %s, cardinalities %s", mappings.names, mappings.cardinalities)
-    # a partial, then the vocabulary: it is an object, not config, and OmegaConf need not copy it
-    module: NextItemModule = hydra.utils.instantiate(
-        cfg.model, net=net, data=datamodule.describe(), _partial_=True, _recursive_=False, _convert_="all"
-    )(vocab=datamodule.vocab)
-    module.products = datamodule.product_metadata()
+    module = build_module(cfg, datamodule, net, codes)
     fits_scorer = bool(cfg.get("test")) and datamodule.val_data is not None
     module.expects_scorer = fits_scorer
-    if codes is not None:
-        module.model.set_item_codes(torch.from_numpy(codes))
+    ranker_config = rank.RankerConfig.from_config(cfg.get("ranker"))
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=instantiate_all(cfg.get("callbacks")),
         logger=instantiate_all(cfg.get("logger")),
     )
     refuse_local_ddp_multirun(trainer)
+    if ranker_config.cutoff_network and trainer.world_size > 1:
+        raise ValueError(
+            "ranker.cutoff_network trains its second network in one process: train with one device, or "
+            "refit the ranker afterwards (python -m training.rank ... cutoff_checkpoint=PATH)"
+        )
     log.info(
         "vocabulary %d products, %d training windows", datamodule.vocab.num_products, len(datamodule.windows)
     )
@@ -159,12 +208,19 @@ def train(cfg: DictConfig) -> float:
         return float(score)
     if cfg.get("test") and best_path and fits_scorer and datamodule.test_data is not None:
         # the ranker: fitted on internal cutoffs before validation, kept in the best checkpoint, tested here
+        cutoff_checkpoint = None
+        if ranker_config.cutoff_network:
+            start = time.perf_counter()
+            before = rank.first_internal_cutoff(datamodule.val_data.cutoff, ranker_config)
+            cutoff_checkpoint = fit_cutoff_network(cfg, datamodule, net, codes, best_path, before)
+            results["cutoff_network/fit_seconds"] = round(time.perf_counter() - start, 1)
         results |= rank.fit_and_test(
             best_path,
             datamodule.test_data,
             datamodule.val_data,
             tuple(cfg.model.ks),
-            rank.RankerConfig.from_config(cfg.get("ranker")),
+            ranker_config,
+            cutoff_checkpoint=cutoff_checkpoint,
         )
     write_json(Path(cfg.paths.output_dir) / "metrics.json", results)
     log.info("results: %s", json.dumps(results, indent=2, sort_keys=True))
