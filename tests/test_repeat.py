@@ -47,7 +47,7 @@ from tests.bundles import SyntheticBundle, make_bundle
 from tests.histories import histories_of
 from tests.rankers import random_ranker
 from training import checkpoint as checkpoints
-from training.rank import RankerConfig, internal_cutoffs
+from training.rank import RankerConfig, fit, internal_cutoffs
 
 NAMES = feature_names(1)
 F = {name: i for i, name in enumerate(NAMES)}
@@ -338,6 +338,15 @@ def test_bad_rankers_and_histories_are_refused() -> None:
         good.blend(untimed, np.zeros((1, 1), np.int64), np.ones((1, 1)))
     with pytest.raises(ValueError, match="must be < 5"):
         good.blend(histories_of([[7]]), np.zeros((1, 1), np.int64), np.ones((1, 1)))
+
+
+def test_the_cutoff_network_and_its_setting_come_together() -> None:
+    """ranker.cutoff_network without the cutoff network, or the network without the setting, is refused
+    before any work."""
+    for config, cutoff_module in ((RankerConfig(new_candidates=0, cutoff_network=True), None),
+                                  (RankerConfig(new_candidates=0), object())):  # fmt: skip
+        with pytest.raises(ValueError, match="cutoff_network=true needs the cutoff network"):
+            fit(None, None, None, None, config, cutoff_module=cutoff_module)  # type: ignore[arg-type]
 
 
 def test_internal_cutoffs_never_see_a_later_purchase() -> None:

@@ -256,7 +256,11 @@ def fit(
     if module is None and config.new_candidates:
         raise ValueError("a ranker without a network has no network candidates: set new_candidates=0")
     if config.cutoff_network != (cutoff_module is not None) or (module is None and cutoff_module is not None):
-        raise ValueError("ranker.cutoff_network needs a cutoff network beside the network, and only then")
+        raise ValueError(
+            "ranker.cutoff_network=true needs the cutoff network (training.train fits it; python -m "
+            "training.rank takes cutoff_checkpoint=PATH), and a cutoff network needs "
+            "ranker.cutoff_network=true"
+        )
     vocab = val.vocab if module is None else module.vocab
     if cutoff_module is not None and not np.array_equal(cutoff_module.vocab.product_ids, vocab.product_ids):
         raise ValueError("the cutoff network's vocabulary is not the network's")

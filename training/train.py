@@ -170,8 +170,8 @@ def train(cfg: DictConfig) -> float:
     refuse_local_ddp_multirun(trainer)
     if ranker_config.cutoff_network and trainer.world_size > 1:
         raise ValueError(
-            "ranker.cutoff_network trains its second network in one process: train with one device, or "
-            "refit the ranker afterwards (python -m training.rank ... cutoff_checkpoint=PATH)"
+            "ranker.cutoff_network trains its second network in one process: train on one device "
+            "(trainer.devices=1), or with ranker.cutoff_network=false"
         )
     log.info(
         "vocabulary %d products, %d training windows", datamodule.vocab.num_products, len(datamodule.windows)
