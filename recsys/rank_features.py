@@ -350,9 +350,10 @@ def _searched(
     rows = np.asarray(rows, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float64)
     key = -np.nan_to_num(scores, nan=-np.inf)
-    step = np.diff(key, axis=-1)
     # a search returns its candidates best first: the sort is needed only where ties are out of row order
-    if not ((step > 0) | ((step == 0) & (np.diff(rows, axis=-1) >= 0))).all():
+    # (compared, not subtracted: padding's infinite keys would make NaN differences)
+    later, earlier = key[:, 1:], key[:, :-1]
+    if not ((later > earlier) | ((later == earlier) & (rows[:, 1:] >= rows[:, :-1]))).all():
         order = np.lexsort((rows, key), axis=-1)
         rows, scores = np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1)
     owner = np.broadcast_to(np.arange(rows.shape[0], dtype=np.int64)[:, None], rows.shape)

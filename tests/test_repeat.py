@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from recsys.inputs import (
 from recsys.rank_features import (
     ItemStats,
     _distinct_tuples,
+    _searched,
     basket_weights,
     feature_names,
     features,
@@ -184,6 +186,20 @@ def test_sort_helpers_match_numpys(scale: int) -> None:
         np.testing.assert_array_equal(sorted_unique(keys), np.unique(keys))
         np.testing.assert_array_equal(stable_order(keys), np.argsort(keys, kind="stable"))
         np.testing.assert_array_equal(first_occurrences(keys), np.unique(keys, return_index=True)[1])
+
+
+def test_searched_candidates_are_ordered_whatever_the_searchs_order() -> None:
+    """Best first with ties to the smaller row, from a search's output in order or not, padding (-1 rows,
+    -inf scores) and NaN scores included, without a floating-point warning."""
+    rows = np.array([[4, 2, 7, -1], [3, 1, 5, 6], [2, 9, 8, 1]])
+    scores = np.array([[0.9, 0.5, 0.5, -np.inf], [0.2, 0.2, np.nan, -np.inf], [0.1, 0.3, 0.3, 0.3]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        owner, found, score, rank = _searched(rows, scores, np.array([4, 4, 4]))
+    assert owner.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    assert found.tolist() == [2, 4, 7, 1, 3, 1, 2, 8, 9]  # by owner, then row
+    assert rank.tolist() == [1, 0, 2, 0, 1, 0, 3, 1, 2]  # 2 and 7 tie: 2 first; 1, 8, 9 tie: row order
+    assert score.tolist() == [0.5, 0.9, 0.5, 0.2, 0.2, 0.3, 0.1, 0.3, 0.3]
 
 
 @pytest.mark.parametrize("spans", [(9, 11, 13), (2**31, 2**31, 2**31)], ids=["packed", "lexsort-fallback"])
