@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from recsys.inputs import sorted_unique
+
 EMPTY = -1
 
 # Rows of a [rows, V] score block handled at once, so temporaries stay around 32 MB per array.
@@ -119,7 +121,7 @@ def ranking_metrics(
         metrics[f"mrr@{k}"] = float(np.mean(reciprocal.max(axis=1, initial=0.0)))
         if num_products is not None:
             listed = ranked[:, :k]
-            metrics[f"coverage@{k}"] = len(_sorted_unique(listed[listed != EMPTY])) / num_products
+            metrics[f"coverage@{k}"] = len(sorted_unique(listed[listed != EMPTY])) / num_products
         if history is not None:
             repeats = top & bought[:, :k]
             metrics[f"recall@{k}_repeat"] = _mean_ratio(repeats.sum(axis=1), repeat_size)
@@ -141,7 +143,7 @@ def _hits(
         raise ValueError("a ranked row recommends the same product more than once")
     # Membership of (row, product) pairs, vectorised: give every product a dense code and every pair
     # the key row * len(codes) + code, then look keys up in sorted arrays (no per-row loop).
-    codes = _sorted_unique(np.concatenate([ranked.ravel(), *targets, *extra_ids]).astype(np.int64))
+    codes = sorted_unique(np.concatenate([ranked.ravel(), *targets, *extra_ids]).astype(np.int64))
     ranked_keys = np.arange(n)[:, None] * len(codes) + np.searchsorted(codes, ranked)
     target_keys = _pair_keys(targets, codes)
     size = np.bincount(target_keys // len(codes), minlength=n)
@@ -188,14 +190,7 @@ def _pair_keys(groups: Sequence[np.ndarray], codes: np.ndarray) -> np.ndarray:
     lengths = [len(group) for group in groups]
     rows = np.repeat(np.arange(len(groups)), lengths)
     ids = np.concatenate([np.asarray(group, dtype=np.int64).ravel() for group in groups])
-    return _sorted_unique(rows * len(codes) + np.searchsorted(codes, ids))
-
-
-# np.unique / np.isin hash their input in numpy 2.x, which is many times slower than sorting for the
-# millions of int64 keys seen here.
-def _sorted_unique(values: np.ndarray) -> np.ndarray:
-    values = np.sort(values)
-    return values[np.concatenate([[True], values[1:] != values[:-1]])]
+    return sorted_unique(rows * len(codes) + np.searchsorted(codes, ids))
 
 
 def _contained(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
