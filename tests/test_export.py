@@ -40,7 +40,7 @@ from recsys.data.split import parse_cutoff
 from recsys.data.synthetic import PRODUCT_ID_OFFSET, SyntheticConfig, generate_table
 from recsys.data.vocabulary import NUM_RESERVED, PAD, Vocabulary
 from recsys.evaluation.metrics import EMPTY
-from recsys.evaluation.protocol import EvaluationData, evaluate, prepare
+from recsys.evaluation.protocol import EvaluationData, evaluate, new_product_targets, prepare
 from recsys.rules import Rules
 from serving.recommender import Recommender
 from training.evaluate import _name as evaluate_name
@@ -396,3 +396,21 @@ def test_bundle_rankings_send_each_historys_latest_entries(bundle_path: Path, mo
     assert (latest != whole).any()
     with pytest.raises(ValueError, match="last must be >= 1"):
         bundle_rankings(str(bundle_path), data, 10, last=0)
+
+
+def test_new_to_you_rankings_are_what_serving_excludes(bundle_path: Path, module: NextItemModule) -> None:
+    """``bundle_rankings(exclude_purchased=True)`` over :func:`new_product_targets`: serving's
+    ``exclude_purchased`` lists, none holding a product of the household's history, and the recall on
+    those targets is the explore recall."""
+    data = new_product_targets(evaluation_data(module.vocab))
+    assert len(data.targets.shopper_ids) > 0
+    ranked = bundle_rankings(str(bundle_path), data, 10, exclude_purchased=True)
+    products, seconds = product_histories(data.train, data.targets.shopper_ids)
+    served = Recommender.load(bundle_path).recommend_batch(
+        products, Rules(k=10, exclude_purchased=True), seconds
+    )
+    for row, result, bought in zip(ranked, served, data.targets.history, strict=True):
+        assert row[row != EMPTY].tolist() == result.product_ids
+        assert not set(result.product_ids) & set(bought.tolist())
+    metrics = evaluate(ranked, data, (10,))
+    assert metrics["recall@10"] == pytest.approx(metrics["recall@10_explore"])
