@@ -356,6 +356,12 @@ def test_bad_rankers_and_histories_are_refused() -> None:
         good.blend(histories_of([[7]]), np.zeros((1, 1), np.int64), np.ones((1, 1)))
 
 
+def test_a_ranker_switch_must_be_a_boolean() -> None:
+    assert RankerConfig.from_config({"cutoff_network": True}).cutoff_network
+    with pytest.raises(ValueError, match=r"\['cutoff_network'\] must be true or false"):
+        RankerConfig.from_config({"cutoff_network": "false"})
+
+
 def test_the_cutoff_network_and_its_setting_come_together() -> None:
     """ranker.cutoff_network without the cutoff network, or the network without the setting, is refused
     before any work."""

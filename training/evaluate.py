@@ -180,7 +180,9 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     if data is None:
         raise RuntimeError("the data module prepared no test split")
     ks = tuple(cfg.ks)
-    new = bool(cfg.new_to_you)
+    new = cfg.new_to_you
+    if not isinstance(new, bool):
+        raise ValueError(f"new_to_you must be true or false, got {new!r}")
     if new:
         data = new_product_targets(data)
         rankings = new_to_you_rankings(data, max(ks))

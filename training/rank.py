@@ -102,6 +102,11 @@ class RankerConfig:
         for key in ("categories", "exclude"):
             if key in values:
                 values[key] = tuple(values[key])
+        # a string such as "false" would be truthy: a switch must be a YAML boolean
+        flags = [f.name for f in fields(cls) if isinstance(f.default, bool)]
+        wrong = sorted(k for k in flags if k in values and not isinstance(values[k], bool))
+        if wrong:
+            raise ValueError(f"ranker setting(s) {wrong} must be true or false")
         return cls(**values)
 
 
