@@ -70,7 +70,7 @@ class RankerConfig:
     exclude: tuple[str, ...] = ()  # feature names left out (ablations), e.g. the network's
     # lists ordered by probability x basket-size factor with this many prior baskets; null: by probability
     size_prior: float | None = 1.0
-    cutoffs: int = 4
+    cutoffs: int = 8
     spacing_days: float = 14.0
     negative_rate: float = 0.3  # share of the stacked negatives kept (weighted back: calibration holds)
     learning_rate: float = 0.05
