@@ -277,8 +277,8 @@ def fit(
     used = [i for i, name in enumerate(names) if name not in config.exclude]
     rng = np.random.default_rng(config.seed)
     parts, weights = [], []
+    reader = module if cutoff_module is None else cutoff_module  # the network the internal cutoffs read
     for data in internal_cutoffs(val, config, horizon):
-        reader = module if cutoff_module is None else cutoff_module
         part = _examples(reader, data, _stats(data.train, vocab, codes, config), config)
         keep = part.labels | (rng.random(len(part.labels)) < config.negative_rate)
         parts.append((part.x[keep][:, used], part.labels[keep]))
